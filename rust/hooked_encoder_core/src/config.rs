@@ -1,0 +1,163 @@
+//! Model configuration, with TransformerLens's field names.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// The activation function of the MLP (and of the MLM head's transform, as in Hugging Face).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// Exact GELU, `x * Φ(x)` with the error function: BERT's `gelu`.
+    Gelu,
+    /// The tanh approximation of GELU (`gelu_new`, `gelu_pytorch_tanh` in Hugging Face).
+    GeluTanh,
+    /// `max(x, 0)`.
+    Relu,
+}
+
+/// Which keys a query may attend to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionDir {
+    /// Every position sees every (unmasked) position: BERT.
+    Bidirectional,
+    /// Position `i` sees positions `0..=i` only.
+    Causal,
+}
+
+/// The architecture of a BERT-style encoder.
+///
+/// Field names follow TransformerLens's `HookedTransformerConfig`; the Python package converts a
+/// Hugging Face `config.json` into this form.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BertConfig {
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Width of one attention head.
+    pub d_head: usize,
+    /// Number of attention heads per layer.
+    pub n_heads: usize,
+    /// Width of the MLP hidden layer.
+    pub d_mlp: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Maximum sequence length (rows of the position embedding).
+    pub n_ctx: usize,
+    /// Vocabulary size.
+    pub d_vocab: usize,
+    /// Number of token types (segment ids); 2 for BERT.
+    pub n_token_types: usize,
+    /// LayerNorm epsilon.
+    pub eps: f64,
+    /// MLP activation.
+    pub act_fn: Activation,
+    /// Attention direction.
+    pub attention_dir: AttentionDir,
+    /// Expose per-head attention outputs as `attn.hook_result`.
+    #[serde(default)]
+    pub use_attn_result: bool,
+    /// Give every head its own copy of the attention input (`hook_q_input` ...).
+    #[serde(default)]
+    pub use_split_qkv_input: bool,
+    /// Expose the MLP sub-block input as `hook_mlp_in`.
+    #[serde(default)]
+    pub use_hook_mlp_in: bool,
+}
+
+/// Sizes above this are refused as nonsense rather than attempted (a config from an untrusted
+/// source must not be able to ask for petabytes).
+const MAX_DIM: usize = 1 << 24;
+
+impl BertConfig {
+    /// Parses a config from JSON and validates it.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let cfg: Self = serde_json::from_str(json).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks that every size is positive and plausible, and that the parts agree.
+    pub fn validate(&self) -> Result<()> {
+        let sizes = [
+            ("d_model", self.d_model),
+            ("d_head", self.d_head),
+            ("n_heads", self.n_heads),
+            ("d_mlp", self.d_mlp),
+            ("n_layers", self.n_layers),
+            ("n_ctx", self.n_ctx),
+            ("d_vocab", self.d_vocab),
+            ("n_token_types", self.n_token_types),
+        ];
+        for (name, value) in sizes {
+            if value == 0 || value > MAX_DIM {
+                return Err(Error::Config(format!(
+                    "{name} must be between 1 and {MAX_DIM}, got {value}"
+                )));
+            }
+        }
+        if self.d_head * self.n_heads > MAX_DIM {
+            return Err(Error::Config(format!(
+                "n_heads * d_head = {} is too large",
+                self.d_head * self.n_heads
+            )));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(Error::Config(format!(
+                "eps must be a positive finite number, got {}",
+                self.eps
+            )));
+        }
+        Ok(())
+    }
+
+    /// Width of all heads side by side, `n_heads * d_head`.
+    pub fn d_attn(&self) -> usize {
+        self.n_heads * self.d_head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(extra: &str) -> String {
+        format!(
+            r#"{{"d_model": 8, "d_head": 4, "n_heads": 2, "d_mlp": 16, "n_layers": 1,
+               "n_ctx": 5, "d_vocab": 11, "n_token_types": 2, "eps": 1e-12,
+               "act_fn": "gelu", "attention_dir": "bidirectional"{extra}}}"#
+        )
+    }
+
+    #[test]
+    fn parses_a_valid_config() {
+        let cfg = BertConfig::from_json(&json("")).unwrap();
+        assert_eq!(cfg.d_attn(), 8);
+        assert!(!cfg.use_attn_result);
+    }
+
+    #[test]
+    fn refuses_zero_and_absurd_sizes_and_bad_eps() {
+        let zero = json("").replace(r#""n_layers": 1"#, r#""n_layers": 0"#);
+        assert!(
+            matches!(BertConfig::from_json(&zero), Err(Error::Config(m)) if m.contains("n_layers"))
+        );
+        let huge = json("").replace(r#""d_mlp": 16"#, r#""d_mlp": 99999999999"#);
+        assert!(
+            matches!(BertConfig::from_json(&huge), Err(Error::Config(m)) if m.contains("d_mlp"))
+        );
+        let eps = json("").replace("1e-12", "-1.0");
+        assert!(matches!(BertConfig::from_json(&eps), Err(Error::Config(m)) if m.contains("eps")));
+    }
+
+    #[test]
+    fn refuses_unknown_fields_and_wrong_types() {
+        assert!(BertConfig::from_json(&json(r#", "d_modle": 3"#)).is_err());
+        let wrong = json("").replace(r#""d_model": 8"#, r#""d_model": "8""#);
+        assert!(matches!(
+            BertConfig::from_json(&wrong),
+            Err(Error::Config(_))
+        ));
+    }
+}

@@ -1,0 +1,24 @@
+//! A BERT encoder forward pass on [Candle](https://github.com/huggingface/candle) with a named hook
+//! point on every interesting activation, following TransformerLens's `HookedEncoder` (3.x).
+//!
+//! The crate is pure Rust: no Python. The PyO3 binding (`hooked_encoder_py`) and the Python
+//! package on top of it implement the user-facing API.
+//!
+//! * [`BertConfig`] describes the architecture with TransformerLens field names.
+//! * [`HookedBert`] holds the weights and runs [`HookedBert::forward`].
+//! * [`HookPoint`] names every activation exactly as TransformerLens does
+//!   (`blocks.0.attn.hook_pattern`), and [`Hooks`] is the callback interface through which a
+//!   caller records or replaces activations. A hook point nobody asked for costs one bit test.
+#![deny(missing_docs)]
+
+mod config;
+mod error;
+mod hooks;
+mod model;
+mod weights;
+
+pub use config::{Activation, AttentionDir, BertConfig};
+pub use error::{Error, Result};
+pub use hooks::{BlockHook, HookPoint, HookSet, Hooks, NoHooks, RecordingHooks};
+pub use model::{ForwardInput, HookedBert, Output};
+pub use weights::{TensorSource, WeightFiles, WeightMap};

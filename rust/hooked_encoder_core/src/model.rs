@@ -1,0 +1,695 @@
+//! The BERT forward pass, computed as TransformerLens's `HookedEncoder` computes it, with every
+//! activation passing through its hook point.
+//!
+//! Weights are held in Hugging Face's layout (`Linear` weights are `[out, in]`), loaded from
+//! Hugging Face names; the query, key and value projections of a layer are fused into one matrix
+//! so that a layer does one projection matmul instead of three.
+
+use std::collections::BTreeSet;
+
+use candle_core::{Device, Tensor, D};
+
+use crate::hooks::{BlockHook, HookPoint, Hooks};
+use crate::{Activation, AttentionDir, BertConfig, Error, Result, TensorSource};
+
+/// How far the forward pass goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    /// Through the MLM head and unembedding: logits `[batch, pos, d_vocab]`.
+    Logits,
+    /// Stop after the last block: its output `[batch, pos, d_model]` (Hugging Face's
+    /// `last_hidden_state`); the MLM head is never computed.
+    Residual,
+}
+
+/// One batch of token ids, with optional token types and attention mask, all row-major
+/// `[batch, pos]`.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardInput<'a> {
+    /// Number of rows.
+    pub batch: usize,
+    /// Number of positions per row.
+    pub pos: usize,
+    /// Token ids.
+    pub tokens: &'a [i64],
+    /// Token type (segment) ids; all zeros when absent.
+    pub token_type_ids: Option<&'a [i64]>,
+    /// 1 where a position may be attended to, 0 for padding; all ones when absent.
+    pub attention_mask: Option<&'a [i64]>,
+}
+
+/// A dense layer `y = x Wᵀ + b` with `W` stored `[out, in]` as in Hugging Face.
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    /// Applies the layer to the last dimension of `x`.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let d_in = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let y = y.broadcast_add(&self.bias)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
+        Ok(y.reshape(out_dims)?)
+    }
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+/// Per-head projection weights, needed only by `use_split_qkv_input` (where every head has its
+/// own input) and `use_attn_result` (where every head's output is exposed).
+struct HeadWeights {
+    /// `[n_heads, d_model, d_head]` each, TransformerLens's `W_Q`/`W_K`/`W_V` layout.
+    w_qkv: [Tensor; 3],
+    /// `[n_heads, d_head]` each.
+    b_qkv: [Tensor; 3],
+    /// `[n_heads, d_head, d_model]`, TransformerLens's `W_O` layout.
+    w_o: Tensor,
+}
+
+struct Block {
+    /// Query, key and value projections stacked: weight `[3 * n_heads * d_head, d_model]`.
+    qkv: Linear,
+    attn_out: Linear,
+    ln1: LayerNorm,
+    mlp_in: Linear,
+    mlp_out: Linear,
+    ln2: LayerNorm,
+    heads: Option<HeadWeights>,
+}
+
+struct MlmHead {
+    dense: Linear,
+    ln: LayerNorm,
+    /// The unembedding `[d_vocab, d_model]` and its bias.
+    decoder: Linear,
+}
+
+/// A BERT encoder with hook points.
+pub struct HookedBert {
+    cfg: BertConfig,
+    device: Device,
+    word_embeddings: Tensor,
+    position_embeddings: Tensor,
+    token_type_embeddings: Tensor,
+    embed_ln: LayerNorm,
+    blocks: Vec<Block>,
+    mlm_head: Option<MlmHead>,
+}
+
+/// Tensor names that checkpoints carry but that are not weights.
+const KNOWN_BUFFERS: [&str; 2] = ["embeddings.position_ids", "embeddings.token_type_ids"];
+
+/// Looks up Hugging Face names in a [`TensorSource`], checking every shape, and remembers what
+/// it used so that leftovers can be reported.
+struct Loader<'a> {
+    source: &'a dyn TensorSource,
+    /// `"bert."` for `BertForPreTraining`/`BertForMaskedLM` checkpoints, `""` for `BertModel`.
+    prefix: &'static str,
+    device: &'a Device,
+    used: BTreeSet<String>,
+}
+
+impl<'a> Loader<'a> {
+    fn new(source: &'a dyn TensorSource, device: &'a Device) -> Result<Self> {
+        let prefix = if source.contains("bert.embeddings.word_embeddings.weight") {
+            "bert."
+        } else if source.contains("embeddings.word_embeddings.weight") {
+            ""
+        } else {
+            let names = source.names();
+            let sample: Vec<&String> = names.iter().take(5).collect();
+            return Err(Error::Checkpoint(format!(
+                "{} holds no BERT weights: expected \"embeddings.word_embeddings.weight\" \
+                 (optionally under \"bert.\"), found {} tensors such as {sample:?}",
+                source.describe(),
+                names.len()
+            )));
+        };
+        Ok(Self {
+            source,
+            prefix,
+            device,
+            used: BTreeSet::new(),
+        })
+    }
+
+    /// Loads the first of `names` that exists, checking its shape.
+    fn first_of(&mut self, names: &[String], shape: &[usize]) -> Result<Tensor> {
+        let Some(name) = names.iter().find(|n| self.source.contains(n)) else {
+            return Err(Error::Checkpoint(format!(
+                "{} is missing tensor {:?}",
+                self.source.describe(),
+                names[0]
+            )));
+        };
+        let found = self.source.shape(name).unwrap_or_default();
+        if found != shape {
+            return Err(Error::Checkpoint(format!(
+                "tensor {name:?} in {} has shape {found:?}, but the config needs {shape:?}",
+                self.source.describe()
+            )));
+        }
+        self.used.insert(name.clone());
+        self.source.load_f32(name, self.device)
+    }
+
+    /// An encoder weight (under the checkpoint's prefix).
+    fn encoder(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.first_of(&[format!("{}{name}", self.prefix)], shape)
+    }
+
+    fn linear(&mut self, name: &str, d_out: usize, d_in: usize, top_level: bool) -> Result<Linear> {
+        let full = |suffix: &str| {
+            if top_level {
+                format!("{name}.{suffix}")
+            } else {
+                format!("{}{name}.{suffix}", self.prefix)
+            }
+        };
+        let (w, b) = (full("weight"), full("bias"));
+        Ok(Linear {
+            weight: self.first_of(&[w], &[d_out, d_in])?,
+            bias: self.first_of(&[b], &[d_out])?,
+        })
+    }
+
+    /// A LayerNorm, under its current (`weight`/`bias`) or original TensorFlow
+    /// (`gamma`/`beta`) names.
+    fn layer_norm(&mut self, name: &str, d: usize, top_level: bool) -> Result<LayerNorm> {
+        let prefix = if top_level { "" } else { self.prefix };
+        let names =
+            |a: &str, b: &str| [format!("{prefix}{name}.{a}"), format!("{prefix}{name}.{b}")];
+        Ok(LayerNorm {
+            weight: self.first_of(&names("weight", "gamma"), &[d])?,
+            bias: self.first_of(&names("bias", "beta"), &[d])?,
+        })
+    }
+
+    /// Tensors in the source that no part of the model used, buffers aside.
+    fn unused(&self) -> Vec<String> {
+        self.source
+            .names()
+            .into_iter()
+            .filter(|n| !self.used.contains(n))
+            .filter(|n| !KNOWN_BUFFERS.iter().any(|b| n.ends_with(b)))
+            .collect()
+    }
+}
+
+impl HookedBert {
+    /// Builds the model from Hugging Face BERT weights (`BertForPreTraining`, `BertForMaskedLM`
+    /// or `BertModel`, with or without the `bert.` prefix). A checkpoint without an MLM head
+    /// loads as an encoder only. Returns the model and the names of tensors it did not use.
+    pub fn load(
+        cfg: BertConfig,
+        source: &dyn TensorSource,
+        device: &Device,
+    ) -> Result<(Self, Vec<String>)> {
+        cfg.validate()?;
+        let mut loader = Loader::new(source, device)?;
+        let (d, a, m) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
+        let word_embeddings =
+            loader.encoder("embeddings.word_embeddings.weight", &[cfg.d_vocab, d])?;
+        let position_embeddings =
+            loader.encoder("embeddings.position_embeddings.weight", &[cfg.n_ctx, d])?;
+        let token_type_embeddings = loader.encoder(
+            "embeddings.token_type_embeddings.weight",
+            &[cfg.n_token_types, d],
+        )?;
+        let embed_ln = loader.layer_norm("embeddings.LayerNorm", d, false)?;
+
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        for l in 0..cfg.n_layers {
+            let p = format!("encoder.layer.{l}");
+            let q = loader.linear(&format!("{p}.attention.self.query"), a, d, false)?;
+            let k = loader.linear(&format!("{p}.attention.self.key"), a, d, false)?;
+            let v = loader.linear(&format!("{p}.attention.self.value"), a, d, false)?;
+            let attn_out = loader.linear(&format!("{p}.attention.output.dense"), d, a, false)?;
+            let heads = (cfg.use_split_qkv_input || cfg.use_attn_result)
+                .then(|| head_weights(&cfg, [&q, &k, &v], &attn_out))
+                .transpose()?;
+            blocks.push(Block {
+                qkv: Linear {
+                    weight: Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
+                    bias: Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
+                },
+                attn_out,
+                ln1: loader.layer_norm(&format!("{p}.attention.output.LayerNorm"), d, false)?,
+                mlp_in: loader.linear(&format!("{p}.intermediate.dense"), m, d, false)?,
+                mlp_out: loader.linear(&format!("{p}.output.dense"), d, m, false)?,
+                ln2: loader.layer_norm(&format!("{p}.output.LayerNorm"), d, false)?,
+                heads,
+            });
+        }
+
+        let mlm_head = if source.contains("cls.predictions.transform.dense.weight") {
+            let dense = loader.linear("cls.predictions.transform.dense", d, d, true)?;
+            let ln = loader.layer_norm("cls.predictions.transform.LayerNorm", d, true)?;
+            // Hugging Face ties the decoder to the word embeddings and often omits it on save.
+            let weight = if source.contains("cls.predictions.decoder.weight") {
+                loader.first_of(
+                    &["cls.predictions.decoder.weight".into()],
+                    &[cfg.d_vocab, d],
+                )?
+            } else {
+                word_embeddings.clone()
+            };
+            let bias = loader.first_of(
+                &[
+                    "cls.predictions.decoder.bias".into(),
+                    "cls.predictions.bias".into(),
+                ],
+                &[cfg.d_vocab],
+            )?;
+            // Both bias names hold the same tied parameter when both are present.
+            loader.used.insert("cls.predictions.bias".into());
+            loader.used.insert("cls.predictions.decoder.bias".into());
+            Some(MlmHead {
+                dense,
+                ln,
+                decoder: Linear { weight, bias },
+            })
+        } else {
+            None
+        };
+        // The pooler and NSP head are not part of the MLM forward; they are not unused weights.
+        for name in ["pooler.dense.weight", "pooler.dense.bias"] {
+            loader.used.insert(format!("{}{name}", loader.prefix));
+        }
+        for name in ["cls.seq_relationship.weight", "cls.seq_relationship.bias"] {
+            loader.used.insert(name.into());
+        }
+        let unused = loader.unused();
+        let model = Self {
+            cfg,
+            device: device.clone(),
+            word_embeddings,
+            position_embeddings,
+            token_type_embeddings,
+            embed_ln,
+            blocks,
+            mlm_head,
+        };
+        Ok((model, unused))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &BertConfig {
+        &self.cfg
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the checkpoint had an MLM head (so [`Output::Logits`] is available).
+    pub fn has_mlm_head(&self) -> bool {
+        self.mlm_head.is_some()
+    }
+
+    /// Runs the model on `input`, showing each activation to `hooks`.
+    pub fn forward(
+        &self,
+        input: &ForwardInput<'_>,
+        output: Output,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let mlm_head = match (output, &self.mlm_head) {
+            (Output::Logits, None) => {
+                return Err(Error::NoMlmHead(
+                    "this checkpoint has no MLM head (no cls.predictions.* weights), so it \
+                     cannot produce logits; use return_type=None or encoder_output() for \
+                     its hidden states"
+                        .into(),
+                ))
+            }
+            (Output::Logits, Some(head)) => Some(head),
+            (Output::Residual, _) => None,
+        };
+        self.check_input(input)?;
+        let mask = self.additive_mask(input)?;
+        let mut x = self.embed(input, hooks)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            x = self.block(layer, block, x, mask.as_ref(), hooks)?;
+        }
+        match mlm_head {
+            None => Ok(x),
+            Some(head) => {
+                let x = apply_act(self.cfg.act_fn, &head.dense.forward(&x)?)?;
+                let x = self.layer_norm(
+                    &x,
+                    &head.ln,
+                    HookPoint::MlmLnScale,
+                    HookPoint::MlmLnNormalized,
+                    hooks,
+                )?;
+                let x = hook(hooks, HookPoint::UnembedIn, x)?;
+                let logits = head.decoder.forward(&x)?;
+                hook(hooks, HookPoint::UnembedOut, logits)
+            }
+        }
+    }
+
+    fn check_input(&self, input: &ForwardInput<'_>) -> Result<()> {
+        let (b, p) = (input.batch, input.pos);
+        if b == 0 || p == 0 {
+            return Err(Error::Input(format!(
+                "tokens must have at least one row and one position, got shape [{b}, {p}]"
+            )));
+        }
+        if p > self.cfg.n_ctx {
+            return Err(Error::Input(format!(
+                "sequence length {p} is longer than the model's n_ctx ({})",
+                self.cfg.n_ctx
+            )));
+        }
+        let n = b * p;
+        let check = |what: &str, values: &[i64], limit: i64| -> Result<()> {
+            if values.len() != n {
+                return Err(Error::Input(format!(
+                    "{what} has {} elements, tokens have shape [{b}, {p}]",
+                    values.len()
+                )));
+            }
+            if let Some((i, v)) = values
+                .iter()
+                .enumerate()
+                .find(|(_, v)| **v < 0 || **v >= limit)
+            {
+                return Err(Error::Input(format!(
+                    "{what}[{}, {}] = {v} is out of range [0, {limit})",
+                    i / p,
+                    i % p
+                )));
+            }
+            Ok(())
+        };
+        check("tokens", input.tokens, self.cfg.d_vocab as i64)?;
+        if let Some(types) = input.token_type_ids {
+            check("token_type_ids", types, self.cfg.n_token_types as i64)?;
+        }
+        if let Some(mask) = input.attention_mask {
+            check("one_zero_attention_mask", mask, 2)?;
+        }
+        Ok(())
+    }
+
+    /// `[batch, 1, 1, pos]`: 0 where a key may be attended to, -inf where it is padding
+    /// (TransformerLens's convention since v1.7; Hugging Face uses the dtype's minimum instead).
+    /// Merged with the causal mask when the model is causal.
+    fn additive_mask(&self, input: &ForwardInput<'_>) -> Result<Option<Tensor>> {
+        let (b, p) = (input.batch, input.pos);
+        let padding = input.attention_mask.map(|mask| {
+            let values: Vec<f32> = mask
+                .iter()
+                .map(|m| if *m == 1 { 0.0 } else { f32::NEG_INFINITY })
+                .collect();
+            Tensor::from_vec(values, (b, 1, 1, p), &self.device)
+        });
+        let causal = (self.cfg.attention_dir == AttentionDir::Causal).then(|| {
+            let values: Vec<f32> = (0..p * p)
+                .map(|i| {
+                    if i % p > i / p {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Tensor::from_vec(values, (1, 1, p, p), &self.device)
+        });
+        Ok(match (padding.transpose()?, causal.transpose()?) {
+            (None, None) => None,
+            (Some(m), None) | (None, Some(m)) => Some(m),
+            (Some(pad), Some(causal)) => Some(pad.broadcast_add(&causal)?),
+        })
+    }
+
+    fn embed(&self, input: &ForwardInput<'_>, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let (b, p, d) = (input.batch, input.pos, self.cfg.d_model);
+        let ids = |values: &[i64]| -> Result<Tensor> {
+            let values: Vec<u32> = values.iter().map(|v| *v as u32).collect();
+            Ok(Tensor::from_vec(values, b * p, &self.device)?)
+        };
+        let embed = self
+            .word_embeddings
+            .index_select(&ids(input.tokens)?, 0)?
+            .reshape((b, p, d))?;
+        let embed = hook(hooks, HookPoint::Embed, embed)?;
+        // Positions are 0..pos in every row, with no offset for padding (right padding only).
+        let pos_embed = self
+            .position_embeddings
+            .narrow(0, 0, p)?
+            .unsqueeze(0)?
+            .broadcast_as((b, p, d))?;
+        let pos_embed = hook(hooks, HookPoint::PosEmbed, pos_embed)?;
+        let token_type_embed = match input.token_type_ids {
+            Some(types) => self
+                .token_type_embeddings
+                .index_select(&ids(types)?, 0)?
+                .reshape((b, p, d))?,
+            None => self
+                .token_type_embeddings
+                .narrow(0, 0, 1)?
+                .unsqueeze(0)?
+                .broadcast_as((b, p, d))?,
+        };
+        let token_type_embed = hook(hooks, HookPoint::TokenTypeEmbed, token_type_embed)?;
+        let sum = ((embed + pos_embed)? + token_type_embed)?;
+        let x = self.layer_norm(
+            &sum,
+            &self.embed_ln,
+            HookPoint::EmbedLnScale,
+            HookPoint::EmbedLnNormalized,
+            hooks,
+        )?;
+        hook(hooks, HookPoint::FullEmbed, x)
+    }
+
+    /// TransformerLens's `LayerNorm`: centre, divide by `sqrt(mean(x²) + eps)` (hooked as
+    /// `hook_scale`), hook the result as `hook_normalized`, then apply the affine map. Two
+    /// passes over the data, so near-constant rows do not lose precision.
+    fn layer_norm(
+        &self,
+        x: &Tensor,
+        ln: &LayerNorm,
+        scale_point: HookPoint,
+        normalized_point: HookPoint,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let scale = centred
+            .sqr()?
+            .mean_keepdim(D::Minus1)?
+            .affine(1.0, self.cfg.eps)?
+            .sqrt()?;
+        let scale = hook(hooks, scale_point, scale)?;
+        let normalized = hook(hooks, normalized_point, centred.broadcast_div(&scale)?)?;
+        Ok(normalized
+            .broadcast_mul(&ln.weight)?
+            .broadcast_add(&ln.bias)?)
+    }
+
+    /// One post-LN block, as TransformerLens's `BertBlock`.
+    fn block(
+        &self,
+        layer: usize,
+        block: &Block,
+        x: Tensor,
+        mask: Option<&Tensor>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let resid_pre = hook(hooks, at(BlockHook::ResidPre), x)?;
+        let attn_out = self.attention(layer, block, &resid_pre, mask, hooks)?;
+        let attn_out = hook(hooks, at(BlockHook::AttnOut), attn_out)?;
+        let resid_mid = hook(hooks, at(BlockHook::ResidMid), (&resid_pre + attn_out)?)?;
+        let mlp_in = if self.cfg.use_hook_mlp_in {
+            hook(hooks, at(BlockHook::MlpIn), resid_mid)?
+        } else {
+            resid_mid
+        };
+        let normalized_mid = self.layer_norm(
+            &mlp_in,
+            &block.ln1,
+            at(BlockHook::Ln1Scale),
+            at(BlockHook::Ln1Normalized),
+            hooks,
+        )?;
+        let pre = hook(
+            hooks,
+            at(BlockHook::MlpPre),
+            block.mlp_in.forward(&normalized_mid)?,
+        )?;
+        let post = hook(
+            hooks,
+            at(BlockHook::MlpPost),
+            apply_act(self.cfg.act_fn, &pre)?,
+        )?;
+        let mlp_out = hook(hooks, at(BlockHook::MlpOut), block.mlp_out.forward(&post)?)?;
+        let resid_post = hook(hooks, at(BlockHook::ResidPost), (normalized_mid + mlp_out)?)?;
+        let normalized = self.layer_norm(
+            &resid_post,
+            &block.ln2,
+            at(BlockHook::Ln2Scale),
+            at(BlockHook::Ln2Normalized),
+            hooks,
+        )?;
+        hook(hooks, at(BlockHook::NormalizedResidPost), normalized)
+    }
+
+    /// Multi-head attention, as TransformerLens's `AbstractAttention` (bidirectional, with an
+    /// additive key mask). Returns the output including `b_O`.
+    fn attention(
+        &self,
+        layer: usize,
+        block: &Block,
+        resid_pre: &Tensor,
+        mask: Option<&Tensor>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let (b, p, _) = resid_pre.dims3()?;
+        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
+        let [q, k, v] = if self.cfg.use_split_qkv_input {
+            let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
+            let per_head = resid_pre
+                .unsqueeze(2)?
+                .broadcast_as((b, p, h, self.cfg.d_model))?;
+            let inputs = [BlockHook::QInput, BlockHook::KInput, BlockHook::VInput]
+                .map(|kind| hook(hooks, at(kind), per_head.clone()));
+            let mut out = Vec::with_capacity(3);
+            for (i, input) in inputs.into_iter().enumerate() {
+                out.push(per_head_projection(
+                    &input?,
+                    &heads.w_qkv[i],
+                    &heads.b_qkv[i],
+                )?);
+            }
+            [out.remove(0), out.remove(0), out.remove(0)]
+        } else {
+            let qkv = block.qkv.forward(resid_pre)?;
+            let a = h * dh;
+            let part = |i: usize| -> Result<Tensor> {
+                Ok(qkv.narrow(2, i * a, a)?.reshape((b, p, h, dh))?)
+            };
+            [part(0)?, part(1)?, part(2)?]
+        };
+        let q = hook(hooks, at(BlockHook::Q), q)?;
+        let k = hook(hooks, at(BlockHook::K), k)?;
+        let v = hook(hooks, at(BlockHook::V), v)?;
+
+        let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
+        let (q, k, v) = (heads_first(&q)?, heads_first(&k)?, heads_first(&v)?);
+        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        let scores = match mask {
+            Some(mask) => scores.broadcast_add(mask)?,
+            None => scores,
+        };
+        let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
+        let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+        // A row whose every key is masked is all -inf, and its softmax is 0/0. TransformerLens
+        // turns those NaNs into 0 (such a query attends to nothing), and so do we.
+        let pattern = pattern
+            .ne(&pattern)?
+            .where_cond(&pattern.zeros_like()?, &pattern)?;
+        let pattern = hook(hooks, at(BlockHook::Pattern), pattern)?;
+        let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?; // [b, p, h, dh]
+        let z = hook(hooks, at(BlockHook::Z), z)?;
+        if self.cfg.use_attn_result {
+            let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
+            // result[b, p, h] = z[b, p, h] @ W_O[h], without b_O.
+            let z_heads = z.permute((2, 0, 1, 3))?.reshape((h, b * p, dh))?;
+            let result = z_heads
+                .matmul(&heads.w_o)?
+                .reshape((h, b, p, self.cfg.d_model))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?;
+            let result = hook(hooks, at(BlockHook::Result), result)?;
+            Ok(result.sum(2)?.broadcast_add(&block.attn_out.bias)?)
+        } else {
+            block.attn_out.forward(&z.reshape((b, p, h * dh))?)
+        }
+    }
+}
+
+fn missing_head_weights() -> Error {
+    Error::Config("per-head weights were not prepared for this config".into())
+}
+
+/// Splits the stacked Hugging Face projections into TransformerLens's per-head layout.
+fn head_weights(cfg: &BertConfig, qkv: [&Linear; 3], out: &Linear) -> Result<HeadWeights> {
+    let (h, dh, d) = (cfg.n_heads, cfg.d_head, cfg.d_model);
+    let w = |l: &Linear| -> Result<Tensor> {
+        // [h*dh, d] -> [h, dh, d] -> [h, d, dh]
+        Ok(l.weight
+            .reshape((h, dh, d))?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let b = |l: &Linear| -> Result<Tensor> { Ok(l.bias.reshape((h, dh))?) };
+    Ok(HeadWeights {
+        w_qkv: [w(qkv[0])?, w(qkv[1])?, w(qkv[2])?],
+        b_qkv: [b(qkv[0])?, b(qkv[1])?, b(qkv[2])?],
+        // [d, h*dh] -> [d, h, dh] -> [h, dh, d]
+        w_o: out
+            .weight
+            .reshape((d, h, dh))?
+            .permute((1, 2, 0))?
+            .contiguous()?,
+    })
+}
+
+/// `x[b, p, h] @ w[h] + bias[h]` for `x: [b, p, h, d_model]`, `w: [h, d_model, d_head]`.
+fn per_head_projection(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (b, p, h, d) = x.dims4()?;
+    let dh = w.dim(2)?;
+    let x = x
+        .permute((2, 0, 1, 3))?
+        .contiguous()?
+        .reshape((h, b * p, d))?;
+    let y = x.matmul(w)?.reshape((h, b, p, dh))?.permute((1, 2, 0, 3))?;
+    Ok(y.broadcast_add(bias)?.contiguous()?)
+}
+
+fn apply_act(act: Activation, x: &Tensor) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Gelu => x.gelu_erf()?,
+        Activation::GeluTanh => x.gelu()?,
+        Activation::Relu => x.relu()?,
+    })
+}
+
+/// Shows `activation` to `hooks` if they want `point`, and checks any replacement.
+#[inline]
+fn hook(hooks: &mut dyn Hooks, point: HookPoint, activation: Tensor) -> Result<Tensor> {
+    if !hooks.wants(point) {
+        return Ok(activation);
+    }
+    let (shape, dtype, device) = (
+        activation.shape().clone(),
+        activation.dtype(),
+        activation.device().clone(),
+    );
+    let out = hooks.call(point, activation)?;
+    if out.shape() != &shape || out.dtype() != dtype || !out.device().same_device(&device) {
+        return Err(Error::HookReplacement {
+            name: point.name(),
+            expected: format!("{:?} {dtype:?}", shape.dims()),
+            got: format!("{:?} {:?}", out.dims(), out.dtype()),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests;

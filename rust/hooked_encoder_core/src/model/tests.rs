@@ -1,0 +1,385 @@
+use super::*;
+use crate::hooks::{HookSet, NoHooks, RecordingHooks};
+use crate::WeightMap;
+
+fn config(n_layers: usize) -> BertConfig {
+    BertConfig {
+        d_model: 8,
+        d_head: 4,
+        n_heads: 2,
+        d_mlp: 16,
+        n_layers,
+        n_ctx: 6,
+        d_vocab: 13,
+        n_token_types: 2,
+        eps: 1e-12,
+        act_fn: Activation::Gelu,
+        attention_dir: AttentionDir::Bidirectional,
+        use_attn_result: false,
+        use_split_qkv_input: false,
+        use_hook_mlp_in: false,
+    }
+}
+
+fn model(cfg: BertConfig) -> HookedBert {
+    // A larger init than BERT's 0.02 so that every part of the network moves the output.
+    let mut weights = WeightMap::random(&cfg, 3, &Device::Cpu).unwrap();
+    for name in weights.names() {
+        let t = weights.load_f32(&name, &Device::Cpu).unwrap();
+        weights.insert(name, (t * 20.0).unwrap());
+    }
+    let (model, unused) = HookedBert::load(cfg, &weights, &Device::Cpu).unwrap();
+    assert!(unused.is_empty(), "{unused:?}");
+    model
+}
+
+const TOKENS: [i64; 8] = [1, 5, 7, 2, 3, 12, 0, 0];
+const MASK: [i64; 8] = [1, 1, 1, 1, 1, 1, 0, 0];
+
+fn input() -> ForwardInput<'static> {
+    ForwardInput {
+        batch: 2,
+        pos: 4,
+        tokens: &TOKENS,
+        token_type_ids: None,
+        attention_mask: Some(&MASK),
+    }
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    values(a)
+        .iter()
+        .zip(values(b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn record_all(model: &HookedBert, input: &ForwardInput<'_>) -> (Tensor, Vec<(HookPoint, Tensor)>) {
+    let mut set = HookSet::new(model.config().n_layers);
+    HookPoint::all(model.config())
+        .into_iter()
+        .for_each(|p| set.insert(p));
+    let mut hooks = RecordingHooks::new(set);
+    let logits = model.forward(input, Output::Logits, &mut hooks).unwrap();
+    (logits, hooks.records)
+}
+
+fn get(records: &[(HookPoint, Tensor)], point: HookPoint) -> Tensor {
+    records.iter().find(|(p, _)| *p == point).unwrap().1.clone()
+}
+
+/// A hook that replaces one point's activation through a closure.
+struct Replace<F: FnMut(Tensor) -> Tensor>(HookPoint, F);
+
+impl<F: FnMut(Tensor) -> Tensor> Hooks for Replace<F> {
+    fn wants(&self, point: HookPoint) -> bool {
+        point == self.0
+    }
+    fn call(&mut self, _: HookPoint, activation: Tensor) -> Result<Tensor> {
+        Ok((self.1)(activation))
+    }
+}
+
+#[test]
+fn recording_every_hook_fires_each_once_in_order_and_changes_nothing() {
+    let model = model(config(2));
+    let plain = model
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap();
+    let (logits, records) = record_all(&model, &input());
+    assert_eq!(max_abs_diff(&plain, &logits), 0.0);
+    let fired: Vec<HookPoint> = records.iter().map(|(p, _)| *p).collect();
+    assert_eq!(fired, HookPoint::all(model.config()));
+    assert_eq!(logits.dims(), [2, 4, 13]);
+}
+
+#[test]
+fn cached_activations_satisfy_the_reference_identities() {
+    let model = model(config(2));
+    let (_, r) = record_all(&model, &input());
+    let block = |l, k| HookPoint::Block(l, k);
+    assert_eq!(
+        max_abs_diff(
+            &get(&r, HookPoint::FullEmbed),
+            &get(&r, block(0, BlockHook::ResidPre))
+        ),
+        0.0
+    );
+    assert_eq!(
+        max_abs_diff(
+            &get(&r, block(0, BlockHook::NormalizedResidPost)),
+            &get(&r, block(1, BlockHook::ResidPre))
+        ),
+        0.0
+    );
+    assert_eq!(get(&r, block(1, BlockHook::Pattern)).dims(), [2, 2, 4, 4]);
+    assert_eq!(get(&r, block(1, BlockHook::Ln1Scale)).dims(), [2, 4, 1]);
+    // Pattern rows sum to one, and padded keys get exactly zero weight.
+    let pattern = values(&get(&r, block(0, BlockHook::Pattern)));
+    for row in pattern.chunks(4) {
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+    for row in pattern[pattern.len() / 2..].chunks(4) {
+        assert_eq!(&row[2..], [0.0, 0.0]);
+    }
+    // Scores hold -inf exactly at masked keys.
+    let scores = values(&get(&r, block(0, BlockHook::AttnScores)));
+    let second_row = &scores[scores.len() / 2..];
+    assert!(second_row
+        .chunks(4)
+        .all(|row| row[2] == f32::NEG_INFINITY && row[3].is_infinite() && row[0].is_finite()));
+}
+
+#[test]
+fn layer_norm_hooks_hold_the_documented_formula() {
+    let model = model(config(1));
+    let (_, r) = record_all(&model, &input());
+    let x = values(&get(&r, HookPoint::Block(0, BlockHook::ResidMid)));
+    let scale = values(&get(&r, HookPoint::Block(0, BlockHook::Ln1Scale)));
+    let normalized = values(&get(&r, HookPoint::Block(0, BlockHook::Ln1Normalized)));
+    for (row, (s, n)) in x.chunks(8).zip(scale.iter().zip(normalized.chunks(8))) {
+        let row: Vec<f64> = row.iter().map(|v| *v as f64).collect();
+        let mean = row.iter().sum::<f64>() / 8.0;
+        let var = row.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / 8.0;
+        let expected_scale = (var + 1e-12).sqrt();
+        assert!((*s as f64 - expected_scale).abs() <= 1e-5 * expected_scale);
+        for (v, got) in row.iter().zip(n) {
+            assert!(((v - mean) / expected_scale - *got as f64).abs() < 1e-5);
+        }
+    }
+}
+
+#[test]
+fn a_replacement_flows_downstream() {
+    let model = model(config(2));
+    let plain = model
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap();
+    let point = HookPoint::Block(0, BlockHook::Pattern);
+    let mut same = Replace(point, |t: Tensor| t);
+    let unchanged = model.forward(&input(), Output::Logits, &mut same).unwrap();
+    assert_eq!(max_abs_diff(&plain, &unchanged), 0.0);
+    let mut zero = Replace(point, |t: Tensor| t.zeros_like().unwrap());
+    let edited = model.forward(&input(), Output::Logits, &mut zero).unwrap();
+    assert!(max_abs_diff(&plain, &edited) > 1e-3);
+}
+
+#[test]
+fn a_misshaped_replacement_is_refused_with_the_hook_name() {
+    let model = model(config(1));
+    let mut bad = Replace(HookPoint::Block(0, BlockHook::V), |t: Tensor| {
+        t.narrow(1, 0, 1).unwrap()
+    });
+    let err = model
+        .forward(&input(), Output::Logits, &mut bad)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blocks.0.attn.hook_v") && err.contains("[2, 4, 2, 4]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_fully_masked_row_attends_to_nothing_and_stays_finite() {
+    let model = model(config(1));
+    let mask = [1, 1, 1, 1, 0, 0, 0, 0];
+    let input = ForwardInput {
+        attention_mask: Some(&mask),
+        ..input()
+    };
+    let (logits, r) = record_all(&model, &input);
+    let pattern = values(&get(&r, HookPoint::Block(0, BlockHook::Pattern)));
+    assert!(pattern[pattern.len() / 2..].iter().all(|v| *v == 0.0));
+    assert!(values(&logits).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn the_optional_paths_compute_the_same_function() {
+    let plain = model(config(2))
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap();
+    let mut cfg = config(2);
+    cfg.use_attn_result = true;
+    cfg.use_split_qkv_input = true;
+    cfg.use_hook_mlp_in = true;
+    let model = model(cfg);
+    let (logits, r) = record_all(&model, &input());
+    assert!(max_abs_diff(&plain, &logits) < 1e-4);
+    // The per-head results plus b_O add up to the attention output.
+    let result = get(&r, HookPoint::Block(1, BlockHook::Result));
+    assert_eq!(result.dims(), [2, 4, 2, 8]);
+    let attn_out = get(&r, HookPoint::Block(1, BlockHook::AttnOut));
+    let b_o = &model.blocks[1].attn_out.bias;
+    assert!(
+        max_abs_diff(
+            &result.sum(2).unwrap().broadcast_add(b_o).unwrap(),
+            &attn_out
+        ) < 1e-6
+    );
+    // Editing one head's query input changes only that head's queries.
+    let point = HookPoint::Block(0, BlockHook::QInput);
+    let mut edit = Replace(point, |t: Tensor| {
+        let head0 = t.narrow(2, 0, 1).unwrap();
+        let head1 = (t.narrow(2, 1, 1).unwrap() * 0.0).unwrap();
+        Tensor::cat(&[head0, head1], 2).unwrap()
+    });
+    let mut recorder = RecordingHooks::new({
+        let mut s = HookSet::new(2);
+        s.insert(HookPoint::Block(0, BlockHook::Q));
+        s
+    });
+    struct Both<'a, A: Hooks, B: Hooks>(&'a mut A, &'a mut B);
+    impl<A: Hooks, B: Hooks> Hooks for Both<'_, A, B> {
+        fn wants(&self, p: HookPoint) -> bool {
+            self.0.wants(p) || self.1.wants(p)
+        }
+        fn call(&mut self, p: HookPoint, t: Tensor) -> Result<Tensor> {
+            let t = if self.0.wants(p) {
+                self.0.call(p, t)?
+            } else {
+                t
+            };
+            if self.1.wants(p) {
+                self.1.call(p, t)
+            } else {
+                Ok(t)
+            }
+        }
+    }
+    model
+        .forward(
+            &input(),
+            Output::Logits,
+            &mut Both(&mut edit, &mut recorder),
+        )
+        .unwrap();
+    let q_edited = &recorder.records[0].1;
+    let q_plain = get(&r, HookPoint::Block(0, BlockHook::Q));
+    let head = |t: &Tensor, h| t.narrow(2, h, 1).unwrap();
+    assert_eq!(max_abs_diff(&head(q_edited, 0), &head(&q_plain, 0)), 0.0);
+    // With a zero input, head 1's queries are just its bias, which is zero in this model.
+    assert!(values(&head(q_edited, 1)).iter().all(|v| *v == 0.0));
+}
+
+#[test]
+fn a_causal_model_never_attends_forward() {
+    let mut cfg = config(1);
+    cfg.attention_dir = AttentionDir::Causal;
+    let (_, r) = record_all(&model(cfg), &input());
+    let pattern = values(&get(&r, HookPoint::Block(0, BlockHook::Pattern)));
+    for (i, v) in pattern.iter().enumerate() {
+        let (q, k) = ((i / 4) % 4, i % 4);
+        if k > q {
+            assert_eq!(*v, 0.0);
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_with_a_reason() {
+    let model = model(config(1));
+    let run = |input: ForwardInput<'_>| {
+        model
+            .forward(&input, Output::Logits, &mut NoHooks)
+            .unwrap_err()
+            .to_string()
+    };
+    let too_big = [1, 2, 13, 1];
+    assert!(run(ForwardInput {
+        batch: 1,
+        pos: 4,
+        tokens: &too_big,
+        token_type_ids: None,
+        attention_mask: None
+    })
+    .contains("tokens[0, 2] = 13 is out of range [0, 13)"));
+    let negative = [1, -1, 2, 1];
+    assert!(run(ForwardInput {
+        batch: 1,
+        pos: 4,
+        tokens: &negative,
+        token_type_ids: None,
+        attention_mask: None
+    })
+    .contains("= -1"));
+    let long = [1; 7];
+    assert!(run(ForwardInput {
+        batch: 1,
+        pos: 7,
+        tokens: &long,
+        token_type_ids: None,
+        attention_mask: None
+    })
+    .contains("n_ctx"));
+    let short_mask = [1, 1];
+    assert!(run(ForwardInput {
+        attention_mask: Some(&short_mask),
+        ..input()
+    })
+    .contains("one_zero_attention_mask has 2"));
+    let types = [0, 1, 2, 0, 0, 0, 0, 0];
+    assert!(run(ForwardInput {
+        token_type_ids: Some(&types),
+        ..input()
+    })
+    .contains("token_type_ids[0, 2] = 2"));
+}
+
+#[test]
+fn an_encoder_only_checkpoint_refuses_logits_but_gives_hidden_states() {
+    let cfg = config(1);
+    let full = WeightMap::random(&cfg, 1, &Device::Cpu).unwrap();
+    let mut encoder_only = WeightMap::new();
+    for name in full.names().into_iter().filter(|n| n.starts_with("bert.")) {
+        let stripped = name.trim_start_matches("bert.").to_string();
+        encoder_only.insert(stripped, full.load_f32(&name, &Device::Cpu).unwrap());
+    }
+    let (model, _) = HookedBert::load(cfg, &encoder_only, &Device::Cpu).unwrap();
+    assert!(!model.has_mlm_head());
+    let err = model
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap_err();
+    assert!(matches!(err, Error::NoMlmHead(_)));
+    let hidden = model
+        .forward(&input(), Output::Residual, &mut NoHooks)
+        .unwrap();
+    assert_eq!(hidden.dims(), [2, 4, 8]);
+}
+
+#[test]
+fn missing_and_misshaped_weights_are_named() {
+    let cfg = config(1);
+    let full = WeightMap::random(&cfg, 1, &Device::Cpu).unwrap();
+    let mut broken = WeightMap::new();
+    for name in full.names() {
+        if name != "bert.encoder.layer.0.output.dense.bias" {
+            broken.insert(name.clone(), full.load_f32(&name, &Device::Cpu).unwrap());
+        }
+    }
+    let err = HookedBert::load(cfg.clone(), &broken, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("missing tensor \"bert.encoder.layer.0.output.dense.bias\""),
+        "{err}"
+    );
+    let mut wrong = cfg.clone();
+    wrong.d_mlp = 32;
+    let err = HookedBert::load(wrong, &full, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("intermediate.dense.weight")
+            && err.contains("[16, 8]")
+            && err.contains("[32, 8]"),
+        "{err}"
+    );
+}

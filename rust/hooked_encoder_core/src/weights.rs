@@ -1,0 +1,308 @@
+//! Where weights come from: safetensors files (Hugging Face checkpoints) or tensors in memory.
+//!
+//! Tensors are looked up by their Hugging Face BERT names (`encoder.layer.0.attention.self.query.weight`).
+//! [`crate::HookedBert`] resolves the `bert.` prefix, old `gamma`/`beta` LayerNorm names and tied
+//! decoder weights on top of this.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::BufferedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::{BertConfig, Error, Result};
+
+/// A named collection of tensors.
+pub trait TensorSource {
+    /// Whether a tensor called `name` exists.
+    fn contains(&self, name: &str) -> bool;
+    /// Every tensor name, sorted.
+    fn names(&self) -> Vec<String>;
+    /// Shape of the tensor called `name`, if it exists.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// Loads `name` as float32 on `device`.
+    fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor>;
+    /// Where the tensors come from, for error messages.
+    fn describe(&self) -> String;
+}
+
+/// One or more safetensors files (a sharded checkpoint is several).
+///
+/// The files are read into memory rather than memory-mapped: a mapped file that another process
+/// truncates while we read it would kill this process with SIGBUS, and a checkpoint is read once.
+pub struct WeightFiles {
+    files: Vec<(PathBuf, BufferedSafetensors)>,
+    /// Tensor name -> index into `files`.
+    routing: HashMap<String, usize>,
+}
+
+impl WeightFiles {
+    /// Reads and validates the headers of `paths`.
+    pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
+        if paths.is_empty() {
+            return Err(Error::Checkpoint("no weights files given".into()));
+        }
+        let mut files = Vec::with_capacity(paths.len());
+        let mut routing = HashMap::new();
+        for (index, path) in paths.iter().enumerate() {
+            let path = path.as_ref();
+            let bytes = std::fs::read(path).map_err(|e| {
+                Error::Checkpoint(format!("cannot read weights file {}: {e}", path.display()))
+            })?;
+            let st = BufferedSafetensors::new(bytes).map_err(|e| {
+                Error::Checkpoint(format!(
+                    "{} is not a valid safetensors file: {}",
+                    path.display(),
+                    strip_candle_noise(&e)
+                ))
+            })?;
+            for (name, _) in st.tensors() {
+                if let Some(previous) = routing.insert(name.clone(), index) {
+                    return Err(Error::Checkpoint(format!(
+                        "tensor {name:?} appears in both {} and {}",
+                        files_path(&files, previous),
+                        path.display()
+                    )));
+                }
+            }
+            files.push((path.to_path_buf(), st));
+        }
+        Ok(Self { files, routing })
+    }
+}
+
+fn files_path(files: &[(PathBuf, BufferedSafetensors)], index: usize) -> String {
+    files[index].0.display().to_string()
+}
+
+/// Candle errors carry a backtrace note and a path prefix; keep only the message.
+fn strip_candle_noise(e: &candle_core::Error) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+impl TensorSource for WeightFiles {
+    fn contains(&self, name: &str) -> bool {
+        self.routing.contains_key(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.routing.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (_, st) = &self.files[*self.routing.get(name)?];
+        st.get(name).ok().map(|view| view.shape().to_vec())
+    }
+
+    fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let index = *self
+            .routing
+            .get(name)
+            .ok_or_else(|| Error::Checkpoint(format!("missing tensor {name:?}")))?;
+        let (path, st) = &self.files[index];
+        let bad = |what: String| {
+            Error::Checkpoint(format!("tensor {name:?} in {}: {what}", path.display()))
+        };
+        let view = st.get(name).map_err(|e| bad(strip_candle_noise(&e)))?;
+        let dtype = view.dtype();
+        use candle_core::safetensors::Load;
+        let tensor = view.load(device).map_err(|e| bad(strip_candle_noise(&e)))?;
+        if !tensor.dtype().is_float() {
+            return Err(bad(format!(
+                "has dtype {dtype:?}, expected a floating-point type"
+            )));
+        }
+        Ok(tensor.to_dtype(DType::F32)?)
+    }
+
+    fn describe(&self) -> String {
+        let paths: Vec<String> = self
+            .files
+            .iter()
+            .map(|(p, _)| p.display().to_string())
+            .collect();
+        paths.join(", ")
+    }
+}
+
+/// Tensors held in memory, by name.
+#[derive(Default, Clone)]
+pub struct WeightMap {
+    tensors: HashMap<String, Tensor>,
+}
+
+impl WeightMap {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a tensor.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Freshly initialised weights for `cfg`, named as a Hugging Face `BertForPreTraining`
+    /// checkpoint: matrices and embeddings drawn from N(0, 0.02²) (Hugging Face's
+    /// `initializer_range`), biases 0, LayerNorm weights 1. The same `seed` gives the same
+    /// weights on every platform.
+    pub fn random(cfg: &BertConfig, seed: u64, device: &Device) -> Result<Self> {
+        let mut rng = SplitMix64(seed);
+        let mut map = Self::new();
+        let mut normal = |name: String, shape: &[usize], map: &mut Self| -> Result<()> {
+            let n: usize = shape.iter().product();
+            let values: Vec<f32> = (0..n).map(|_| 0.02 * rng.next_normal() as f32).collect();
+            map.insert(name, Tensor::from_vec(values, shape, device)?);
+            Ok(())
+        };
+        let constant = |name: String, len: usize, value: f32, map: &mut Self| -> Result<()> {
+            map.insert(name, Tensor::full(value, len, device)?);
+            Ok(())
+        };
+        let (d, a, m) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
+        let layer_norm = |prefix: &str, map: &mut Self| -> Result<()> {
+            constant(format!("{prefix}.LayerNorm.weight"), d, 1.0, map)?;
+            constant(format!("{prefix}.LayerNorm.bias"), d, 0.0, map)
+        };
+        let e = "bert.embeddings";
+        normal(
+            format!("{e}.word_embeddings.weight"),
+            &[cfg.d_vocab, d],
+            &mut map,
+        )?;
+        normal(
+            format!("{e}.position_embeddings.weight"),
+            &[cfg.n_ctx, d],
+            &mut map,
+        )?;
+        normal(
+            format!("{e}.token_type_embeddings.weight"),
+            &[cfg.n_token_types, d],
+            &mut map,
+        )?;
+        layer_norm(e, &mut map)?;
+        for l in 0..cfg.n_layers {
+            let p = format!("bert.encoder.layer.{l}");
+            for (name, out, inp) in [
+                ("attention.self.query", a, d),
+                ("attention.self.key", a, d),
+                ("attention.self.value", a, d),
+                ("attention.output.dense", d, a),
+                ("intermediate.dense", m, d),
+                ("output.dense", d, m),
+            ] {
+                normal(format!("{p}.{name}.weight"), &[out, inp], &mut map)?;
+                constant(format!("{p}.{name}.bias"), out, 0.0, &mut map)?;
+            }
+            layer_norm(&format!("{p}.attention.output"), &mut map)?;
+            layer_norm(&format!("{p}.output"), &mut map)?;
+        }
+        normal(
+            "cls.predictions.transform.dense.weight".into(),
+            &[d, d],
+            &mut map,
+        )?;
+        constant(
+            "cls.predictions.transform.dense.bias".into(),
+            d,
+            0.0,
+            &mut map,
+        )?;
+        layer_norm("cls.predictions.transform", &mut map)?;
+        // The decoder weight is tied to the word embeddings, as in Hugging Face.
+        constant("cls.predictions.bias".into(), cfg.d_vocab, 0.0, &mut map)?;
+        normal("bert.pooler.dense.weight".into(), &[d, d], &mut map)?;
+        constant("bert.pooler.dense.bias".into(), d, 0.0, &mut map)?;
+        normal("cls.seq_relationship.weight".into(), &[2, d], &mut map)?;
+        constant("cls.seq_relationship.bias".into(), 2, 0.0, &mut map)?;
+        Ok(map)
+    }
+}
+
+impl TensorSource for WeightMap {
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tensors.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.get(name).map(|t| t.dims().to_vec())
+    }
+
+    fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let tensor = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| Error::Checkpoint(format!("missing tensor {name:?}")))?;
+        Ok(tensor.to_dtype(DType::F32)?.to_device(device)?)
+    }
+
+    fn describe(&self) -> String {
+        "the weights given in memory".into()
+    }
+}
+
+/// SplitMix64 (Steele et al., 2014): a tiny, well-mixed, platform-independent generator, enough
+/// for initialising weights reproducibly without another dependency.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1], 53 bits.
+    fn next_unit(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal by Box-Muller.
+    fn next_normal(&mut self) -> f64 {
+        let (u, v) = (self.next_unit(), self.next_unit());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_normals_have_the_right_moments() {
+        let mut rng = SplitMix64(7);
+        let xs: Vec<f64> = (0..200_000).map(|_| rng.next_normal()).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
+        assert!(mean.abs() < 0.01, "mean {mean}");
+        assert!((var - 1.0).abs() < 0.01, "var {var}");
+    }
+
+    #[test]
+    fn unreadable_and_corrupt_files_are_checkpoint_errors() {
+        let dir = std::env::temp_dir().join(format!("hooked_encoder_w_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let missing = dir.join("missing.safetensors");
+        let err = WeightFiles::open(&[&missing]).err().unwrap().to_string();
+        assert!(err.contains("missing.safetensors"), "{err}");
+        let garbage = dir.join("garbage.safetensors");
+        std::fs::write(&garbage, b"\xff\xff\xff\xff\xff\xff\xff\x7fnot json").unwrap();
+        let err = WeightFiles::open(&[&garbage]).err().unwrap().to_string();
+        assert!(
+            err.contains("garbage.safetensors") && err.contains("not a valid"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
