@@ -1,1 +1,35 @@
-pub fn y() {}
+//! `hooked_encoder._core`: the private extension module. It only translates between Python and
+//! the pure-Rust core (`hooked_encoder_core`); the public API lives in the Python package.
+
+mod convert;
+mod errors;
+mod hooks;
+mod model;
+
+use pyo3::prelude::*;
+
+/// Rust core of hooked_encoder (private: use the `hooked_encoder` package).
+#[pymodule]
+mod _core {
+    use pyo3::prelude::*;
+
+    #[pymodule_export]
+    use crate::errors::{CheckpointError, HookedEncoderError};
+    #[pymodule_export]
+    use crate::model::Model;
+
+    /// Whether this build can run models on NVIDIA GPUs (the `cuda` Cargo feature).
+    #[pyfunction]
+    fn cuda_available() -> bool {
+        candle_core::utils::cuda_is_available()
+    }
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        m.add("__version__", env!("CARGO_PKG_VERSION"))
+    }
+}
+
+// `Python` is used by the generated module code.
+#[allow(unused_imports)]
+use pyo3::Python as _;

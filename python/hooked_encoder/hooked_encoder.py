@@ -1,0 +1,519 @@
+"""``HookedEncoder``: TransformerLens's BERT ``HookedEncoder`` API over the Rust core."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import functools
+import logging
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from . import _core
+from .activation_cache import ActivationCache
+from .config import HookedEncoderConfig
+from .hook_points import HookPoint, NamesFilter, _check_direction, names_predicate
+from .loading import read_config, resolve_checkpoint, weight_files
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+OutputFormat = Literal["auto", "numpy", "torch"]
+ReturnType = Literal["logits"] | None
+# Config fields that from_pretrained accepts as keyword arguments.
+_CONFIG_OVERRIDES = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "seed")
+FwdHooks = Sequence[tuple[str | Callable[[str], bool], Callable[..., Any]]]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _is_torch_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+class _Prepared:
+    """Token ids, token types and mask as C-contiguous int64 ``[batch, pos]`` arrays, plus
+    whether results should be torch tensors."""
+
+    __slots__ = ("as_torch", "mask", "tokens", "types")
+
+    def __init__(self, tokens, types, mask, as_torch: bool) -> None:
+        self.tokens, self.types, self.mask, self.as_torch = tokens, types, mask, as_torch
+
+
+def _int_array(value: Any, what: str) -> np.ndarray:
+    if _is_torch_tensor(value):
+        value = value.detach().cpu().numpy()
+    try:
+        array = np.asarray(value)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{what} must be a rectangular [batch, pos] array: {e}") from None
+    if array.dtype == object or array.dtype.kind not in "iu":
+        raise TypeError(f"{what} must hold integers, got dtype {array.dtype}")
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2:
+        raise ValueError(f"{what} must be [batch, pos], got shape {list(array.shape)}")
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{what} holds values too large for int64")
+    return np.ascontiguousarray(array, dtype=np.int64)
+
+
+class HookedEncoder:
+    """A BERT-style encoder with a hook point on every activation, API-compatible with
+    TransformerLens's ``HookedEncoder`` (3.x), computed in Rust on Candle.
+
+    Build one from a config (``HookedEncoder(cfg)``, with freshly initialised weights) or load a
+    Hugging Face checkpoint with :meth:`from_pretrained`. Results are NumPy arrays, or torch
+    tensors when the input is a torch tensor (``output_format="auto"``) or when
+    ``output_format="torch"``.
+    """
+
+    def __init__(
+        self,
+        cfg: HookedEncoderConfig | dict[str, Any],
+        tokenizer: Any = None,
+        move_to_device: bool = True,
+        *,
+        output_format: OutputFormat = "auto",
+        _core_model: Any = None,
+    ) -> None:
+        if isinstance(cfg, str):
+            raise ValueError(
+                "HookedEncoder(cfg) takes a config; to load a checkpoint by name use "
+                "HookedEncoder.from_pretrained(name)"
+            )
+        if isinstance(cfg, dict):
+            cfg = HookedEncoderConfig.from_dict(cfg)
+        if not isinstance(cfg, HookedEncoderConfig):
+            raise TypeError(
+                f"cfg must be a HookedEncoderConfig or a dict, got {type(cfg).__name__}"
+            )
+        if output_format not in ("auto", "numpy", "torch"):
+            raise ValueError(
+                f"output_format must be 'auto', 'numpy' or 'torch', got {output_format!r}"
+            )
+        self.cfg = cfg
+        self.output_format: OutputFormat = output_format
+        self.tokenizer = (
+            None
+            if tokenizer is None
+            else (tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer))
+        )
+        if _core_model is None:
+            seed = cfg.seed if cfg.seed is not None else random.getrandbits(63)
+            _core_model = _core.Model.random(cfg._core_json(), seed, cfg.device)
+        self._model = _core_model
+        self.hook_dict: dict[str, HookPoint] = {
+            name: HookPoint(name) for name in self._model.hook_names()
+        }
+        # There are no torch modules here; the hook points are the addressable components.
+        self.mod_dict: dict[str, HookPoint] = self.hook_dict
+        self.context_level = 0
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str | os.PathLike[str],
+        checkpoint_index: int | None = None,
+        checkpoint_value: int | None = None,
+        hf_model: Any = None,
+        device: str | None = "cpu",
+        tokenizer: Any = None,
+        move_to_device: bool = True,
+        dtype: Any = "float32",
+        *,
+        revision: str | None = None,
+        output_format: OutputFormat = "auto",
+        **from_pretrained_kwargs: Any,
+    ) -> HookedEncoder:
+        """Loads a Hugging Face BERT checkpoint.
+
+        ``model_name`` is a local directory with ``config.json`` and ``model.safetensors`` (or
+        sharded safetensors with ``model.safetensors.index.json``), an embedded model
+        (``"sentence-transformers/all-MiniLM-L6-v2"``, from the ``minilm`` extra), or a hub id
+        resolved through ``huggingface_hub``. Checkpoints of ``BertForPreTraining``,
+        ``BertForMaskedLM`` and ``BertModel`` load; one without an MLM head loads as an encoder
+        (``return_type=None``, caching and ``encoder_output`` work; logits do not).
+        ``hf_model`` takes an already loaded ``transformers`` BERT model instead of files.
+        ``use_attn_result``, ``use_split_qkv_input`` and ``use_hook_mlp_in`` switch on the
+        optional hook points.
+        """
+        if checkpoint_index is not None or checkpoint_value is not None:
+            raise ValueError("training checkpoints (checkpoint_index/value) do not exist for BERT")
+        for key in ("load_in_8bit", "load_in_4bit"):
+            if from_pretrained_kwargs.pop(key, False):
+                raise ValueError("quantization is not supported")
+        dtype = from_pretrained_kwargs.pop("torch_dtype", dtype)
+        overrides = {
+            key: from_pretrained_kwargs.pop(key)
+            for key in _CONFIG_OVERRIDES
+            if key in from_pretrained_kwargs
+        }
+        if from_pretrained_kwargs:
+            raise TypeError(f"unexpected arguments {sorted(from_pretrained_kwargs)}")
+        dtype_name = str(dtype).removeprefix("torch.")
+        device = device or "cpu"
+        if hf_model is not None:
+            hf_config = hf_model.config.to_dict()
+            cfg = HookedEncoderConfig.from_hf_config(hf_config, model_name=str(model_name))
+            cfg = dataclasses.replace(cfg, device=device, dtype=dtype_name, **overrides)
+            arrays = {
+                name: np.ascontiguousarray(t.detach().float().cpu().numpy())
+                for name, t in hf_model.state_dict().items()
+                if t.is_floating_point()
+            }
+            core, unused = _core.Model.from_arrays(cfg._core_json(), arrays, device)
+            directory = None
+        else:
+            directory = resolve_checkpoint(model_name, revision)
+            cfg = HookedEncoderConfig.from_hf_config(
+                read_config(directory), model_name=str(model_name)
+            )
+            cfg = dataclasses.replace(cfg, device=device, dtype=dtype_name, **overrides)
+            files = [str(p) for p in weight_files(directory)]
+            core, unused = _core.Model.load(cfg._core_json(), files, device)
+        if unused:
+            shown = ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else "")
+            warnings.warn(
+                f"{len(unused)} tensors of the checkpoint are not used by HookedEncoder: {shown}",
+                stacklevel=2,
+            )
+        if tokenizer is None and directory is not None:
+            tokenizer = Tokenizer.from_directory(directory)
+        model = cls(cfg, tokenizer, output_format=output_format, _core_model=core)
+        logger.info("Loaded pretrained model %s into HookedEncoder", model_name)
+        return model
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def has_mlm_head(self) -> bool:
+        """Whether the model can produce logits (its checkpoint had an MLM head)."""
+        return self._model.has_mlm_head
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"HookedEncoder({c.model_name!r}, n_layers={c.n_layers}, d_model={c.d_model}, "
+            f"n_heads={c.n_heads}, d_vocab={c.d_vocab}, device={self._model.device!r})"
+        )
+
+    # ------------------------------------------------------------------ inputs
+
+    def to_tokens(
+        self, input: str | list[str], move_to_device: bool = True, truncate: bool = True
+    ) -> tuple[Any, Any, Any]:
+        """Tokenizes text into ``(tokens, token_type_ids, attention_mask)``, each
+        ``[batch, pos]``, right-padded, truncated to ``n_ctx`` unless ``truncate=False``."""
+        prepared = self._tokenize(input, truncate)
+        convert = self._converter(self.output_format == "torch")
+        return convert(prepared[0]), convert(prepared[1]), convert(prepared[2])
+
+    def _tokenize(self, input: str | list[str], truncate: bool = True) -> tuple[np.ndarray, ...]:
+        if self.tokenizer is None:
+            raise ValueError(
+                "string input needs a tokenizer: load a checkpoint directory that has "
+                "tokenizer.json, or pass tokenizer= (a tokenizers.Tokenizer or a transformers "
+                "tokenizer)"
+            )
+        texts = [input] if isinstance(input, str) else list(input)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise TypeError("text input must be a string or a non-empty list of strings")
+        return self.tokenizer(texts, self.cfg.n_ctx if truncate else None)
+
+    def _prepare(self, input: Any, token_type_ids: Any, one_zero_attention_mask: Any) -> _Prepared:
+        as_torch = self.output_format == "torch"
+        if isinstance(input, str) or (
+            isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input)
+        ):
+            tokens, types, mask = self._tokenize(input)
+        else:
+            as_torch = as_torch or (self.output_format == "auto" and _is_torch_tensor(input))
+            tokens, types, mask = _int_array(input, "tokens"), None, None
+        if token_type_ids is not None:
+            types = _int_array(token_type_ids, "token_type_ids")
+        if one_zero_attention_mask is not None:
+            mask = _int_array(one_zero_attention_mask, "one_zero_attention_mask")
+        for what, array in (("token_type_ids", types), ("one_zero_attention_mask", mask)):
+            if array is not None and array.shape != tokens.shape:
+                raise ValueError(
+                    f"{what} has shape {list(array.shape)}, but tokens have shape "
+                    f"{list(tokens.shape)}"
+                )
+        return _Prepared(tokens, types, mask, as_torch)
+
+    @staticmethod
+    def _converter(as_torch: bool) -> Callable[[np.ndarray], Any]:
+        return _torch().from_numpy if as_torch else (lambda a: a)
+
+    # ------------------------------------------------------------------ running
+
+    def _run(self, prepared: _Prepared, logits: bool, record: Sequence[str] = ()):
+        dispatch = [name for name, point in self.hook_dict.items() if point.fwd_hooks]
+        dispatcher = functools.partial(self._dispatch, prepared.as_torch) if dispatch else None
+        output, records = self._model.forward(
+            prepared.tokens,
+            prepared.types,
+            prepared.mask,
+            logits,
+            list(record),
+            dispatch,
+            dispatcher,
+        )
+        convert = self._converter(prepared.as_torch)
+        return convert(output), {name: convert(value) for name, value in records}
+
+    def _dispatch(self, as_torch: bool, name: str, activation: np.ndarray) -> np.ndarray:
+        """Called from Rust at a hooked point: runs the point's hook functions in order, each on
+        the previous one's result, and returns the activation the model continues with."""
+        point = self.hook_dict[name]
+        shape = activation.shape
+        current: Any = _torch().from_numpy(activation) if as_torch else activation
+        for registered in list(point.fwd_hooks):
+            returned = registered.fn(current, hook=point)
+            if returned is not None:
+                current = _check_replacement(name, returned, shape)
+        # In-place edits of the array (or of the torch tensor sharing its memory) count too.
+        if _is_torch_tensor(current):
+            current = current.detach().cpu().numpy()
+        return np.ascontiguousarray(current)
+
+    def forward(
+        self,
+        input: Any,
+        return_type: ReturnType = "logits",
+        token_type_ids: Any = None,
+        one_zero_attention_mask: Any = None,
+    ) -> Any:
+        """Runs the model.
+
+        ``input`` is token ids (``[batch, pos]`` NumPy integer array, torch tensor or nested
+        lists) or text (a string or list of strings) when the model has a tokenizer.
+        ``one_zero_attention_mask`` marks real tokens with 1 and padding with 0; without it every
+        position is attended to (TransformerLens's behaviour), except for text input, whose mask
+        comes from the tokenizer. Returns logits ``[batch, pos, d_vocab]``, or ``None`` with
+        ``return_type=None`` (which skips the MLM head entirely, unlike TransformerLens).
+        """
+        if return_type not in ("logits", None):
+            raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
+        prepared = self._prepare(input, token_type_ids, one_zero_attention_mask)
+        output, _ = self._run(prepared, logits=return_type == "logits")
+        return output if return_type == "logits" else None
+
+    __call__ = forward
+
+    def encoder_output(
+        self, tokens: Any, token_type_ids: Any = None, one_zero_attention_mask: Any = None
+    ) -> Any:
+        """The last block's output ``[batch, pos, d_model]`` (Hugging Face's
+        ``last_hidden_state``)."""
+        prepared = self._prepare(tokens, token_type_ids, one_zero_attention_mask)
+        return self._run(prepared, logits=False)[0]
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: NamesFilter = None,
+        device: str | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        pos_slice: int | slice | None = None,
+        return_cache_object: bool = True,
+        **model_kwargs: Any,
+    ) -> tuple[Any, ActivationCache | dict[str, Any]]:
+        """Runs the model and returns ``(output, cache)`` with the activation of every hook point
+        that ``names_filter`` selects (all by default), in firing order.
+
+        Recording happens in Rust: unselected points cost nothing, and selected ones cost one
+        copy each. Hooks already added (e.g. by ``hooks()``) run first, so the cache holds what
+        the rest of the model saw. ``pos_slice`` keeps only those positions (the query
+        positions of attention patterns and scores).
+        """
+        if incl_bwd:
+            raise NotImplementedError("incl_bwd needs autograd; hooked_encoder runs inference only")
+        if device not in (None, "cpu"):
+            raise ValueError(f"cached activations are returned on the CPU, not {device!r}")
+        keep = names_predicate(names_filter)
+        record = [name for name in self.hook_dict if keep(name)]
+        args = dict(
+            zip(
+                ("input", "return_type", "token_type_ids", "one_zero_attention_mask"),
+                model_args,
+                strict=False,
+            )
+        )
+        overlap = set(args) & set(model_kwargs)
+        if overlap or len(model_args) > 4:
+            raise TypeError(f"too many or repeated arguments for forward: {sorted(overlap)}")
+        args.update(model_kwargs)
+        return_type = args.pop("return_type", "logits")
+        if return_type not in ("logits", None):
+            raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
+        if "input" not in args:
+            raise TypeError("run_with_cache needs the model input")
+        prepared = self._prepare(
+            args.pop("input"),
+            args.pop("token_type_ids", None),
+            args.pop("one_zero_attention_mask", None),
+        )
+        if args:
+            raise TypeError(f"unexpected arguments {sorted(args)}")
+        try:
+            output, cache = self._run(prepared, return_type == "logits", record)
+        finally:
+            if reset_hooks_end:
+                self.reset_hooks(
+                    clear_contexts, including_permanent=False, level=self.context_level
+                )
+        if pos_slice is not None:
+            cache = {
+                name: _slice_positions(name, value, pos_slice) for name, value in cache.items()
+            }
+        cache_object = ActivationCache(cache, self)
+        if remove_batch_dim:
+            cache_object.remove_batch_dim()
+        return (
+            output if return_type == "logits" else None,
+            cache_object if return_cache_object else cache_object.cache_dict,
+        )
+
+    # ------------------------------------------------------------------ hooks
+
+    def _matching(self, name: str | Callable[[str], bool]) -> list[HookPoint]:
+        if isinstance(name, str):
+            if name not in self.hook_dict:
+                close = difflib.get_close_matches(name, self.hook_dict, n=3)
+                hint = f"; did you mean {close}?" if close else ""
+                raise KeyError(f"unknown hook point {name!r}{hint}")
+            return [self.hook_dict[name]]
+        if callable(name):
+            return [point for n, point in self.hook_dict.items() if name(n)]
+        raise TypeError(f"a hook name must be a string or a predicate, got {type(name).__name__}")
+
+    def add_hook(
+        self,
+        name: str | Callable[[str], bool],
+        hook: Callable[..., Any],
+        dir: str = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """Adds ``hook`` (``fn(activation, hook) -> replacement or None``) to the point
+        ``name``, or to every point for which the predicate ``name`` is true."""
+        _check_direction(dir)
+        for point in self._matching(name):
+            point.add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def add_perma_hook(
+        self, name: str | Callable[[str], bool], hook: Callable[..., Any], dir: str = "fwd"
+    ) -> None:
+        """Adds a hook that ``reset_hooks()`` keeps (unless ``including_permanent=True``)."""
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def remove_all_hook_fns(
+        self, direction: str = "both", including_permanent: bool = False, level: int | None = None
+    ) -> None:
+        """Removes hook functions from every point."""
+        for point in self.hook_dict.values():
+            point.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def clear_contexts(self) -> None:
+        """Empties every hook point's ``ctx``."""
+        for point in self.hook_dict.values():
+            point.clear_context()
+
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: str = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
+        """Removes hooks (non-permanent ones, unless told otherwise) and, by default, contexts."""
+        if clear_contexts:
+            self.clear_contexts()
+        self.remove_all_hook_fns(direction, including_permanent, level=level)
+
+    @contextlib.contextmanager
+    def hooks(
+        self,
+        fwd_hooks: FwdHooks = (),
+        bwd_hooks: FwdHooks = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator[HookedEncoder]:
+        """A context in which ``fwd_hooks`` are active; on exit they are removed (only the
+        ones this context added)."""
+        if bwd_hooks:
+            _check_direction("bwd")
+        self.context_level += 1
+        try:
+            for name, fn in fwd_hooks:
+                self.add_hook(name, fn, level=self.context_level)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self.reset_hooks(
+                    clear_contexts, including_permanent=False, level=self.context_level
+                )
+            self.context_level -= 1
+
+    def run_with_hooks(
+        self,
+        *model_args: Any,
+        fwd_hooks: FwdHooks = (),
+        bwd_hooks: FwdHooks = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **model_kwargs: Any,
+    ) -> Any:
+        """Runs ``forward`` with ``fwd_hooks`` (a list of ``(name or predicate, fn)``) active."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self.forward(*model_args, **model_kwargs)
+
+
+def _check_replacement(name: str, value: Any, shape: tuple[int, ...]) -> Any:
+    if _is_torch_tensor(value):
+        torch = _torch()
+        if value.dtype != torch.float32:
+            raise TypeError(f"hook on {name!r} returned a {value.dtype} tensor; it must be float32")
+    elif isinstance(value, np.ndarray):
+        if value.dtype != np.float32:
+            raise TypeError(f"hook on {name!r} returned a {value.dtype} array; it must be float32")
+    else:
+        raise TypeError(
+            f"hook on {name!r} returned {type(value).__name__}; return None or an array of the "
+            "activation's shape and dtype"
+        )
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"hook on {name!r} returned shape {list(value.shape)}, but the activation has shape "
+            f"{list(shape)}"
+        )
+    return value
+
+
+def _slice_positions(name: str, value: Any, pos_slice: int | slice) -> Any:
+    index = (
+        slice(pos_slice, None if pos_slice == -1 else pos_slice + 1)
+        if isinstance(pos_slice, int)
+        else pos_slice
+    )
+    axis = 2 if name.endswith(("hook_pattern", "hook_attn_scores")) else 1
+    return value[(slice(None),) * axis + (index,)]

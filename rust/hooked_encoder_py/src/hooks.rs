@@ -1,0 +1,94 @@
+//! The core's `Hooks` interface, served from Python: a set of points to record (done in Rust,
+//! no Python call) and a set of points whose activation goes through a Python dispatcher.
+
+use candle_core::Tensor;
+use hooked_encoder_core::{Error, HookPoint, HookSet, Hooks};
+use numpy::{PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use crate::convert::{tensor_from_numpy, HostArray};
+
+pub struct PyHooks {
+    record: HookSet,
+    python: HookSet,
+    /// `dispatcher(name, activation) -> float32 array` runs the user's hook functions for
+    /// `name` in order and returns the final activation (see `HookedEncoder._dispatch`).
+    dispatcher: Option<Py<PyAny>>,
+    pub records: Vec<(HookPoint, Tensor)>,
+}
+
+impl PyHooks {
+    pub fn new(record: HookSet, python: HookSet, dispatcher: Option<Py<PyAny>>) -> Self {
+        Self {
+            record,
+            python,
+            dispatcher,
+            records: Vec::new(),
+        }
+    }
+
+    fn dispatch(
+        &self,
+        point: HookPoint,
+        activation: Tensor,
+    ) -> hooked_encoder_core::Result<Tensor> {
+        let Some(dispatcher) = &self.dispatcher else {
+            return Ok(activation);
+        };
+        let name = point.name();
+        let host = HostArray::from_tensor(&activation)?;
+        let device = activation.device().clone();
+        let failed = |source: PyErr| Error::Hook {
+            name: name.clone(),
+            source: Box::new(source),
+        };
+        Python::attach(|py| {
+            let returned = dispatcher
+                .call1(py, (name.as_str(), host.into_numpy(py)))
+                .map_err(failed)?;
+            let array = returned
+                .bind(py)
+                .cast::<numpy::PyArrayDyn<f32>>()
+                .map_err(|_| Error::HookReplacement {
+                    name: name.clone(),
+                    expected: "a float32 array".into(),
+                    got: returned.bind(py).get_type().to_string(),
+                })?;
+            let array: PyReadonlyArrayDyn<'_, f32> =
+                array.try_readonly().map_err(|e| failed(e.into()))?;
+            if array.shape() != activation.dims() {
+                return Err(Error::HookReplacement {
+                    name: name.clone(),
+                    expected: format!("shape {:?}", activation.dims()),
+                    got: format!("shape {:?}", array.shape()),
+                });
+            }
+            Ok(tensor_from_numpy(&array, &device)?)
+        })
+    }
+}
+
+impl Hooks for PyHooks {
+    #[inline]
+    fn wants(&self, point: HookPoint) -> bool {
+        self.record.contains(point) || self.python.contains(point)
+    }
+
+    fn call(
+        &mut self,
+        point: HookPoint,
+        activation: Tensor,
+    ) -> hooked_encoder_core::Result<Tensor> {
+        // User hooks run first, so a cache records what the rest of the model actually sees
+        // (TransformerLens adds its caching hooks after the user's).
+        let activation = if self.python.contains(point) {
+            self.dispatch(point, activation)?
+        } else {
+            activation
+        };
+        if self.record.contains(point) {
+            self.records.push((point, activation.clone()));
+        }
+        Ok(activation)
+    }
+}

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny seeded BERT checkpoints written by Hugging Face ``transformers``, and
+the reference's tolerances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# TransformerLens's own tolerance for HookedEncoder against Hugging Face BERT.
+ATOL, RTOL = 4e-5, 1.3e-6
+
+SHAPES = {
+    # name: (hidden, heads, layers, intermediate, vocab, max_positions)
+    "small": (16, 2, 2, 40, 50, 12),
+    "wide": (48, 4, 3, 96, 61, 20),
+}
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint on disk and the Hugging Face model holding the same weights."""
+
+    path: Path
+    hf: object  # transformers model, eval mode, eager attention
+    config: object
+
+    def batch(self, seed: int = 0, batch: int = 3, pos: int = 7):
+        """Token ids, two token types, and a right-padding mask with rows of different
+        lengths (the last row is full, the first has three tokens)."""
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(0, self.config.vocab_size, size=(batch, pos))
+        lengths = np.linspace(3, pos, batch).round().astype(int)
+        mask = (np.arange(pos)[None, :] < lengths[:, None]).astype(np.int64)
+        types = (np.arange(pos)[None, :] >= (lengths[:, None] // 2)).astype(np.int64) * mask
+        return tokens, types, mask
+
+
+def make_checkpoint(
+    directory: Path,
+    shape: str = "small",
+    arch: str = "BertForPreTraining",
+    seed: int = 0,
+    **config_overrides,
+) -> Checkpoint:
+    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
+    config = transformers.BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        max_position_embeddings=positions,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+        attn_implementation="eager",
+        **config_overrides,
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config)
+    # Hugging Face initialises biases to 0 and LayerNorms to 1; randomise everything so that a
+    # dropped bias or a swapped LayerNorm cannot pass unnoticed.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif name.endswith("bias") or "LayerNorm" in name:
+                param.copy_(0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.3 * torch.randn_like(param) / hidden**0.25)
+    model.eval()
+    model.save_pretrained(directory, safe_serialization=True)
+    return Checkpoint(directory, model, config)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Checkpoint:
+    """The default tiny BertForPreTraining checkpoint."""
+    return make_checkpoint(tmp_path_factory.mktemp("bert_small"))
+
+
+@pytest.fixture(scope="session", params=sorted(SHAPES))
+def any_checkpoint(request, tmp_path_factory) -> Checkpoint:
+    """A tiny BertForPreTraining checkpoint of each shape."""
+    return make_checkpoint(
+        tmp_path_factory.mktemp(f"bert_{request.param}"), request.param, seed=len(request.param)
+    )
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint):
+    from hooked_encoder import HookedEncoder
+
+    return HookedEncoder.from_pretrained(checkpoint.path)
