@@ -112,6 +112,41 @@ impl BertConfig {
         Ok(())
     }
 
+    /// The architecture of BERT-base (cased): 12 layers, width 768, 12 heads.
+    pub fn bert_base() -> Self {
+        Self {
+            d_model: 768,
+            d_head: 64,
+            n_heads: 12,
+            d_mlp: 3072,
+            n_layers: 12,
+            n_ctx: 512,
+            d_vocab: 28996,
+            n_token_types: 2,
+            eps: 1e-12,
+            act_fn: Activation::Gelu,
+            attention_dir: AttentionDir::Bidirectional,
+            use_attn_result: false,
+            use_split_qkv_input: false,
+            use_hook_mlp_in: false,
+        }
+    }
+
+    /// A tiny model for tests: width 8, two heads of 4, vocabulary 13, context 6.
+    #[cfg(test)]
+    pub(crate) fn tiny(n_layers: usize) -> Self {
+        Self {
+            d_model: 8,
+            d_head: 4,
+            n_heads: 2,
+            d_mlp: 16,
+            n_layers,
+            n_ctx: 6,
+            d_vocab: 13,
+            ..Self::bert_base()
+        }
+    }
+
     /// Width of all heads side by side, `n_heads * d_head`.
     pub fn d_attn(&self) -> usize {
         self.n_heads * self.d_head

@@ -314,30 +314,10 @@ impl Hooks for RecordingHooks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Activation, AttentionDir};
-
-    pub(crate) fn tiny_config(n_layers: usize) -> BertConfig {
-        BertConfig {
-            d_model: 8,
-            d_head: 4,
-            n_heads: 2,
-            d_mlp: 16,
-            n_layers,
-            n_ctx: 6,
-            d_vocab: 13,
-            n_token_types: 2,
-            eps: 1e-12,
-            act_fn: Activation::Gelu,
-            attention_dir: AttentionDir::Bidirectional,
-            use_attn_result: false,
-            use_split_qkv_input: false,
-            use_hook_mlp_in: false,
-        }
-    }
 
     #[test]
     fn catalogue_matches_transformer_lens_counts_and_order() {
-        let cfg = tiny_config(2);
+        let cfg = BertConfig::tiny(2);
         let names: Vec<String> = HookPoint::all(&cfg)
             .into_iter()
             .map(HookPoint::name)
@@ -361,7 +341,7 @@ mod tests {
 
     #[test]
     fn optional_points_follow_their_flags() {
-        let mut cfg = tiny_config(1);
+        let mut cfg = BertConfig::tiny(1);
         assert!(HookPoint::parse("blocks.0.attn.hook_result", &cfg).is_none());
         cfg.use_attn_result = true;
         cfg.use_split_qkv_input = true;
@@ -375,7 +355,7 @@ mod tests {
 
     #[test]
     fn names_round_trip_and_bad_names_do_not_parse() {
-        let mut cfg = tiny_config(3);
+        let mut cfg = BertConfig::tiny(3);
         cfg.use_attn_result = true;
         for point in HookPoint::all(&cfg) {
             assert_eq!(HookPoint::parse(&point.name(), &cfg), Some(point));
@@ -395,7 +375,7 @@ mod tests {
 
     #[test]
     fn hook_set_membership_is_exact() {
-        let cfg = tiny_config(4);
+        let cfg = BertConfig::tiny(4);
         let all = HookPoint::all(&cfg);
         let mut set = HookSet::new(cfg.n_layers);
         assert!(set.is_empty());

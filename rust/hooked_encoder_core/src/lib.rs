@@ -12,8 +12,10 @@
 #![deny(missing_docs)]
 
 mod config;
+mod cpu;
 mod error;
 mod hooks;
+mod kernels;
 mod model;
 mod weights;
 

@@ -10,7 +10,8 @@ use std::collections::BTreeSet;
 use candle_core::{Device, Tensor, D};
 
 use crate::hooks::{BlockHook, HookPoint, Hooks};
-use crate::{Activation, AttentionDir, BertConfig, Error, Result, TensorSource};
+use crate::kernels::{self, AttentionShape, Heads, KeyMask};
+use crate::{cpu, Activation, AttentionDir, BertConfig, Error, Result, TensorSource};
 
 /// How far the forward pass goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,13 +46,23 @@ struct Linear {
 }
 
 impl Linear {
-    /// Applies the layer to the last dimension of `x`.
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// Applies the layer, then `act` if given, to the last dimension of `x`.
+    fn forward(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
-        let y = y.broadcast_add(&self.bias)?;
+        let y = if y.device().is_cpu() {
+            // The matmul result is ours alone: add the bias (and activate) in place, one pass.
+            cpu::bias_act_inplace(&y, &self.bias, act)?;
+            y
+        } else {
+            let y = y.broadcast_add(&self.bias)?;
+            match act {
+                Some(act) => apply_act(act, &y)?,
+                None => y,
+            }
+        };
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
         Ok(y.reshape(out_dims)?)
@@ -336,15 +347,15 @@ impl HookedBert {
             (Output::Residual, _) => None,
         };
         self.check_input(input)?;
-        let mask = self.additive_mask(input)?;
+        let mask = self.mask(input)?;
         let mut x = self.embed(input, hooks)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block(layer, block, x, mask.as_ref(), hooks)?;
+            x = self.block(layer, block, x, &mask, hooks)?;
         }
         match mlm_head {
             None => Ok(x),
             Some(head) => {
-                let x = apply_act(self.cfg.act_fn, &head.dense.forward(&x)?)?;
+                let x = head.dense.forward(&x, Some(self.cfg.act_fn))?;
                 let x = self.layer_norm(
                     &x,
                     &head.ln,
@@ -353,7 +364,7 @@ impl HookedBert {
                     hooks,
                 )?;
                 let x = hook(hooks, HookPoint::UnembedIn, x)?;
-                let logits = head.decoder.forward(&x)?;
+                let logits = head.decoder.forward(&x, None)?;
                 hook(hooks, HookPoint::UnembedOut, logits)
             }
         }
@@ -403,34 +414,58 @@ impl HookedBert {
         Ok(())
     }
 
-    /// `[batch, 1, 1, pos]`: 0 where a key may be attended to, -inf where it is padding
-    /// (TransformerLens's convention since v1.7; Hugging Face uses the dtype's minimum instead).
-    /// Merged with the causal mask when the model is causal.
-    fn additive_mask(&self, input: &ForwardInput<'_>) -> Result<Option<Tensor>> {
+    /// Whether attention runs on the CPU kernels (rather than plain Candle ops, as on other
+    /// devices and for per-head inputs, `use_split_qkv_input`).
+    fn uses_attention_kernels(&self) -> bool {
+        self.device.is_cpu() && !self.cfg.use_split_qkv_input
+    }
+
+    /// Which keys each query may attend to: 0 where it may, -inf where the key is padding
+    /// (TransformerLens's convention since v1.7; Hugging Face uses the dtype's minimum instead)
+    /// or, in a causal model, in the future.
+    fn mask(&self, input: &ForwardInput<'_>) -> Result<Mask> {
         let (b, p) = (input.batch, input.pos);
-        let padding = input.attention_mask.map(|mask| {
-            let values: Vec<f32> = mask
-                .iter()
+        let padding: Option<Vec<f32>> = input.attention_mask.map(|mask| {
+            mask.iter()
                 .map(|m| if *m == 1 { 0.0 } else { f32::NEG_INFINITY })
-                .collect();
-            Tensor::from_vec(values, (b, 1, 1, p), &self.device)
+                .collect()
         });
-        let causal = (self.cfg.attention_dir == AttentionDir::Causal).then(|| {
-            let values: Vec<f32> = (0..p * p)
-                .map(|i| {
-                    if i % p > i / p {
-                        f32::NEG_INFINITY
-                    } else {
-                        0.0
-                    }
-                })
-                .collect();
-            Tensor::from_vec(values, (1, 1, p, p), &self.device)
-        });
-        Ok(match (padding.transpose()?, causal.transpose()?) {
+        let causal = self.cfg.attention_dir == AttentionDir::Causal;
+        if self.uses_attention_kernels() {
+            // The CPU kernels apply the mask themselves.
+            return Ok(Mask {
+                padding,
+                causal,
+                additive: None,
+            });
+        }
+        let padding_tensor = padding
+            .clone()
+            .map(|values| Tensor::from_vec(values, (b, 1, 1, p), &self.device))
+            .transpose()?;
+        let causal_tensor = causal
+            .then(|| {
+                let values: Vec<f32> = (0..p * p)
+                    .map(|i| {
+                        if i % p > i / p {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Tensor::from_vec(values, (1, 1, p, p), &self.device)
+            })
+            .transpose()?;
+        let additive = match (padding_tensor, causal_tensor) {
             (None, None) => None,
             (Some(m), None) | (None, Some(m)) => Some(m),
             (Some(pad), Some(causal)) => Some(pad.broadcast_add(&causal)?),
+        };
+        Ok(Mask {
+            padding,
+            causal,
+            additive,
         })
     }
 
@@ -486,6 +521,50 @@ impl HookedBert {
         normalized_point: HookPoint,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
+        if !self.device.is_cpu() {
+            return self.layer_norm_generic(x, ln, scale_point, normalized_point, hooks);
+        }
+        let x = x.contiguous()?;
+        let dims = x.dims().to_vec();
+        let (weight, bias) = (cpu::view(&ln.weight)?, cpu::view(&ln.bias)?);
+        let eps = self.cfg.eps as f32;
+        if !wants(hooks, scale_point) && !wants(hooks, normalized_point) {
+            let out =
+                kernels::layer_norm(cpu::view(&x)?.slice(), weight.slice(), bias.slice(), eps);
+            return cpu::tensor(out, &dims);
+        }
+        let (scale, normalized) =
+            kernels::layer_norm_parts(cpu::view(&x)?.slice(), self.cfg.d_model, eps);
+        let mut scale_dims = dims.clone();
+        *scale_dims.last_mut().unwrap_or(&mut 0) = 1;
+        let scale = cpu::tensor(scale, &scale_dims)?;
+        let original_scale = scale.id();
+        let scale = hook(hooks, scale_point, scale)?;
+        let normalized = if scale.id() == original_scale {
+            cpu::tensor(normalized, &dims)?
+        } else {
+            // A hook replaced the scale: divide by the new one.
+            x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?
+                .broadcast_div(&scale)?
+        };
+        let normalized = hook(hooks, normalized_point, normalized)?.contiguous()?;
+        let out = kernels::affine(
+            cpu::view(&normalized)?.slice(),
+            weight.slice(),
+            bias.slice(),
+        );
+        cpu::tensor(out, &dims)
+    }
+
+    /// [`Self::layer_norm`] in plain Candle ops, for devices without our kernels.
+    fn layer_norm_generic(
+        &self,
+        x: &Tensor,
+        ln: &LayerNorm,
+        scale_point: HookPoint,
+        normalized_point: HookPoint,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
         let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let scale = centred
             .sqr()?
@@ -505,14 +584,14 @@ impl HookedBert {
         layer: usize,
         block: &Block,
         x: Tensor,
-        mask: Option<&Tensor>,
+        mask: &Mask,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let at = |kind| HookPoint::Block(layer, kind);
         let resid_pre = hook(hooks, at(BlockHook::ResidPre), x)?;
         let attn_out = self.attention(layer, block, &resid_pre, mask, hooks)?;
         let attn_out = hook(hooks, at(BlockHook::AttnOut), attn_out)?;
-        let resid_mid = hook(hooks, at(BlockHook::ResidMid), (&resid_pre + attn_out)?)?;
+        let resid_mid = hook(hooks, at(BlockHook::ResidMid), add(&resid_pre, &attn_out)?)?;
         let mlp_in = if self.cfg.use_hook_mlp_in {
             hook(hooks, at(BlockHook::MlpIn), resid_mid)?
         } else {
@@ -525,18 +604,23 @@ impl HookedBert {
             at(BlockHook::Ln1Normalized),
             hooks,
         )?;
-        let pre = hook(
+        let post = if wants(hooks, at(BlockHook::MlpPre)) {
+            let pre = block.mlp_in.forward(&normalized_mid, None)?;
+            let pre = hook(hooks, at(BlockHook::MlpPre), pre)?;
+            apply_act(self.cfg.act_fn, &pre)?
+        } else {
+            block
+                .mlp_in
+                .forward(&normalized_mid, Some(self.cfg.act_fn))?
+        };
+        let post = hook(hooks, at(BlockHook::MlpPost), post)?;
+        let mlp_out = block.mlp_out.forward(&post, None)?;
+        let mlp_out = hook(hooks, at(BlockHook::MlpOut), mlp_out)?;
+        let resid_post = hook(
             hooks,
-            at(BlockHook::MlpPre),
-            block.mlp_in.forward(&normalized_mid)?,
+            at(BlockHook::ResidPost),
+            add(&normalized_mid, &mlp_out)?,
         )?;
-        let post = hook(
-            hooks,
-            at(BlockHook::MlpPost),
-            apply_act(self.cfg.act_fn, &pre)?,
-        )?;
-        let mlp_out = hook(hooks, at(BlockHook::MlpOut), block.mlp_out.forward(&post)?)?;
-        let resid_post = hook(hooks, at(BlockHook::ResidPost), (normalized_mid + mlp_out)?)?;
         let normalized = self.layer_norm(
             &resid_post,
             &block.ln2,
@@ -547,14 +631,123 @@ impl HookedBert {
         hook(hooks, at(BlockHook::NormalizedResidPost), normalized)
     }
 
-    /// Multi-head attention, as TransformerLens's `AbstractAttention` (bidirectional, with an
-    /// additive key mask). Returns the output including `b_O`.
+    /// Multi-head attention, as TransformerLens's `AbstractAttention` (with an additive key
+    /// mask). Returns the output including `b_O`.
     fn attention(
         &self,
         layer: usize,
         block: &Block,
         resid_pre: &Tensor,
-        mask: Option<&Tensor>,
+        mask: &Mask,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let (b, p, _) = resid_pre.dims3()?;
+        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
+        let z = if self.uses_attention_kernels() {
+            self.attention_z_cpu(layer, block, resid_pre, mask, hooks)?
+        } else {
+            self.attention_z_generic(layer, block, resid_pre, mask, hooks)?
+        };
+        let z = hook(hooks, at(BlockHook::Z), z)?;
+        if self.cfg.use_attn_result {
+            let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
+            // result[b, p, h] = z[b, p, h] @ W_O[h], without b_O.
+            let z_heads = z.permute((2, 0, 1, 3))?.reshape((h, b * p, dh))?;
+            let result = z_heads
+                .matmul(&heads.w_o)?
+                .reshape((h, b, p, self.cfg.d_model))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?;
+            let result = hook(hooks, at(BlockHook::Result), result)?;
+            Ok(result.sum(2)?.broadcast_add(&block.attn_out.bias)?)
+        } else {
+            block.attn_out.forward(&z.reshape((b, p, h * dh))?, None)
+        }
+    }
+
+    /// Attention up to `z` with the CPU kernels. Unhooked, each head runs scores, mask, softmax
+    /// and `@ v` in one task without materialising its scores; q, k and v are read straight out
+    /// of the fused projection unless a hook wants them as tensors of their own.
+    fn attention_z_cpu(
+        &self,
+        layer: usize,
+        block: &Block,
+        resid_pre: &Tensor,
+        mask: &Mask,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let (b, p, _) = resid_pre.dims3()?;
+        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
+        let a = h * dh;
+        let shape = AttentionShape {
+            batch: b,
+            pos: p,
+            heads: h,
+            d_head: dh,
+        };
+        let scale = 1.0 / (dh as f32).sqrt();
+        let key_mask = KeyMask {
+            padding: mask.padding.as_deref(),
+            causal: mask.causal,
+        };
+        let qkv = block.qkv.forward(resid_pre, None)?; // [b, p, 3 * a]
+
+        let kinds = [BlockHook::Q, BlockHook::K, BlockHook::V];
+        let sources: Vec<Tensor> = if kinds.iter().any(|kind| wants(hooks, at(*kind))) {
+            let mut parts = Vec::with_capacity(3);
+            for (i, kind) in kinds.into_iter().enumerate() {
+                let part = qkv
+                    .narrow(2, i * a, a)?
+                    .contiguous()?
+                    .reshape((b, p, h, dh))?;
+                parts.push(hook(hooks, at(kind), part)?.contiguous()?);
+            }
+            parts
+        } else {
+            vec![qkv]
+        };
+        let views = sources.iter().map(cpu::view).collect::<Result<Vec<_>>>()?;
+        let [q, k, v]: [Heads<'_>; 3] = match views.as_slice() {
+            [fused] => [0, 1, 2].map(|i| Heads {
+                data: &fused.slice()[i * a..],
+                row_stride: 3 * a,
+            }),
+            separate => [0, 1, 2].map(|i| Heads {
+                data: separate[i].slice(),
+                row_stride: a,
+            }),
+        };
+
+        let z = if wants(hooks, at(BlockHook::AttnScores)) || wants(hooks, at(BlockHook::Pattern)) {
+            let scores = kernels::attention_scores(q, k, shape, scale, key_mask);
+            let scores = hook(
+                hooks,
+                at(BlockHook::AttnScores),
+                cpu::tensor(scores, &[b, h, p, p])?,
+            )?;
+            let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
+            kernels::softmax_rows_inplace(&mut pattern, p);
+            let pattern = hook(
+                hooks,
+                at(BlockHook::Pattern),
+                cpu::tensor(pattern, &[b, h, p, p])?,
+            )?;
+            kernels::attention_z(cpu::view(&pattern.contiguous()?)?.slice(), v, shape)
+        } else {
+            kernels::attention_fused(q, k, v, shape, scale, key_mask)
+        };
+        cpu::tensor(z, &[b, p, h, dh])
+    }
+
+    /// Attention up to `z` in plain Candle ops (other devices, and `use_split_qkv_input`).
+    fn attention_z_generic(
+        &self,
+        layer: usize,
+        block: &Block,
+        resid_pre: &Tensor,
+        mask: &Mask,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let at = |kind| HookPoint::Block(layer, kind);
@@ -577,7 +770,7 @@ impl HookedBert {
             }
             [out.remove(0), out.remove(0), out.remove(0)]
         } else {
-            let qkv = block.qkv.forward(resid_pre)?;
+            let qkv = block.qkv.forward(resid_pre, None)?;
             let a = h * dh;
             let part = |i: usize| -> Result<Tensor> {
                 Ok(qkv.narrow(2, i * a, a)?.reshape((b, p, h, dh))?)
@@ -591,35 +784,50 @@ impl HookedBert {
         let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
         let (q, k, v) = (heads_first(&q)?, heads_first(&k)?, heads_first(&v)?);
         let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
-        let scores = match mask {
+        let scores = match &mask.additive {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
         let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
-        let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
-        // A row whose every key is masked is all -inf, and its softmax is 0/0. TransformerLens
-        // turns those NaNs into 0 (such a query attends to nothing), and so do we.
-        let pattern = pattern
-            .ne(&pattern)?
-            .where_cond(&pattern.zeros_like()?, &pattern)?;
+        let pattern = match scores.device() {
+            Device::Cpu => {
+                let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
+                kernels::softmax_rows_inplace(&mut pattern, p);
+                cpu::tensor(pattern, scores.dims())?
+            }
+            _ => {
+                let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+                // A row whose every key is masked is all -inf, and its softmax is 0/0.
+                // TransformerLens turns those NaNs into 0 (such a query attends to nothing).
+                pattern
+                    .ne(&pattern)?
+                    .where_cond(&pattern.zeros_like()?, &pattern)?
+            }
+        };
         let pattern = hook(hooks, at(BlockHook::Pattern), pattern)?;
-        let z = pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?; // [b, p, h, dh]
-        let z = hook(hooks, at(BlockHook::Z), z)?;
-        if self.cfg.use_attn_result {
-            let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
-            // result[b, p, h] = z[b, p, h] @ W_O[h], without b_O.
-            let z_heads = z.permute((2, 0, 1, 3))?.reshape((h, b * p, dh))?;
-            let result = z_heads
-                .matmul(&heads.w_o)?
-                .reshape((h, b, p, self.cfg.d_model))?
-                .permute((1, 2, 0, 3))?
-                .contiguous()?;
-            let result = hook(hooks, at(BlockHook::Result), result)?;
-            Ok(result.sum(2)?.broadcast_add(&block.attn_out.bias)?)
-        } else {
-            block.attn_out.forward(&z.reshape((b, p, h * dh))?)
-        }
+        Ok(pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?) // [b, p, h, dh]
     }
+}
+
+/// The attention mask of one forward pass.
+struct Mask {
+    /// `[batch, pos]`: 0 for keys that may be attended to, -inf for padding.
+    padding: Option<Vec<f32>>,
+    /// Whether the model is causal.
+    causal: bool,
+    /// Padding and causality as one additive tensor `[batch or 1, 1, pos or 1, pos]`, built
+    /// only for devices without our CPU kernels.
+    additive: Option<Tensor>,
+}
+
+/// `a + b` for tensors of one shape.
+fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() && a.dims() == b.dims() {
+        let (a_c, b_c) = (a.contiguous()?, b.contiguous()?);
+        let sum = kernels::add(cpu::view(&a_c)?.slice(), cpu::view(&b_c)?.slice());
+        return cpu::tensor(sum, a.dims());
+    }
+    Ok((a + b)?)
 }
 
 fn missing_head_weights() -> Error {
@@ -662,6 +870,10 @@ fn per_head_projection(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> 
 }
 
 fn apply_act(act: Activation, x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        let x = x.contiguous()?;
+        return cpu::tensor(kernels::activation(cpu::view(&x)?.slice(), act), x.dims());
+    }
     Ok(match act {
         Activation::Gelu => x.gelu_erf()?,
         Activation::GeluTanh => x.gelu()?,
@@ -669,10 +881,17 @@ fn apply_act(act: Activation, x: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// Whether `hooks` want `point`. The `hookless` feature compiles every hook point out, to
+/// measure what the hook machinery costs when nothing is hooked (`examples/forward_time.rs`).
+#[inline(always)]
+fn wants(hooks: &dyn Hooks, point: HookPoint) -> bool {
+    !cfg!(feature = "hookless") && hooks.wants(point)
+}
+
 /// Shows `activation` to `hooks` if they want `point`, and checks any replacement.
 #[inline]
 fn hook(hooks: &mut dyn Hooks, point: HookPoint, activation: Tensor) -> Result<Tensor> {
-    if !hooks.wants(point) {
+    if !wants(hooks, point) {
         return Ok(activation);
     }
     let (shape, dtype, device) = (

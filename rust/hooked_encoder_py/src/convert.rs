@@ -1,12 +1,52 @@
 //! Moving activations between Candle tensors and NumPy arrays.
 //!
-//! Out of Rust: one copy into a `Vec` (which also brings GPU tensors to the host), whose buffer
-//! NumPy then adopts without another copy. Into Rust: one copy out of a float32 array.
+//! Results and cached activations leave Rust without a copy: the NumPy array points into the
+//! tensor's own buffer and keeps the tensor alive (see [`tensor_to_numpy`]). Activations handed
+//! to a Python hook are copied ([`HostArray`]), because the hook may edit them in place. Into
+//! Rust: one copy out of a float32 array.
 
-use candle_core::{Device, Tensor};
-use numpy::ndarray::{ArrayD, IxDyn};
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use numpy::ndarray::{ArrayD, ArrayViewD, IxDyn};
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
+
+/// Keeps a tensor alive for as long as NumPy arrays viewing its buffer exist (it is their
+/// `base`).
+#[pyclass(module = "hooked_encoder._core", frozen)]
+pub struct TensorBuffer {
+    _tensor: Tensor,
+}
+
+/// A NumPy array over `tensor`'s elements, sharing its memory. Tensors on another device, or not
+/// contiguous, are first copied to a contiguous host tensor.
+pub fn tensor_to_numpy(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyAny>> {
+    let tensor = tensor
+        .to_device(&Device::Cpu)
+        .and_then(|t| t.contiguous())
+        .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+    let dims = tensor.dims().to_vec();
+    let data = {
+        let (storage, layout) = tensor.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            (Storage::Cpu(CpuStorage::F32(values)), Some((start, _))) => values[start..].as_ptr(),
+            _ => {
+                return Err(PyRuntimeError::new_err(
+                    "activation is not a contiguous float32 tensor",
+                ))
+            }
+        }
+    };
+    let owner = Bound::new(py, TensorBuffer { _tensor: tensor })?;
+    // SAFETY: `data` points at `dims.product()` contiguous f32 values inside the tensor's CPU
+    // storage. `owner` holds that tensor (and so the storage's Arc) and becomes the array's base,
+    // so the buffer outlives the array. Nothing reallocates a storage `Vec` after creation, and
+    // the model never writes into a tensor once a hook or the caller has seen it.
+    unsafe {
+        let view = ArrayViewD::from_shape_ptr(IxDyn(&dims), data);
+        Ok(PyArrayDyn::<f32>::borrow_from_array(&view, owner.into_any()).into_any())
+    }
+}
 
 /// A tensor's values on the host, ready to become a NumPy array.
 pub struct HostArray {

@@ -14,6 +14,8 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
+    use crate::convert::TensorBuffer;
+    #[pymodule_export]
     use crate::errors::{CheckpointError, HookedEncoderError};
     #[pymodule_export]
     use crate::model::Model;

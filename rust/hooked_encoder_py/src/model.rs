@@ -12,7 +12,7 @@ use numpy::{PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::convert::{tensor_from_numpy, HostArray};
+use crate::convert::{tensor_from_numpy, tensor_to_numpy};
 use crate::errors::to_py_err;
 use crate::hooks::PyHooks;
 
@@ -215,7 +215,7 @@ impl Model {
             Output::Residual
         };
         // The GIL is released for the whole pass; Python hooks take it back while they run.
-        let (output, records) = py
+        let output = py
             .detach(|| {
                 let input = ForwardInput {
                     batch,
@@ -224,21 +224,13 @@ impl Model {
                     token_type_ids: token_type_ids.as_deref(),
                     attention_mask: attention_mask.as_deref(),
                 };
-                let output = model.forward(&input, output, &mut hooks)?;
-                let output = HostArray::from_tensor(&output)?;
-                // Copy each activation out and drop our reference at once, so that the peak is
-                // one copy of the cache, not two.
-                let records = std::mem::take(&mut hooks.records)
-                    .into_iter()
-                    .map(|(point, tensor)| Ok((point.name(), HostArray::from_tensor(&tensor)?)))
-                    .collect::<hooked_encoder_core::Result<Vec<_>>>()?;
-                Ok((output, records))
+                model.forward(&input, output, &mut hooks)
             })
             .map_err(to_py_err)?;
-        let records = records
+        let records = std::mem::take(&mut hooks.records)
             .into_iter()
-            .map(|(name, host)| (name, host.into_numpy(py).into_any()))
-            .collect();
-        Ok((output.into_numpy(py).into_any(), records))
+            .map(|(point, tensor)| Ok((point.name(), tensor_to_numpy(py, tensor)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok((tensor_to_numpy(py, output)?, records))
     }
 }

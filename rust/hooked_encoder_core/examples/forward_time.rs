@@ -1,0 +1,60 @@
+//! Times the plain forward pass (no hooks requested) of a BERT-base-shaped model, to measure
+//! what the hook machinery costs when nothing is hooked. Compare the two builds:
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo run --release --example forward_time -- 8 128 20
+//! RAYON_NUM_THREADS=2 cargo run --release --features hookless --example forward_time -- 8 128 20
+//! ```
+//!
+//! Arguments: batch, positions, repeats. Prints the median and the minimum in milliseconds.
+
+use std::time::Instant;
+
+use candle_core::Device;
+use hooked_encoder_core::{BertConfig, ForwardInput, HookedBert, NoHooks, Output, WeightMap};
+
+fn main() -> hooked_encoder_core::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let (batch, pos, repeats) = (
+        args.first().copied().unwrap_or(8),
+        args.get(1).copied().unwrap_or(128),
+        args.get(2).copied().unwrap_or(10),
+    );
+    let cfg = BertConfig::bert_base();
+    let weights = WeightMap::random(&cfg, 0, &Device::Cpu)?;
+    let (model, _) = HookedBert::load(cfg, &weights, &Device::Cpu)?;
+    let tokens: Vec<i64> = (0..batch * pos)
+        .map(|i| (i * 7919 % 28000) as i64 + 1)
+        .collect();
+    let input = ForwardInput {
+        batch,
+        pos,
+        tokens: &tokens,
+        token_type_ids: None,
+        attention_mask: None,
+    };
+    model.forward(&input, Output::Logits, &mut NoHooks)?; // warm-up
+    let mut times: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            model
+                .forward(&input, Output::Logits, &mut NoHooks)
+                .map(|_| start.elapsed().as_secs_f64() * 1e3)
+        })
+        .collect::<hooked_encoder_core::Result<_>>()?;
+    times.sort_by(f64::total_cmp);
+    let hookless = if cfg!(feature = "hookless") {
+        "compiled out"
+    } else {
+        "present"
+    };
+    println!(
+        "{batch}x{pos}, hooks {hookless}: median {:.1} ms, min {:.1} ms over {repeats} runs",
+        times[times.len() / 2],
+        times[0]
+    );
+    Ok(())
+}
