@@ -184,3 +184,33 @@ def test_a_hand_built_model_is_bidirectional_gelu_and_initialised():
     )
     _, cache = causal.run_with_cache(np.arange(6)[None])
     assert np.triu(cache["pattern", 0][0, 0], 1).max() == 0
+
+
+def test_editing_a_layer_norm_scale_rescales_its_normalized_output(model):
+    _, plain = model.run_with_cache(TOKENS, names_filter=lambda n: n.startswith("blocks.0.ln1"))
+    with model.hooks(fwd_hooks=[("blocks.0.ln1.hook_scale", lambda s, hook: s * 2)]):
+        _, edited = model.run_with_cache(
+            TOKENS, names_filter=lambda n: n.startswith("blocks.0.ln1")
+        )
+    np.testing.assert_allclose(edited["scale", 0, "ln1"], plain["scale", 0, "ln1"] * 2)
+    np.testing.assert_allclose(
+        edited["normalized", 0, "ln1"], plain["normalized", 0, "ln1"] / 2, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_cached_arrays_outlive_the_model_and_share_no_surprises():
+    import gc
+
+    from hooked_encoder import HookedEncoder
+
+    model = HookedEncoder(
+        {"d_model": 16, "d_head": 4, "n_layers": 2, "n_ctx": 8, "d_vocab": 30, "seed": 1}
+    )
+    logits, cache = model.run_with_cache(np.arange(5)[None])
+    expected = {name: value.copy() for name, value in cache.items()}
+    del model
+    gc.collect()
+    for name, value in cache.items():
+        np.testing.assert_array_equal(value, expected[name])
+    # Results are ordinary, writable float32 arrays.
+    assert logits.dtype == np.float32 and logits.flags.writeable
