@@ -7,7 +7,14 @@ pass in Rust (Candle).
     >>> cache["pattern", 0].shape  # [batch, head, query, key]
 """
 
-from ._core import CheckpointError, HookedEncoderError, __version__, cuda_available
+from ._core import (
+    CheckpointError,
+    HookedEncoderError,
+    __version__,
+    cuda_available,
+    get_num_threads,
+    set_num_threads,
+)
 from .activation_cache import ActivationCache, get_act_name
 from .config import HookedEncoderConfig
 from .hook_points import HookPoint
@@ -25,4 +32,6 @@ __all__ = [
     "__version__",
     "cuda_available",
     "get_act_name",
+    "get_num_threads",
+    "set_num_threads",
 ]

@@ -5,6 +5,7 @@ mod convert;
 mod errors;
 mod hooks;
 mod model;
+mod threads;
 
 use pyo3::prelude::*;
 
@@ -19,6 +20,8 @@ mod _core {
     use crate::errors::{CheckpointError, HookedEncoderError};
     #[pymodule_export]
     use crate::model::Model;
+    #[pymodule_export]
+    use crate::threads::{get_num_threads, set_num_threads};
 
     /// Whether this build can run models on NVIDIA GPUs (the `cuda` Cargo feature).
     #[pyfunction]

@@ -224,7 +224,7 @@ impl Model {
                     token_type_ids: token_type_ids.as_deref(),
                     attention_mask: attention_mask.as_deref(),
                 };
-                model.forward(&input, output, &mut hooks)
+                crate::threads::install(|| model.forward(&input, output, &mut hooks))
             })
             .map_err(to_py_err)?;
         let records = std::mem::take(&mut hooks.records)
