@@ -17,6 +17,7 @@ from ._core import (
 )
 from .activation_cache import ActivationCache, get_act_name
 from .config import HookedEncoderConfig
+from .factored_matrix import FactoredMatrix
 from .hook_points import HookPoint
 from .hooked_encoder import HookedEncoder
 from .loading import DEFAULT_MODEL
@@ -25,6 +26,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "ActivationCache",
     "CheckpointError",
+    "FactoredMatrix",
     "HookPoint",
     "HookedEncoder",
     "HookedEncoderConfig",

@@ -4,6 +4,7 @@
 mod convert;
 mod errors;
 mod hooks;
+mod memory;
 mod model;
 mod threads;
 
@@ -31,6 +32,7 @@ mod _core {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        crate::memory::keep_freed_memory();
         m.add("__version__", env!("CARGO_PKG_VERSION"))
     }
 }
