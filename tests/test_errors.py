@@ -195,3 +195,22 @@ def test_cuda_on_a_cpu_build_says_how_to_get_one(checkpoint):
         pytest.skip("this build has CUDA")
     with pytest.raises(ValueError, match="CPU-only.*--features cuda"):
         HookedEncoder.from_pretrained(checkpoint.path, device="cuda")
+
+
+def test_a_cpu_without_avx2_gets_an_import_error_not_a_crash(monkeypatch, tmp_path):
+    import builtins
+    import importlib
+
+    import hooked_encoder._cpu as cpu_check
+
+    real_open = builtins.open
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nflags\t\t: fpu sse sse2 avx\n")
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(fake if path == "/proc/cpuinfo" else path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    with pytest.raises(ImportError, match=r"lacks \['avx2', 'fma'\].*target-cpu=native"):
+        importlib.reload(cpu_check)

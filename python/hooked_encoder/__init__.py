@@ -7,6 +7,8 @@ pass in Rust (Candle).
     >>> cache["pattern", 0].shape  # [batch, head, query, key]
 """
 
+# First: refuse a CPU the compiled core cannot run on, before loading it.
+from . import _cpu  # noqa: F401
 from ._core import (
     CheckpointError,
     HookedEncoderError,
