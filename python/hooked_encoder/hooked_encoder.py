@@ -18,9 +18,11 @@ import numpy as np
 from . import _core
 from .activation_cache import ActivationCache
 from .config import HookedEncoderConfig
+from .factored_matrix import FactoredMatrix
 from .hook_points import HookPoint, NamesFilter, _check_direction, names_predicate
 from .loading import read_config, resolve_checkpoint, weight_files
 from .tokenizer import Tokenizer
+from .weights import tl_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -210,6 +212,147 @@ class HookedEncoder:
             f"HookedEncoder({c.model_name!r}, n_layers={c.n_layers}, d_model={c.d_model}, "
             f"n_heads={c.n_heads}, d_vocab={c.d_vocab}, device={self._model.device!r})"
         )
+
+    # ------------------------------------------------------------------ weights
+
+    @functools.cached_property
+    def _tl_weights(self) -> dict[str, np.ndarray]:
+        hf = dict(self._model.named_weights())
+        for array in hf.values():
+            array.flags.writeable = False  # views of the model's own memory
+        return tl_state_dict(hf, self.cfg)
+
+    def _weight(self, value: np.ndarray) -> Any:
+        # Weights come back read-only (they are the model's memory); torch gets its own copy.
+        return _torch().tensor(value) if self.output_format == "torch" else value
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every weight under TransformerLens's state-dict keys (``embed.embed.W_E``,
+        ``blocks.0.attn.W_Q``, ``mlm_head.W``, ``unembed.W_U``, ...), read-only and in
+        TransformerLens's layouts."""
+        return {name: self._weight(value) for name, value in self._tl_weights.items()}
+
+    def _stacked(self, name: str) -> Any:
+        layers = [self._tl_weights[f"blocks.{i}.{name}"] for i in range(self.cfg.n_layers)]
+        return self._weight(np.stack(layers))
+
+    def _head_weight(self, key: str) -> Any:
+        if key not in self._tl_weights:
+            raise AttributeError(f"this model has no MLM head, so it has no {key}")
+        return self._weight(self._tl_weights[key])
+
+    @property
+    def W_E(self) -> Any:
+        """Token embeddings ``[d_vocab, d_model]``."""
+        return self._weight(self._tl_weights["embed.embed.W_E"])
+
+    @property
+    def W_pos(self) -> Any:
+        """Position embeddings ``[n_ctx, d_model]``."""
+        return self._weight(self._tl_weights["embed.pos_embed.W_pos"])
+
+    @property
+    def W_E_pos(self) -> Any:
+        """``W_E`` and ``W_pos`` stacked, ``[d_vocab + n_ctx, d_model]``: a full basis of the
+        input space."""
+        w = self._tl_weights
+        return self._weight(np.concatenate([w["embed.embed.W_E"], w["embed.pos_embed.W_pos"]]))
+
+    @property
+    def W_U(self) -> Any:
+        """Unembedding ``[d_model, d_vocab]`` (the MLM decoder)."""
+        return self._head_weight("unembed.W_U")
+
+    @property
+    def b_U(self) -> Any:
+        """Unembedding bias ``[d_vocab]``."""
+        return self._head_weight("unembed.b_U")
+
+    @property
+    def W_Q(self) -> Any:
+        """Query weights ``[n_layers, n_heads, d_model, d_head]``."""
+        return self._stacked("attn.W_Q")
+
+    @property
+    def W_K(self) -> Any:
+        """Key weights ``[n_layers, n_heads, d_model, d_head]``."""
+        return self._stacked("attn.W_K")
+
+    @property
+    def W_V(self) -> Any:
+        """Value weights ``[n_layers, n_heads, d_model, d_head]``."""
+        return self._stacked("attn.W_V")
+
+    @property
+    def W_O(self) -> Any:
+        """Attention output weights ``[n_layers, n_heads, d_head, d_model]``."""
+        return self._stacked("attn.W_O")
+
+    @property
+    def b_Q(self) -> Any:
+        """Query biases ``[n_layers, n_heads, d_head]``."""
+        return self._stacked("attn.b_Q")
+
+    @property
+    def b_K(self) -> Any:
+        """Key biases ``[n_layers, n_heads, d_head]``."""
+        return self._stacked("attn.b_K")
+
+    @property
+    def b_V(self) -> Any:
+        """Value biases ``[n_layers, n_heads, d_head]``."""
+        return self._stacked("attn.b_V")
+
+    @property
+    def b_O(self) -> Any:
+        """Attention output biases ``[n_layers, d_model]``."""
+        return self._stacked("attn.b_O")
+
+    @property
+    def W_in(self) -> Any:
+        """MLP input weights ``[n_layers, d_model, d_mlp]``."""
+        return self._stacked("mlp.W_in")
+
+    @property
+    def W_out(self) -> Any:
+        """MLP output weights ``[n_layers, d_mlp, d_model]``."""
+        return self._stacked("mlp.W_out")
+
+    @property
+    def b_in(self) -> Any:
+        """MLP input biases ``[n_layers, d_mlp]``."""
+        return self._stacked("mlp.b_in")
+
+    @property
+    def b_out(self) -> Any:
+        """MLP output biases ``[n_layers, d_model]``."""
+        return self._stacked("mlp.b_out")
+
+    @property
+    def QK(self) -> FactoredMatrix:
+        """``W_Q @ W_Kᵀ`` per layer and head, factored: ``[n_layers, n_heads, d_model,
+        d_model]`` without materialising it."""
+        w = self._tl_weights
+        w_q = np.stack([w[f"blocks.{i}.attn.W_Q"] for i in range(self.cfg.n_layers)])
+        w_k = np.stack([w[f"blocks.{i}.attn.W_K"] for i in range(self.cfg.n_layers)])
+        return FactoredMatrix(w_q, w_k.swapaxes(-1, -2))
+
+    @property
+    def OV(self) -> FactoredMatrix:
+        """``W_V @ W_O`` per layer and head, factored: ``[n_layers, n_heads, d_model,
+        d_model]`` without materialising it."""
+        w = self._tl_weights
+        w_v = np.stack([w[f"blocks.{i}.attn.W_V"] for i in range(self.cfg.n_layers)])
+        w_o = np.stack([w[f"blocks.{i}.attn.W_O"] for i in range(self.cfg.n_layers)])
+        return FactoredMatrix(w_v, w_o)
+
+    def all_head_labels(self) -> list[str]:
+        """``["L0H0", "L0H1", ...]``, one per head, layer by layer."""
+        return [
+            f"L{layer}H{head}"
+            for layer in range(self.cfg.n_layers)
+            for head in range(self.cfg.n_heads)
+        ]
 
     # ------------------------------------------------------------------ inputs
 

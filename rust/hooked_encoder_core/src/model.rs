@@ -113,6 +113,10 @@ pub struct HookedBert {
     embed_ln: LayerNorm,
     blocks: Vec<Block>,
     mlm_head: Option<MlmHead>,
+    /// `tanh(dense(x[:, 0]))`, for next-sentence prediction; absent from many checkpoints.
+    pooler: Option<Linear>,
+    /// Next-sentence prediction logits from the pooled output, `[2, d_model]`.
+    nsp_head: Option<Linear>,
 }
 
 /// Tensor names that checkpoints carry but that are not weights.
@@ -291,13 +295,15 @@ impl HookedBert {
         } else {
             None
         };
-        // The pooler and NSP head are not part of the MLM forward; they are not unused weights.
-        for name in ["pooler.dense.weight", "pooler.dense.bias"] {
-            loader.used.insert(format!("{}{name}", loader.prefix));
-        }
-        for name in ["cls.seq_relationship.weight", "cls.seq_relationship.bias"] {
-            loader.used.insert(name.into());
-        }
+        let pooler_name = format!("{}pooler.dense.weight", loader.prefix);
+        let pooler = source
+            .contains(&pooler_name)
+            .then(|| loader.linear("pooler.dense", d, d, false))
+            .transpose()?;
+        let nsp_head = source
+            .contains("cls.seq_relationship.weight")
+            .then(|| loader.linear("cls.seq_relationship", 2, d, true))
+            .transpose()?;
         let unused = loader.unused();
         let model = Self {
             cfg,
@@ -308,8 +314,72 @@ impl HookedBert {
             embed_ln,
             blocks,
             mlm_head,
+            pooler,
+            nsp_head,
         };
         Ok((model, unused))
+    }
+
+    /// Every weight, under the names of a Hugging Face `BertForPreTraining` checkpoint (the MLM
+    /// head, pooler and NSP head only when the model has them), in Hugging Face's layout.
+    pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out: Vec<(String, Tensor)> = Vec::new();
+        let mut linear = |name: String, l: &Linear| {
+            out.push((format!("{name}.weight"), l.weight.clone()));
+            out.push((format!("{name}.bias"), l.bias.clone()));
+        };
+        let e = "bert.embeddings";
+        let mut tensors = vec![
+            (
+                format!("{e}.word_embeddings.weight"),
+                self.word_embeddings.clone(),
+            ),
+            (
+                format!("{e}.position_embeddings.weight"),
+                self.position_embeddings.clone(),
+            ),
+            (
+                format!("{e}.token_type_embeddings.weight"),
+                self.token_type_embeddings.clone(),
+            ),
+        ];
+        let norm = |name: &str, ln: &LayerNorm| {
+            [
+                (format!("{name}.LayerNorm.weight"), ln.weight.clone()),
+                (format!("{name}.LayerNorm.bias"), ln.bias.clone()),
+            ]
+        };
+        tensors.extend(norm(e, &self.embed_ln));
+        let a = self.cfg.d_attn();
+        for (l, block) in self.blocks.iter().enumerate() {
+            let p = format!("bert.encoder.layer.{l}");
+            for (i, part) in ["query", "key", "value"].iter().enumerate() {
+                let weight = block.qkv.weight.narrow(0, i * a, a)?.contiguous()?;
+                let bias = block.qkv.bias.narrow(0, i * a, a)?.contiguous()?;
+                linear(
+                    format!("{p}.attention.self.{part}"),
+                    &Linear { weight, bias },
+                );
+            }
+            linear(format!("{p}.attention.output.dense"), &block.attn_out);
+            linear(format!("{p}.intermediate.dense"), &block.mlp_in);
+            linear(format!("{p}.output.dense"), &block.mlp_out);
+            tensors.extend(norm(&format!("{p}.attention.output"), &block.ln1));
+            tensors.extend(norm(&format!("{p}.output"), &block.ln2));
+        }
+        if let Some(head) = &self.mlm_head {
+            linear("cls.predictions.transform.dense".into(), &head.dense);
+            tensors.extend(norm("cls.predictions.transform", &head.ln));
+            linear("cls.predictions.decoder".into(), &head.decoder);
+        }
+        if let Some(pooler) = &self.pooler {
+            linear("bert.pooler.dense".into(), pooler);
+        }
+        if let Some(nsp) = &self.nsp_head {
+            linear("cls.seq_relationship".into(), nsp);
+        }
+        tensors.extend(out);
+        Ok(tensors)
     }
 
     /// The configuration.

@@ -143,6 +143,17 @@ impl Model {
         ))
     }
 
+    /// Every weight as `(name, array)`, named and laid out as in a Hugging Face
+    /// `BertForPreTraining` checkpoint. The arrays share the model's memory.
+    fn named_weights<'py>(&self, py: Python<'py>) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
+        self.inner
+            .named_weights()
+            .map_err(to_py_err)?
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, tensor_to_numpy(py, tensor)?)))
+            .collect()
+    }
+
     /// Every hook point of this model, in firing order.
     fn hook_names(&self) -> Vec<String> {
         HookPoint::all(self.inner.config())

@@ -369,3 +369,25 @@ fn missing_and_misshaped_weights_are_named() {
         "{err}"
     );
 }
+
+#[test]
+fn named_weights_rebuild_the_same_model() {
+    let original = model(config(2));
+    let mut weights = WeightMap::new();
+    for (name, tensor) in original.named_weights().unwrap() {
+        weights.insert(name, tensor);
+    }
+    let (rebuilt, unused) = HookedBert::load(config(2), &weights, &Device::Cpu).unwrap();
+    assert!(unused.is_empty(), "{unused:?}");
+    let a = original
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap();
+    let b = rebuilt
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let names: Vec<String> = weights.names();
+    assert!(names.contains(&"bert.pooler.dense.weight".to_string()));
+    assert!(names.contains(&"cls.seq_relationship.bias".to_string()));
+    assert!(names.contains(&"bert.encoder.layer.1.attention.self.key.weight".to_string()));
+}

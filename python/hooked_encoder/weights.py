@@ -1,0 +1,63 @@
+"""The model's weights under TransformerLens's names and layouts.
+
+The Rust core holds weights as Hugging Face stores them (``Linear`` weights ``[out, in]``). This
+module converts them as TransformerLens's BERT converter (``convert_bert_weights``) does, e.g.
+``attention.self.query.weight`` ``[(n_heads d_head), d_model]`` becomes ``blocks.{l}.attn.W_Q``
+``[n_heads, d_model, d_head]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import HookedEncoderConfig
+
+
+def tl_state_dict(hf: dict[str, np.ndarray], cfg: HookedEncoderConfig) -> dict[str, np.ndarray]:
+    """TransformerLens state-dict keys and layouts from Hugging Face ``BertForPreTraining``
+    names. Heads the model lacks (MLM head, pooler, NSP head) are left out."""
+    h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
+    e = "bert.embeddings"
+    out = {
+        "embed.embed.W_E": hf[f"{e}.word_embeddings.weight"],
+        "embed.pos_embed.W_pos": hf[f"{e}.position_embeddings.weight"],
+        "embed.token_type_embed.W_token_type": hf[f"{e}.token_type_embeddings.weight"],
+        "embed.ln.w": hf[f"{e}.LayerNorm.weight"],
+        "embed.ln.b": hf[f"{e}.LayerNorm.bias"],
+    }
+    for layer in range(cfg.n_layers):
+        p, b = f"bert.encoder.layer.{layer}", f"blocks.{layer}"
+        for name, part in (("Q", "query"), ("K", "key"), ("V", "value")):
+            # "(i h) m -> i m h"
+            out[f"{b}.attn.W_{name}"] = (
+                hf[f"{p}.attention.self.{part}.weight"].reshape(h, dh, d).transpose(0, 2, 1)
+            )
+            out[f"{b}.attn.b_{name}"] = hf[f"{p}.attention.self.{part}.bias"].reshape(h, dh)
+        # "m (i h) -> i h m"
+        out[f"{b}.attn.W_O"] = (
+            hf[f"{p}.attention.output.dense.weight"].reshape(d, h, dh).transpose(1, 2, 0)
+        )
+        out[f"{b}.attn.b_O"] = hf[f"{p}.attention.output.dense.bias"]
+        out[f"{b}.ln1.w"] = hf[f"{p}.attention.output.LayerNorm.weight"]
+        out[f"{b}.ln1.b"] = hf[f"{p}.attention.output.LayerNorm.bias"]
+        out[f"{b}.mlp.W_in"] = hf[f"{p}.intermediate.dense.weight"].T
+        out[f"{b}.mlp.b_in"] = hf[f"{p}.intermediate.dense.bias"]
+        out[f"{b}.mlp.W_out"] = hf[f"{p}.output.dense.weight"].T
+        out[f"{b}.mlp.b_out"] = hf[f"{p}.output.dense.bias"]
+        out[f"{b}.ln2.w"] = hf[f"{p}.output.LayerNorm.weight"]
+        out[f"{b}.ln2.b"] = hf[f"{p}.output.LayerNorm.bias"]
+    t = "cls.predictions.transform"
+    if f"{t}.dense.weight" in hf:
+        out["mlm_head.W"] = hf[f"{t}.dense.weight"].T
+        out["mlm_head.b"] = hf[f"{t}.dense.bias"]
+        out["mlm_head.ln.w"] = hf[f"{t}.LayerNorm.weight"]
+        out["mlm_head.ln.b"] = hf[f"{t}.LayerNorm.bias"]
+        out["unembed.W_U"] = hf["cls.predictions.decoder.weight"].T
+        out["unembed.b_U"] = hf["cls.predictions.decoder.bias"]
+    if "cls.seq_relationship.weight" in hf:
+        out["nsp_head.W"] = hf["cls.seq_relationship.weight"].T
+        out["nsp_head.b"] = hf["cls.seq_relationship.bias"]
+    if "bert.pooler.dense.weight" in hf:
+        out["pooler.W"] = hf["bert.pooler.dense.weight"].T
+        out["pooler.b"] = hf["bert.pooler.dense.bias"]
+    return out
