@@ -98,3 +98,53 @@ def model(checkpoint):
     from hooked_encoder import HookedEncoder
 
     return HookedEncoder.from_pretrained(checkpoint.path)
+
+
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "mat",
+    "dog",
+    "ran",
+    "a",
+    "big",
+    "red",
+    "and",
+    "it",
+    "was",
+    "tired",
+    ".",
+]
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A small BERT WordPiece tokenizer (``tokenizer.json``) whose vocabulary has exactly
+    ``vocab_size`` entries: the special tokens, some words, then ``w0``, ``w1``, ..."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
+    ids = {token: i for i, token in enumerate(vocab)}
+    tokenizer = Tokenizer(models.WordPiece(ids, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    # As in real BERT tokenizers: never split or lowercase these.
+    tokenizer.add_special_tokens(vocab[:5])
+    tokenizer.save(str(directory / "tokenizer.json"))
+
+
+@pytest.fixture(scope="session")
+def text_checkpoint(tmp_path_factory) -> Checkpoint:
+    """The tiny checkpoint with a tokenizer saved beside it."""
+    directory = tmp_path_factory.mktemp("bert_text")
+    ck = make_checkpoint(directory, seed=3)
+    write_tokenizer(directory, ck.config.vocab_size)
+    return ck

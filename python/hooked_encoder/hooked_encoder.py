@@ -27,7 +27,7 @@ from .weights import tl_state_dict
 logger = logging.getLogger(__name__)
 
 OutputFormat = Literal["auto", "numpy", "torch"]
-ReturnType = Literal["logits"] | None
+ReturnType = Literal["logits", "predictions"] | None
 # Config fields that from_pretrained accepts as keyword arguments.
 _CONFIG_OVERRIDES = ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in", "seed")
 FwdHooks = Sequence[tuple[str | Callable[[str], bool], Callable[..., Any]]]
@@ -41,6 +41,10 @@ def _torch():
 
 def _is_torch_tensor(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _ndim(value: Any) -> int:
+    return value.dim() if _is_torch_tensor(value) else np.ndim(value)
 
 
 class _Prepared:
@@ -366,16 +370,11 @@ class HookedEncoder:
         return convert(prepared[0]), convert(prepared[1]), convert(prepared[2])
 
     def _tokenize(self, input: str | list[str], truncate: bool = True) -> tuple[np.ndarray, ...]:
-        if self.tokenizer is None:
-            raise ValueError(
-                "string input needs a tokenizer: load a checkpoint directory that has "
-                "tokenizer.json, or pass tokenizer= (a tokenizers.Tokenizer or a transformers "
-                "tokenizer)"
-            )
+        tokenizer = self._require_tokenizer("string input")
         texts = [input] if isinstance(input, str) else list(input)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise TypeError("text input must be a string or a non-empty list of strings")
-        return self.tokenizer(texts, self.cfg.n_ctx if truncate else None)
+        return tokenizer(texts, self.cfg.n_ctx if truncate else None)
 
     def _prepare(self, input: Any, token_type_ids: Any, one_zero_attention_mask: Any) -> _Prepared:
         as_torch = self.output_format == "torch"
@@ -447,14 +446,90 @@ class HookedEncoder:
         lists) or text (a string or list of strings) when the model has a tokenizer.
         ``one_zero_attention_mask`` marks real tokens with 1 and padding with 0; without it every
         position is attended to (TransformerLens's behaviour), except for text input, whose mask
-        comes from the tokenizer. Returns logits ``[batch, pos, d_vocab]``, or ``None`` with
-        ``return_type=None`` (which skips the MLM head entirely, unlike TransformerLens).
+        comes from the tokenizer. Returns logits ``[batch, pos, d_vocab]``; with
+        ``return_type="predictions"``, the most likely token at every ``[MASK]`` (TransformerLens's
+        format: one string, or ``"Prediction i: ..."`` strings when there are several); or
+        ``None`` with ``return_type=None`` (which skips the MLM head entirely, unlike
+        TransformerLens).
         """
-        if return_type not in ("logits", None):
-            raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
+        if return_type not in ("logits", "predictions", None):
+            raise ValueError(
+                f"return_type must be 'logits', 'predictions' or None, got {return_type!r}"
+            )
         prepared = self._prepare(input, token_type_ids, one_zero_attention_mask)
-        output, _ = self._run(prepared, logits=return_type == "logits")
+        output, _ = self._run(prepared, logits=return_type is not None)
+        if return_type == "predictions":
+            return self._predictions(prepared.tokens, np.asarray(output))
         return output if return_type == "logits" else None
+
+    def _predictions(self, tokens: np.ndarray, logits: np.ndarray) -> str | list[str]:
+        """TransformerLens's MLM predictions: the argmax at every ``[MASK]`` of the batch, in
+        row-major order, decoded together."""
+        tokenizer = self._require_tokenizer("return_type='predictions'")
+        mask_id = tokenizer.mask_token_id
+        if mask_id is None or not (tokens == mask_id).any():
+            raise ValueError(
+                "return_type='predictions' needs at least one [MASK] token in the input"
+            )
+        best = logits[tokens == mask_id].argmax(-1)
+        predictions = tokenizer.decode([int(i) for i in best])
+        if " " in predictions:
+            return [f"Prediction {i}: {p}" for i, p in enumerate(predictions.split(" "))]
+        return predictions
+
+    def _require_tokenizer(self, what: str) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError(
+                f"{what} needs a tokenizer: load a checkpoint directory that has tokenizer.json, "
+                "or pass tokenizer= (a tokenizers.Tokenizer or a transformers tokenizer)"
+            )
+        return self.tokenizer
+
+    def to_str_tokens(self, input: Any) -> list[str] | list[list[str]]:
+        """Token strings: of a text (tokenized with ``[CLS]``/``[SEP]``), or of token ids
+        (``[pos]`` gives a list, ``[batch, pos]`` a list per row)."""
+        tokenizer = self._require_tokenizer("to_str_tokens")
+        if isinstance(input, str):
+            return tokenizer.ids_to_tokens(list(self._tokenize(input)[0][0]))
+        if isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input):
+            tokens, _, mask = self._tokenize(input)
+            return [
+                tokenizer.ids_to_tokens(list(row[m == 1]))
+                for row, m in zip(tokens, mask, strict=True)
+            ]
+        rows = [tokenizer.ids_to_tokens(list(row)) for row in _int_array(input, "tokens")]
+        return rows[0] if _ndim(input) == 1 else rows
+
+    def to_string(self, tokens: Any) -> str | list[str]:
+        """Decodes token ids: ``[pos]`` to a string, ``[batch, pos]`` to a list of strings."""
+        tokenizer = self._require_tokenizer("to_string")
+        decoded = [tokenizer.decode([int(i) for i in row]) for row in _int_array(tokens, "tokens")]
+        return decoded[0] if _ndim(tokens) == 1 else decoded
+
+    def to_single_token(self, string: str) -> int:
+        """The id of ``string``, which must be exactly one token."""
+        ids = self._require_tokenizer("to_single_token").encode_plain(string)
+        if len(ids) != 1:
+            raise ValueError(f"{string!r} is {len(ids)} tokens, not one")
+        return ids[0]
+
+    def get_token_position(
+        self, single_token: str | int, input: Any, mode: Literal["first", "last"] = "first"
+    ) -> int:
+        """The position of ``single_token`` (a string or an id) in ``input`` (a text or one
+        row of token ids), its first or last occurrence."""
+        token = (
+            self.to_single_token(single_token) if isinstance(single_token, str) else single_token
+        )
+        tokens = self._tokenize(input)[0] if isinstance(input, str) else _int_array(input, "tokens")
+        if tokens.shape[0] != 1:
+            raise ValueError("get_token_position needs a single sequence")
+        positions = np.flatnonzero(tokens[0] == token)
+        if positions.size == 0:
+            raise ValueError(f"token {single_token!r} does not occur in the input")
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', got {mode!r}")
+        return int(positions[0] if mode == "first" else positions[-1])
 
     __call__ = forward
 

@@ -55,6 +55,25 @@ class Tokenizer:
             )
         return None
 
+    @property
+    def mask_token_id(self) -> int | None:
+        """The id of ``[MASK]``, if the vocabulary has one."""
+        if self._fast:
+            return self.raw.token_to_id("[MASK]")
+        return getattr(self.raw, "mask_token_id", None)
+
+    def ids_to_tokens(self, ids: list[int]) -> list[str]:
+        """The token string of each id."""
+        if self._fast:
+            return [self.raw.id_to_token(int(i)) for i in ids]
+        return list(self.raw.convert_ids_to_tokens([int(i) for i in ids]))
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Token ids of ``text`` without ``[CLS]``/``[SEP]``."""
+        if self._fast:
+            return list(self.raw.encode(text, add_special_tokens=False).ids)
+        return list(self.raw(text, add_special_tokens=False)["input_ids"])
+
     def token_to_id(self, token: str) -> int | None:
         if self._fast:
             return self.raw.token_to_id(token)
