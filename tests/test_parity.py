@@ -135,7 +135,12 @@ def test_logits_and_hidden_states_match_hugging_face(any_checkpoint):
 def test_cache_keys_are_the_reference_names_in_firing_order(checkpoint, model):
     _, cache = model.run_with_cache(np.array([[1, 2, 3]]))
     assert list(cache.keys()) == reference_names(checkpoint.config.num_hidden_layers)
-    assert list(model.hook_dict) == reference_names(checkpoint.config.num_hidden_layers)
+    # The hook dict also holds the two points only next-sentence prediction fires.
+    assert list(model.hook_dict) == [
+        *reference_names(checkpoint.config.num_hidden_layers),
+        "pooler.hook_pooler_out",
+        "nsp_head.hook_nsp_out",
+    ]
 
 
 def test_every_hook_matches_an_independent_computation(checkpoint, model):

@@ -23,10 +23,12 @@ from .factored_matrix import FactoredMatrix
 from .hook_points import HookPoint
 from .hooked_encoder import HookedEncoder
 from .loading import DEFAULT_MODEL
+from .next_sentence import BertNextSentencePrediction
 
 __all__ = [
     "DEFAULT_MODEL",
     "ActivationCache",
+    "BertNextSentencePrediction",
     "CheckpointError",
     "FactoredMatrix",
     "HookPoint",

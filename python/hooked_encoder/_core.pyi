@@ -36,7 +36,7 @@ class Model:
         tokens: npt.NDArray[np.int64],
         token_type_ids: npt.NDArray[np.int64] | None,
         attention_mask: npt.NDArray[np.int64] | None,
-        logits: bool,
+        output: str,
         record: list[str],
         dispatch: list[str],
         dispatcher: Callable[[str, npt.NDArray[np.float32]], npt.NDArray[np.float32]] | None,

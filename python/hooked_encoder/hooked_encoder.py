@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import difflib
 import functools
@@ -45,6 +46,20 @@ def _is_torch_tensor(value: Any) -> bool:
 
 def _ndim(value: Any) -> int:
     return value.dim() if _is_torch_tensor(value) else np.ndim(value)
+
+
+class _Recording:
+    """What ``run_with_cache`` asks a forward pass to record, and what it recorded."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.cache: dict[str, Any] = {}
+
+
+# The recording of the ``run_with_cache`` call in progress in this thread (or task), if any.
+_RECORDING: contextvars.ContextVar[_Recording | None] = contextvars.ContextVar(
+    "hooked_encoder_recording", default=None
+)
 
 
 class _Prepared:
@@ -403,20 +418,35 @@ class HookedEncoder:
 
     # ------------------------------------------------------------------ running
 
-    def _run(self, prepared: _Prepared, logits: bool, record: Sequence[str] = ()):
+    def _run(self, prepared: _Prepared, output: str):
+        """Runs the core: ``output`` is "logits", "residual" (no head) or "next_sentence".
+        Inside ``run_with_cache`` it also records the selected hook points into its cache."""
+        recording = _RECORDING.get()
+        # A forward pass run from inside a hook records nothing into the outer cache.
+        token = _RECORDING.set(None)
+        try:
+            result, records = self._forward_core(prepared, output, recording)
+        finally:
+            _RECORDING.reset(token)
+        if recording is not None:
+            recording.cache.update(records)
+        return result
+
+    def _forward_core(self, prepared: _Prepared, output: str, recording: _Recording | None):
+        record = recording.names if recording is not None else []
         dispatch = [name for name, point in self.hook_dict.items() if point.fwd_hooks]
         dispatcher = functools.partial(self._dispatch, prepared.as_torch) if dispatch else None
-        output, records = self._model.forward(
+        result, records = self._model.forward(
             prepared.tokens,
             prepared.types,
             prepared.mask,
-            logits,
-            list(record),
+            output,
+            record,
             dispatch,
             dispatcher,
         )
         convert = self._converter(prepared.as_torch)
-        return convert(output), {name: convert(value) for name, value in records}
+        return convert(result), {name: convert(value) for name, value in records}
 
     def _dispatch(self, as_torch: bool, name: str, activation: np.ndarray) -> np.ndarray:
         """Called from Rust at a hooked point: runs the point's hook functions in order, each on
@@ -457,7 +487,7 @@ class HookedEncoder:
                 f"return_type must be 'logits', 'predictions' or None, got {return_type!r}"
             )
         prepared = self._prepare(input, token_type_ids, one_zero_attention_mask)
-        output, _ = self._run(prepared, logits=return_type is not None)
+        output = self._run(prepared, "residual" if return_type is None else "logits")
         if return_type == "predictions":
             return self._predictions(prepared.tokens, np.asarray(output))
         return output if return_type == "logits" else None
@@ -539,7 +569,7 @@ class HookedEncoder:
         """The last block's output ``[batch, pos, d_model]`` (Hugging Face's
         ``last_hidden_state``)."""
         prepared = self._prepare(tokens, token_type_ids, one_zero_attention_mask)
-        return self._run(prepared, logits=False)[0]
+        return self._run(prepared, "residual")
 
     def run_with_cache(
         self,
@@ -562,42 +592,53 @@ class HookedEncoder:
         the rest of the model saw. ``pos_slice`` keeps only those positions (the query
         positions of attention patterns and scores).
         """
+        return self._cached_call(
+            self.forward,
+            model_args,
+            model_kwargs,
+            names_filter=names_filter,
+            device=device,
+            remove_batch_dim=remove_batch_dim,
+            incl_bwd=incl_bwd,
+            reset_hooks_end=reset_hooks_end,
+            clear_contexts=clear_contexts,
+            pos_slice=pos_slice,
+            return_cache_object=return_cache_object,
+        )
+
+    def _cached_call(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        names_filter: NamesFilter,
+        device: str | None,
+        remove_batch_dim: bool,
+        incl_bwd: bool,
+        reset_hooks_end: bool,
+        clear_contexts: bool,
+        pos_slice: int | slice | None,
+        return_cache_object: bool,
+    ) -> tuple[Any, ActivationCache | dict[str, Any]]:
+        """Calls ``fn(*args, **kwargs)`` (a forward pass) with the points ``names_filter`` selects
+        recorded, and returns ``(its output, the cache)``."""
         if incl_bwd:
             raise NotImplementedError("incl_bwd needs autograd; hooked_encoder runs inference only")
         if device not in (None, "cpu"):
             raise ValueError(f"cached activations are returned on the CPU, not {device!r}")
         keep = names_predicate(names_filter)
-        record = [name for name in self.hook_dict if keep(name)]
-        args = dict(
-            zip(
-                ("input", "return_type", "token_type_ids", "one_zero_attention_mask"),
-                model_args,
-                strict=False,
-            )
-        )
-        overlap = set(args) & set(model_kwargs)
-        if overlap or len(model_args) > 4:
-            raise TypeError(f"too many or repeated arguments for forward: {sorted(overlap)}")
-        args.update(model_kwargs)
-        return_type = args.pop("return_type", "logits")
-        if return_type not in ("logits", None):
-            raise ValueError(f"return_type must be 'logits' or None, got {return_type!r}")
-        if "input" not in args:
-            raise TypeError("run_with_cache needs the model input")
-        prepared = self._prepare(
-            args.pop("input"),
-            args.pop("token_type_ids", None),
-            args.pop("one_zero_attention_mask", None),
-        )
-        if args:
-            raise TypeError(f"unexpected arguments {sorted(args)}")
+        recording = _Recording([name for name in self.hook_dict if keep(name)])
+        token = _RECORDING.set(recording)
         try:
-            output, cache = self._run(prepared, return_type == "logits", record)
+            output = fn(*args, **kwargs)
         finally:
+            _RECORDING.reset(token)
             if reset_hooks_end:
                 self.reset_hooks(
                     clear_contexts, including_permanent=False, level=self.context_level
                 )
+        cache = recording.cache
         if pos_slice is not None:
             cache = {
                 name: _slice_positions(name, value, pos_slice) for name, value in cache.items()
@@ -605,10 +646,7 @@ class HookedEncoder:
         cache_object = ActivationCache(cache, self)
         if remove_batch_dim:
             cache_object.remove_batch_dim()
-        return (
-            output if return_type == "logits" else None,
-            cache_object if return_cache_object else cache_object.cache_dict,
-        )
+        return output, cache_object if return_cache_object else cache_object.cache_dict
 
     # ------------------------------------------------------------------ hooks
 

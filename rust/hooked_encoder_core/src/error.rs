@@ -40,9 +40,10 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    /// The model has no MLM head, so it cannot produce logits.
+    /// The checkpoint lacks the head a computation needs (the MLM head for logits, the pooler
+    /// and NSP head for next-sentence prediction).
     #[error("{0}")]
-    NoMlmHead(String),
+    MissingHead(String),
 
     /// An error from Candle itself.
     #[error(transparent)]

@@ -129,6 +129,12 @@ pub enum HookPoint {
     UnembedIn,
     /// `unembed.hook_out`: the logits, `[batch, pos, d_vocab]`.
     UnembedOut,
+    /// `pooler.hook_pooler_out`: `tanh(dense(x[:, 0]))`, `[batch, d_model]` (next-sentence
+    /// prediction only).
+    PoolerOut,
+    /// `nsp_head.hook_nsp_out`: next-sentence logits, `[batch, 2]` (next-sentence prediction
+    /// only).
+    NspOut,
 }
 
 const EMBED_POINTS: [HookPoint; 6] = [
@@ -140,15 +146,18 @@ const EMBED_POINTS: [HookPoint; 6] = [
     HookPoint::FullEmbed,
 ];
 
-const HEAD_POINTS: [HookPoint; 4] = [
+const HEAD_POINTS: [HookPoint; 6] = [
     HookPoint::MlmLnScale,
     HookPoint::MlmLnNormalized,
     HookPoint::UnembedIn,
     HookPoint::UnembedOut,
+    HookPoint::PoolerOut,
+    HookPoint::NspOut,
 ];
 
 impl HookPoint {
-    /// Every hook point the config enables, in firing order.
+    /// Every hook point the config enables, in firing order: the MLM forward's, then the two
+    /// that only next-sentence prediction fires.
     pub fn all(cfg: &BertConfig) -> Vec<HookPoint> {
         let blocks = (0..cfg.n_layers).flat_map(|layer| {
             BlockHook::ALL
@@ -177,6 +186,8 @@ impl HookPoint {
             Self::MlmLnNormalized => "mlm_head.ln.hook_normalized".into(),
             Self::UnembedIn => "unembed.hook_in".into(),
             Self::UnembedOut => "unembed.hook_out".into(),
+            Self::PoolerOut => "pooler.hook_pooler_out".into(),
+            Self::NspOut => "nsp_head.hook_nsp_out".into(),
         }
     }
 
@@ -322,8 +333,9 @@ mod tests {
             .into_iter()
             .map(HookPoint::name)
             .collect();
-        // TransformerLens fills 10 + 18 * n_layers cache entries by default.
-        assert_eq!(names.len(), 10 + 18 * 2);
+        // TransformerLens fills 10 + 18 * n_layers cache entries by default; the pooler's and
+        // the NSP head's points come on top.
+        assert_eq!(names.len(), 10 + 18 * 2 + 2);
         assert_eq!(
             names[..7],
             [
@@ -336,7 +348,14 @@ mod tests {
                 "blocks.0.hook_resid_pre",
             ]
         );
-        assert_eq!(names.last().unwrap(), "unembed.hook_out");
+        assert_eq!(
+            names[names.len() - 3..],
+            [
+                "unembed.hook_out",
+                "pooler.hook_pooler_out",
+                "nsp_head.hook_nsp_out"
+            ]
+        );
     }
 
     #[test]
@@ -346,7 +365,7 @@ mod tests {
         cfg.use_attn_result = true;
         cfg.use_split_qkv_input = true;
         cfg.use_hook_mlp_in = true;
-        assert_eq!(HookPoint::all(&cfg).len(), 10 + 23);
+        assert_eq!(HookPoint::all(&cfg).len(), 10 + 23 + 2);
         assert_eq!(
             HookPoint::parse("blocks.0.attn.hook_result", &cfg),
             Some(HookPoint::Block(0, BlockHook::Result))

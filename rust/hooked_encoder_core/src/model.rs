@@ -21,6 +21,8 @@ pub enum Output {
     /// Stop after the last block: its output `[batch, pos, d_model]` (Hugging Face's
     /// `last_hidden_state`); the MLM head is never computed.
     Residual,
+    /// Next-sentence prediction: the pooler and NSP head on the first token, `[batch, 2]`.
+    NextSentence,
 }
 
 /// One batch of token ids, with optional token types and attention mask, all row-major
@@ -404,27 +406,41 @@ impl HookedBert {
         output: Output,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
-        let mlm_head = match (output, &self.mlm_head) {
-            (Output::Logits, None) => {
-                return Err(Error::NoMlmHead(
+        let missing = |what: &str| Err(Error::MissingHead(what.into()));
+        match output {
+            Output::Logits if self.mlm_head.is_none() => {
+                return missing(
                     "this checkpoint has no MLM head (no cls.predictions.* weights), so it \
-                     cannot produce logits; use return_type=None or encoder_output() for \
-                     its hidden states"
-                        .into(),
-                ))
+                     cannot produce logits; use return_type=None or encoder_output() for its \
+                     hidden states",
+                )
             }
-            (Output::Logits, Some(head)) => Some(head),
-            (Output::Residual, _) => None,
-        };
+            Output::NextSentence if self.pooler.is_none() || self.nsp_head.is_none() => {
+                return missing(
+                    "this checkpoint has no pooler and NSP head (bert.pooler.dense.*, \
+                     cls.seq_relationship.*), so it cannot predict the next sentence; they \
+                     come with BertForPreTraining checkpoints",
+                )
+            }
+            _ => {}
+        }
         self.check_input(input)?;
         let mask = self.mask(input)?;
         let mut x = self.embed(input, hooks)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             x = self.block(layer, block, x, &mask, hooks)?;
         }
-        match mlm_head {
-            None => Ok(x),
-            Some(head) => {
+        match (output, &self.mlm_head, &self.pooler, &self.nsp_head) {
+            (Output::NextSentence, _, Some(pooler), Some(nsp_head)) => {
+                let first = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+                let pooled = hook(
+                    hooks,
+                    HookPoint::PoolerOut,
+                    pooler.forward(&first, None)?.tanh()?,
+                )?;
+                hook(hooks, HookPoint::NspOut, nsp_head.forward(&pooled, None)?)
+            }
+            (Output::Logits, Some(head), _, _) => {
                 let x = head.dense.forward(&x, Some(self.cfg.act_fn))?;
                 let x = self.layer_norm(
                     &x,
@@ -437,6 +453,7 @@ impl HookedBert {
                 let logits = head.decoder.forward(&x, None)?;
                 hook(hooks, HookPoint::UnembedOut, logits)
             }
+            _ => Ok(x),
         }
     }
 

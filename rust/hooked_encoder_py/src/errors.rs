@@ -29,7 +29,7 @@ pub fn to_py_err(err: Error) -> PyErr {
         Error::Config(_)
         | Error::Input(_)
         | Error::HookReplacement { .. }
-        | Error::NoMlmHead(_) => PyValueError::new_err(err.to_string()),
+        | Error::MissingHead(_) => PyValueError::new_err(err.to_string()),
         Error::UnknownHook(_) => PyKeyError::new_err(err.to_string()),
         Error::Checkpoint(_) => CheckpointError::new_err(err.to_string()),
         Error::Candle(_) => HookedEncoderError::new_err(err.to_string()),

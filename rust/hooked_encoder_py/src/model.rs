@@ -181,9 +181,9 @@ impl Model {
     ///
     /// `record` names the hook points whose activations come back (in firing order);
     /// `dispatch` names those whose activations go through `dispatcher(name, array)`, which
-    /// returns the activation to continue with. With `logits=False` the MLM head is skipped
-    /// and the output is the last block's output.
-    #[pyo3(signature = (tokens, token_type_ids, attention_mask, logits, record, dispatch, dispatcher))]
+    /// returns the activation to continue with. `output` is "logits" (through the MLM head),
+    /// "residual" (the last block's output; no head) or "next_sentence" (pooler and NSP head).
+    #[pyo3(signature = (tokens, token_type_ids, attention_mask, output, record, dispatch, dispatcher))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -191,7 +191,7 @@ impl Model {
         tokens: PyReadonlyArray2<'py, i64>,
         token_type_ids: Option<PyReadonlyArray2<'py, i64>>,
         attention_mask: Option<PyReadonlyArray2<'py, i64>>,
-        logits: bool,
+        output: &str,
         record: Vec<String>,
         dispatch: Vec<String>,
         dispatcher: Option<Py<PyAny>>,
@@ -220,10 +220,11 @@ impl Model {
             dispatcher,
         );
         let model = Arc::clone(&self.inner);
-        let output = if logits {
-            Output::Logits
-        } else {
-            Output::Residual
+        let output = match output {
+            "logits" => Output::Logits,
+            "residual" => Output::Residual,
+            "next_sentence" => Output::NextSentence,
+            other => return Err(PyValueError::new_err(format!("unknown output {other:?}"))),
         };
         // The GIL is released for the whole pass; Python hooks take it back while they run.
         let output = py
