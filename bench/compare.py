@@ -50,11 +50,27 @@ Workloads, as each system runs them (``L`` below is 3, or the last layer of smal
   ``bert.encoder.layer[L].attention.self`` (whose output holds the eager attention
   probabilities).
 
-All torch calls run under ``torch.inference_mode()``. TransformerLens is optional and never
-installed by this script: it is skipped, with a note, when ``import transformer_lens`` fails or
-it has no ``HookedEncoder``. Its loading path, ``HookedEncoder.from_pretrained("bert-base-cased",
-hf_model=<BertForPreTraining holding the benchmark weights>)``, is UNTESTED here, and it needs
-the hub (for the config and the tokenizer).
+All torch calls run under ``torch.inference_mode()``.
+
+TransformerLens is optional and never installed by this script: it is skipped, with a note, when
+the interpreter running the script (whose workers run ``sys.executable``) cannot import
+``transformer_lens``; a worker fails if it has no ``HookedEncoder``. Tested with
+transformer-lens 3.5.1, best installed in its own environment that still sees the system's
+torch, transformers and hooked_encoder:
+
+    python3 -m venv --system-site-packages /tmp/tlvenv
+    /tmp/tlvenv/bin/pip install transformer-lens==3.5.1
+    /tmp/tlvenv/bin/python bench/compare.py --shapes 1x16 --repeats 3
+
+It is loaded offline (``HookedEncoder.from_pretrained`` would fetch a hub model's config and
+tokenizer), for either model shape: the ``HookedEncoder`` is built from a config dict made from
+the checkpoint's own config as TransformerLens makes it for ``BertForMaskedLM`` (no tokenizer:
+``d_vocab`` is given), and the weights are those of the checkpoint loaded into a
+``BertForPreTraining`` (its pooler and NSP head, absent from the checkpoint, are random and
+unused), converted by TransformerLens's ``convert_bert_weights`` and loaded with
+``load_state_dict(strict=False)``, as ``from_pretrained`` does. Its peak RSS therefore includes
+that Hugging Face model, held during the conversion, and importing transformer_lens (about
+300 MiB).
 
 Results: a Markdown table on stdout (progress goes to stderr), and every raw number in JSON
 (``--json``, default ``bench/results/compare-<model>-<timestamp>.json``). ``--compare OLD.json``
@@ -222,23 +238,51 @@ def _setup_hf(spec: dict, tokens: np.ndarray):
 def _setup_tl(spec: dict, tokens: np.ndarray):
     """Loads TransformerLens's HookedEncoder; returns ``(call, to_logits, version)``.
 
-    UNTESTED: TransformerLens is not installed where this script was written. It loads the
-    "bert-base-cased" config (and tokenizer) from the hub and takes the weights from ``hf_model``.
+    Offline, without ``HookedEncoder.from_pretrained`` (which fetches the config and the
+    tokenizer of a hub model): the config is built from the checkpoint's own, as TransformerLens
+    does for ``BertForMaskedLM``, and the weights are converted by TransformerLens's
+    ``convert_bert_weights``, then loaded as ``from_pretrained`` loads them.
     """
     import torch
     import transformer_lens
     import transformers
+    from transformer_lens.pretrained.weight_conversions.bert import convert_bert_weights
 
+    version = importlib.metadata.version("transformer-lens")
     if not hasattr(transformer_lens, "HookedEncoder"):
-        raise ImportError(f"transformer_lens {transformer_lens.__version__} has no HookedEncoder")
+        raise ImportError(f"transformer_lens {version} has no HookedEncoder")
+    # The converter reads a BertForPreTraining. The checkpoint is a BertForMaskedLM: HF
+    # initialises the missing pooler and NSP head randomly; the MLM forward does not use them.
     hf_model = transformers.BertForPreTraining.from_pretrained(
         spec["checkpoint"], attn_implementation="eager", dtype=torch.float32
     ).eval()
-    model = transformer_lens.HookedEncoder.from_pretrained(
-        "bert-base-cased", hf_model=hf_model, tokenizer=None, device="cpu", dtype=torch.float32
-    )
-    model.eval()
+    hf = hf_model.config
+    cfg = {
+        "d_model": hf.hidden_size,
+        "d_head": hf.hidden_size // hf.num_attention_heads,
+        "n_heads": hf.num_attention_heads,
+        "d_mlp": hf.intermediate_size,
+        "n_layers": hf.num_hidden_layers,
+        "n_ctx": hf.max_position_embeddings,
+        "eps": hf.layer_norm_eps,
+        "d_vocab": hf.vocab_size,  # so that no tokenizer is needed
+        "act_fn": "gelu",
+        "attention_dir": "bidirectional",
+        "original_architecture": "BertForMaskedLM",
+        "init_weights": False,
+        "device": "cpu",
+        "dtype": torch.float32,
+    }
+    model = transformer_lens.HookedEncoder(cfg, tokenizer=None, move_to_device=False)
+    loaded = model.load_state_dict(convert_bert_weights(hf_model, model.cfg), strict=False)
+    # strict=False, as from_pretrained: only buffers (the attention masks) may be missing.
+    parameters = dict(model.named_parameters())
+    missing = [name for name in loaded.missing_keys if name in parameters]
+    if missing or loaded.unexpected_keys:
+        raise RuntimeError(f"weights missing: {missing}; unexpected: {loaded.unexpected_keys}")
     del hf_model
+    model.to(model.cfg.device)
+    model.eval()
     _touch_weights(model)
     ids = torch.from_numpy(tokens)
     hook = f"blocks.{spec['hook_layer']}.attn.hook_pattern"
@@ -249,7 +293,7 @@ def _setup_tl(spec: dict, tokens: np.ndarray):
         "cache_resid_post": lambda: model.run_with_cache(ids, names_filter=_is_resid_post),
         "hook_pattern": lambda: model.run_with_hooks(ids, fwd_hooks=[(hook, _identity_hook)]),
     }
-    return calls[spec["workload"]], lambda out: out.numpy(), transformer_lens.__version__
+    return calls[spec["workload"]], lambda out: out.numpy(), version
 
 
 SETUPS = {"ours": _setup_ours, "hf": _setup_hf, "tl": _setup_tl}
@@ -493,12 +537,10 @@ def parse_choices(text: str, choices: tuple[str, ...]) -> list[str]:
     return [choice for choice in choices if choice in picked]
 
 
-def tl_unavailable(model_shape: str) -> str | None:
+def tl_unavailable() -> str | None:
     """Why TransformerLens cannot run here, or None (checked without importing it)."""
     if importlib.util.find_spec("transformer_lens") is None:
-        return "transformer_lens is not installed"
-    if model_shape != "bert-base":
-        return "its loader needs the bert-base-cased shape (run without --small)"
+        return f"transformer_lens is not installed for {sys.executable}"
     return None
 
 
@@ -584,6 +626,12 @@ def notes(report: dict) -> list[str]:
         "- no_head: HF runs model.bert (encoder only); TransformerLens computes the head anyway.",
         "- max abs diff: logits of the same tokens against HF eager float32.",
     ]
+    if any(_cell(cell) for cell in report["cells"].get("tl", {}).values()):
+        lines.append(
+            "- TL: HookedEncoder built offline from the checkpoint's config, with weights "
+            "converted from a BertForPreTraining by TransformerLens's convert_bert_weights; its "
+            "peak RSS includes that HF model, held while converting."
+        )
     load = meta["load_average_at_start"]
     if load is not None and load >= 0.5:
         lines.append(
@@ -698,7 +746,7 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now()
 
     skipped: dict[str, str] = {}
-    if "tl" in args.systems and (reason := tl_unavailable(model_shape)):
+    if "tl" in args.systems and (reason := tl_unavailable()):
         skipped["tl"] = reason
     report: dict[str, Any] = {
         "meta": {
