@@ -18,6 +18,7 @@ import numpy as np
 
 from . import _core
 from .activation_cache import ActivationCache
+from .components import Component
 from .config import HookedEncoderConfig
 from .factored_matrix import FactoredMatrix
 from .hook_points import HookPoint, NamesFilter, _check_direction, names_predicate
@@ -42,6 +43,15 @@ def _torch():
 
 def _is_torch_tensor(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "detach")
+
+
+def _float_array(value: Any, what: str) -> np.ndarray:
+    if _is_torch_tensor(value):
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.dtype.kind != "f":
+        raise TypeError(f"{what} must hold floating-point numbers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _ndim(value: Any) -> int:
@@ -141,6 +151,20 @@ class HookedEncoder:
         # There are no torch modules here; the hook points are the addressable components.
         self.mod_dict: dict[str, HookPoint] = self.hook_dict
         self.context_level = 0
+        self.embed = Component(self, "embed", self._embed)
+        self.blocks = [
+            Component(
+                self,
+                f"blocks.{i}",
+                functools.partial(self._block, i),
+                attn=Component(self, f"blocks.{i}.attn", functools.partial(self._attention, i)),
+            )
+            for i in range(cfg.n_layers)
+        ]
+        self.mlm_head = Component(self, "mlm_head", functools.partial(self._apply, "mlm_head"))
+        self.unembed = Component(self, "unembed", functools.partial(self._apply, "unembed"))
+        self.pooler = Component(self, "pooler", functools.partial(self._apply, "pooler"))
+        self.nsp_head = Component(self, "nsp_head", functools.partial(self._apply, "nsp_head"))
 
     # ------------------------------------------------------------------ loading
 
@@ -231,6 +255,75 @@ class HookedEncoder:
             f"HookedEncoder({c.model_name!r}, n_layers={c.n_layers}, d_model={c.d_model}, "
             f"n_heads={c.n_heads}, d_vocab={c.d_vocab}, device={self._model.device!r})"
         )
+
+    # ------------------------------------------------------------------ components
+
+    def _embed(self, tokens: Any, token_type_ids: Any = None) -> Any:
+        return self.forward(tokens, token_type_ids=token_type_ids, stop_at_layer=0)
+
+    def _block(self, layer: int, resid: Any, one_zero_attention_mask: Any = None) -> Any:
+        return self.forward(
+            resid,
+            one_zero_attention_mask=one_zero_attention_mask,
+            start_at_layer=layer,
+            stop_at_layer=layer + 1,
+        )
+
+    def _attention(
+        self,
+        layer: int,
+        query_input: Any,
+        key_input: Any,
+        value_input: Any,
+        one_zero_attention_mask: Any = None,
+    ) -> Any:
+        inputs = [
+            _float_array(x, "an attention input") for x in (query_input, key_input, value_input)
+        ]
+        mask = (
+            None
+            if one_zero_attention_mask is None
+            else _int_array(one_zero_attention_mask, "one_zero_attention_mask")
+        )
+        as_torch = self.output_format == "torch" or (
+            self.output_format == "auto" and _is_torch_tensor(query_input)
+        )
+        return self._core_call(
+            as_torch, lambda *hooks: self._model.attention(layer, *inputs, mask, *hooks)
+        )
+
+    def _apply(self, part: str, x: Any) -> Any:
+        array = _float_array(x, f"the input of {part}")
+        as_torch = self.output_format == "torch" or (
+            self.output_format == "auto" and _is_torch_tensor(x)
+        )
+        return self._core_call(as_torch, lambda *hooks: self._model.apply(part, array, *hooks))
+
+    # ------------------------------------------------------------------ devices
+
+    def to(self, device_or_dtype: Any, print_details: bool = True) -> HookedEncoder:
+        """Moves the model to a device ("cpu", "cuda", "cuda:N"), or checks a dtype (float32 is
+        the only one). A CPU-only build refuses "cuda" with a message on how to get a CUDA one."""
+        value = str(device_or_dtype).removeprefix("torch.")
+        if value in ("float32", "fp32"):
+            return self
+        if value.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"cannot move the model to {value!r}: use a device or float32")
+        self._model = self._model.to_device(value)
+        self.cfg = dataclasses.replace(self.cfg, device=value)
+        self.__dict__.pop("_tl_weights", None)
+        if print_details:
+            logger.info("Moved model to device: %s", value)
+        return self
+
+    def cpu(self) -> HookedEncoder:
+        """Moves the model to the CPU."""
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | None = None) -> HookedEncoder:
+        """Moves the model to an NVIDIA GPU (needs a build with the ``cuda`` feature)."""
+        index = str(device).removeprefix("cuda:") if device is not None else "0"
+        return self.to(f"cuda:{index}")
 
     # ------------------------------------------------------------------ weights
 
@@ -365,6 +458,31 @@ class HookedEncoder:
         w_o = np.stack([w[f"blocks.{i}.attn.W_O"] for i in range(self.cfg.n_layers)])
         return FactoredMatrix(w_v, w_o)
 
+    def tokens_to_residual_directions(self, tokens: Any) -> Any:
+        """The unembedding direction of each token, ``W_U[:, token]``: ``[d_model]`` for one
+        token (an id or a one-token string), ``[..., d_model]`` for an array of ids.
+
+        For BERT these directions live where the unembedding reads, ``unembed.hook_in`` (the MLM
+        head's output), not in the residual stream: the MLM head (dense, GELU, LayerNorm) lies
+        between the two, so a dot product with a residual-stream vector is only a first-order
+        attribution.
+        """
+        if not self.has_mlm_head:
+            raise AttributeError("this model has no MLM head, so it has no unembedding directions")
+        if isinstance(tokens, str):
+            tokens = self.to_single_token(tokens)
+        w_u = self._tl_weights["unembed.W_U"]
+        ids = np.asarray(tokens.detach().cpu().numpy() if _is_torch_tensor(tokens) else tokens)
+        if ids.dtype.kind not in "iu" or ids.ndim > 2:
+            raise TypeError(
+                "tokens must be a string, an int or an integer array of shape [], [batch] or "
+                f"[batch, pos], got dtype {ids.dtype} and shape {list(ids.shape)}"
+            )
+        vocab = w_u.shape[1]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(f"token ids must be in 0..{vocab - 1}")
+        return self._weight(np.moveaxis(w_u[:, ids], 0, -1))
+
     def all_head_labels(self) -> list[str]:
         """``["L0H0", "L0H1", ...]``, one per head, layer by layer."""
         return [
@@ -418,35 +536,40 @@ class HookedEncoder:
 
     # ------------------------------------------------------------------ running
 
-    def _run(self, prepared: _Prepared, output: str):
-        """Runs the core: ``output`` is "logits", "residual" (no head) or "next_sentence".
-        Inside ``run_with_cache`` it also records the selected hook points into its cache."""
+    def _core_call(self, as_torch: bool, call: Callable[..., tuple[Any, list]]) -> Any:
+        """Runs ``call(record, dispatch, dispatcher)`` on the Rust model: ``record`` lists the
+        points ``run_with_cache`` asked for (if one is in progress; they go into its cache),
+        ``dispatch`` the points with Python hooks."""
         recording = _RECORDING.get()
         # A forward pass run from inside a hook records nothing into the outer cache.
         token = _RECORDING.set(None)
         try:
-            result, records = self._forward_core(prepared, output, recording)
+            dispatch = [name for name, point in self.hook_dict.items() if point.fwd_hooks]
+            dispatcher = functools.partial(self._dispatch, as_torch) if dispatch else None
+            record = recording.names if recording is not None else []
+            result, records = call(record, dispatch, dispatcher)
         finally:
             _RECORDING.reset(token)
+        convert = self._converter(as_torch)
         if recording is not None:
-            recording.cache.update(records)
-        return result
+            recording.cache.update({name: convert(value) for name, value in records})
+        return convert(result)
 
-    def _forward_core(self, prepared: _Prepared, output: str, recording: _Recording | None):
-        record = recording.names if recording is not None else []
-        dispatch = [name for name, point in self.hook_dict.items() if point.fwd_hooks]
-        dispatcher = functools.partial(self._dispatch, prepared.as_torch) if dispatch else None
-        result, records = self._model.forward(
-            prepared.tokens,
-            prepared.types,
-            prepared.mask,
-            output,
-            record,
-            dispatch,
-            dispatcher,
+    def _run(self, prepared: _Prepared, output: str, stop_at_layer: int | None = None) -> Any:
+        """Runs from tokens: ``output`` is "logits", "residual" (no head) or "next_sentence"."""
+        return self._core_call(
+            prepared.as_torch,
+            lambda *hooks: self._model.forward(
+                prepared.tokens,
+                None,
+                prepared.types,
+                prepared.mask,
+                0,
+                stop_at_layer,
+                output,
+                *hooks,
+            ),
         )
-        convert = self._converter(prepared.as_torch)
-        return convert(result), {name: convert(value) for name, value in records}
 
     def _dispatch(self, as_torch: bool, name: str, activation: np.ndarray) -> np.ndarray:
         """Called from Rust at a hooked point: runs the point's hook functions in order, each on
@@ -469,6 +592,8 @@ class HookedEncoder:
         return_type: ReturnType = "logits",
         token_type_ids: Any = None,
         one_zero_attention_mask: Any = None,
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
     ) -> Any:
         """Runs the model.
 
@@ -481,13 +606,46 @@ class HookedEncoder:
         format: one string, or ``"Prediction i: ..."`` strings when there are several); or
         ``None`` with ``return_type=None`` (which skips the MLM head entirely, unlike
         TransformerLens).
+
+        ``start_at_layer=k`` makes ``input`` the residual stream entering block ``k``
+        (``[batch, pos, d_model]``, e.g. a cached ``blocks.k.hook_resid_pre``, patched);
+        ``stop_at_layer=k`` returns the residual stream entering block ``k`` (the output of block
+        ``k - 1``; ``0`` gives ``hook_full_embed``) instead of running the rest. Together they
+        make activation patching cheap: rerun only the blocks after the patch.
         """
         if return_type not in ("logits", "predictions", None):
             raise ValueError(
                 f"return_type must be 'logits', 'predictions' or None, got {return_type!r}"
             )
+        head = "residual" if return_type is None else "logits"
+        if start_at_layer is not None:
+            if token_type_ids is not None:
+                raise ValueError(
+                    "token_type_ids only enter the embeddings; with start_at_layer "
+                    "the input is already a residual stream"
+                )
+            if return_type == "predictions":
+                raise ValueError("return_type='predictions' needs token input, not start_at_layer")
+            residual = _float_array(input, "a residual-stream input")
+            mask = (
+                None
+                if one_zero_attention_mask is None
+                else _int_array(one_zero_attention_mask, "one_zero_attention_mask")
+            )
+            as_torch = self.output_format == "torch" or (
+                self.output_format == "auto" and _is_torch_tensor(input)
+            )
+            output = self._core_call(
+                as_torch,
+                lambda *hooks: self._model.forward(
+                    None, residual, None, mask, start_at_layer, stop_at_layer, head, *hooks
+                ),
+            )
+            return output if stop_at_layer is not None or return_type == "logits" else None
         prepared = self._prepare(input, token_type_ids, one_zero_attention_mask)
-        output = self._run(prepared, "residual" if return_type is None else "logits")
+        output = self._run(prepared, head, stop_at_layer)
+        if stop_at_layer is not None:
+            return output
         if return_type == "predictions":
             return self._predictions(prepared.tokens, np.asarray(output))
         return output if return_type == "logits" else None

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 use crate::hooks::{BlockHook, HookPoint, Hooks};
 use crate::kernels::{self, AttentionShape, Heads, KeyMask};
@@ -23,6 +23,35 @@ pub enum Output {
     Residual,
     /// Next-sentence prediction: the pooler and NSP head on the first token, `[batch, 2]`.
     NextSentence,
+}
+
+/// Where a forward pass starts.
+#[derive(Debug, Clone)]
+pub enum Start<'a> {
+    /// From token ids: the embeddings, then every block.
+    Tokens(ForwardInput<'a>),
+    /// From the residual stream entering block `layer` (TransformerLens's `start_at_layer`).
+    Residual {
+        /// `[batch, pos, d_model]`, float32.
+        x: Tensor,
+        /// The first block to run.
+        layer: usize,
+        /// 1 where a position may be attended to, 0 for padding, `[batch, pos]`.
+        attention_mask: Option<&'a [i64]>,
+    },
+}
+
+/// A head that can run on its own input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The MLM head's transform: dense, activation, LayerNorm.
+    MlmHead,
+    /// The unembedding (MLM decoder) to logits.
+    Unembed,
+    /// `tanh(dense(x[:, 0]))`.
+    Pooler,
+    /// Next-sentence logits from the pooled output.
+    NspHead,
 }
 
 /// One batch of token ids, with optional token types and attention mask, all row-major
@@ -384,6 +413,74 @@ impl HookedBert {
         Ok(tensors)
     }
 
+    /// A copy of the model with every weight on `device`.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        let t = |x: &Tensor| -> Result<Tensor> { Ok(x.to_device(device)?) };
+        let linear = |l: &Linear| -> Result<Linear> {
+            Ok(Linear {
+                weight: t(&l.weight)?,
+                bias: t(&l.bias)?,
+            })
+        };
+        let norm = |l: &LayerNorm| -> Result<LayerNorm> {
+            Ok(LayerNorm {
+                weight: t(&l.weight)?,
+                bias: t(&l.bias)?,
+            })
+        };
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                let heads = b
+                    .heads
+                    .as_ref()
+                    .map(|h| -> Result<HeadWeights> {
+                        let [wq, wk, wv] = &h.w_qkv;
+                        let [bq, bk, bv] = &h.b_qkv;
+                        Ok(HeadWeights {
+                            w_qkv: [t(wq)?, t(wk)?, t(wv)?],
+                            b_qkv: [t(bq)?, t(bk)?, t(bv)?],
+                            w_o: t(&h.w_o)?,
+                        })
+                    })
+                    .transpose()?;
+                Ok(Block {
+                    qkv: linear(&b.qkv)?,
+                    attn_out: linear(&b.attn_out)?,
+                    ln1: norm(&b.ln1)?,
+                    mlp_in: linear(&b.mlp_in)?,
+                    mlp_out: linear(&b.mlp_out)?,
+                    ln2: norm(&b.ln2)?,
+                    heads,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mlm_head = self
+            .mlm_head
+            .as_ref()
+            .map(|h| -> Result<MlmHead> {
+                Ok(MlmHead {
+                    dense: linear(&h.dense)?,
+                    ln: norm(&h.ln)?,
+                    decoder: linear(&h.decoder)?,
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            cfg: self.cfg.clone(),
+            device: device.clone(),
+            word_embeddings: t(&self.word_embeddings)?,
+            position_embeddings: t(&self.position_embeddings)?,
+            token_type_embeddings: t(&self.token_type_embeddings)?,
+            embed_ln: norm(&self.embed_ln)?,
+            blocks,
+            mlm_head,
+            pooler: self.pooler.as_ref().map(linear).transpose()?,
+            nsp_head: self.nsp_head.as_ref().map(linear).transpose()?,
+        })
+    }
+
     /// The configuration.
     pub fn config(&self) -> &BertConfig {
         &self.cfg
@@ -406,55 +503,214 @@ impl HookedBert {
         output: Output,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
-        let missing = |what: &str| Err(Error::MissingHead(what.into()));
+        self.run(Start::Tokens(*input), None, output, hooks)
+    }
+
+    /// Runs the model from `start` up to the input of block `stop_at_layer` (whose output is
+    /// then the residual stream there, with no head), or through every block and `output`'s
+    /// head. This is TransformerLens's `start_at_layer` / `stop_at_layer`.
+    pub fn run(
+        &self,
+        start: Start<'_>,
+        stop_at_layer: Option<usize>,
+        output: Output,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let n_layers = self.cfg.n_layers;
+        let stop = stop_at_layer.unwrap_or(n_layers);
+        if stop > n_layers {
+            return Err(Error::Input(format!(
+                "stop_at_layer {stop} is past the last block (the model has {n_layers})"
+            )));
+        }
+        // Stopping anywhere, even after the last block, returns the residual stream there.
+        let output = if stop_at_layer.is_some() {
+            Output::Residual
+        } else {
+            output
+        };
+        self.check_head(output)?;
+        let (mut x, first, mask) = match start {
+            Start::Tokens(input) => {
+                self.check_input(&input)?;
+                let mask = self.mask(input.batch, input.pos, input.attention_mask)?;
+                (self.embed(&input, hooks)?, 0, mask)
+            }
+            Start::Residual {
+                x,
+                layer,
+                attention_mask,
+            } => {
+                if layer > stop {
+                    return Err(Error::Input(format!(
+                        "start_at_layer {layer} is after stop_at_layer {stop}"
+                    )));
+                }
+                let (b, p) = self.check_residual(&x, attention_mask)?;
+                (x, layer, self.mask(b, p, attention_mask)?)
+            }
+        };
+        for layer in first..stop {
+            x = self.block(layer, &self.blocks[layer], x, &mask, hooks)?;
+        }
         match output {
-            Output::Logits if self.mlm_head.is_none() => {
-                return missing(
-                    "this checkpoint has no MLM head (no cls.predictions.* weights), so it \
-                     cannot produce logits; use return_type=None or encoder_output() for its \
-                     hidden states",
-                )
+            Output::Residual => Ok(x),
+            Output::Logits => {
+                let x = self.apply(Part::MlmHead, x, hooks)?;
+                self.apply(Part::Unembed, x, hooks)
             }
-            Output::NextSentence if self.pooler.is_none() || self.nsp_head.is_none() => {
-                return missing(
-                    "this checkpoint has no pooler and NSP head (bert.pooler.dense.*, \
-                     cls.seq_relationship.*), so it cannot predict the next sentence; they \
-                     come with BertForPreTraining checkpoints",
-                )
+            Output::NextSentence => {
+                let pooled = self.apply(Part::Pooler, x, hooks)?;
+                self.apply(Part::NspHead, pooled, hooks)
             }
-            _ => {}
         }
-        self.check_input(input)?;
-        let mask = self.mask(input)?;
-        let mut x = self.embed(input, hooks)?;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            x = self.block(layer, block, x, &mask, hooks)?;
+    }
+
+    /// Runs one head on its own input (TransformerLens's `model.mlm_head(x)`, `model.unembed(x)`,
+    /// `model.pooler(x)`, `model.nsp_head(x)`), with its hooks.
+    pub fn apply(&self, part: Part, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let (needs, what) = match part {
+            Part::MlmHead | Part::Unembed => (Output::Logits, "[batch, pos, d_model]"),
+            Part::Pooler => (Output::NextSentence, "[batch, pos, d_model]"),
+            Part::NspHead => (Output::NextSentence, "[batch, d_model]"),
+        };
+        self.check_head(needs)?;
+        let rank = if part == Part::NspHead { 2 } else { 3 };
+        if x.rank() != rank || x.dims().last() != Some(&self.cfg.d_model) || x.dtype() != DType::F32
+        {
+            return Err(Error::Input(format!(
+                "{part:?} takes a float32 {what} input, got {:?} {:?}",
+                x.dims(),
+                x.dtype()
+            )));
         }
-        match (output, &self.mlm_head, &self.pooler, &self.nsp_head) {
-            (Output::NextSentence, _, Some(pooler), Some(nsp_head)) => {
-                let first = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-                let pooled = hook(
-                    hooks,
-                    HookPoint::PoolerOut,
-                    pooler.forward(&first, None)?.tanh()?,
-                )?;
-                hook(hooks, HookPoint::NspOut, nsp_head.forward(&pooled, None)?)
-            }
-            (Output::Logits, Some(head), _, _) => {
+        let x = x.to_device(&self.device)?;
+        match (part, &self.mlm_head, &self.pooler, &self.nsp_head) {
+            (Part::MlmHead, Some(head), _, _) => {
                 let x = head.dense.forward(&x, Some(self.cfg.act_fn))?;
-                let x = self.layer_norm(
+                self.layer_norm(
                     &x,
                     &head.ln,
                     HookPoint::MlmLnScale,
                     HookPoint::MlmLnNormalized,
                     hooks,
-                )?;
+                )
+            }
+            (Part::Unembed, Some(head), _, _) => {
                 let x = hook(hooks, HookPoint::UnembedIn, x)?;
                 let logits = head.decoder.forward(&x, None)?;
                 hook(hooks, HookPoint::UnembedOut, logits)
             }
-            _ => Ok(x),
+            (Part::Pooler, _, Some(pooler), _) => {
+                let first = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+                hook(
+                    hooks,
+                    HookPoint::PoolerOut,
+                    pooler.forward(&first, None)?.tanh()?,
+                )
+            }
+            (Part::NspHead, _, _, Some(nsp_head)) => hook(
+                hooks,
+                HookPoint::NspOut,
+                nsp_head.forward(&x.contiguous()?, None)?,
+            ),
+            _ => Err(missing_head_weights()),
         }
+    }
+
+    /// Runs block `layer`'s attention alone on separate query, key and value inputs
+    /// (`[batch, pos, d_model]` each; TransformerLens's `model.blocks[layer].attn(q, k, v)`).
+    pub fn attention_component(
+        &self,
+        layer: usize,
+        inputs: [Tensor; 3],
+        attention_mask: Option<&[i64]>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let block = self.blocks.get(layer).ok_or_else(|| {
+            Error::Input(format!(
+                "block {layer} does not exist (the model has {})",
+                self.cfg.n_layers
+            ))
+        })?;
+        let (b, p) = self.check_residual(&inputs[0], attention_mask)?;
+        let a = self.cfg.d_attn();
+        let mut parts = Vec::with_capacity(3);
+        for (i, input) in inputs.iter().enumerate() {
+            if input.dims() != inputs[0].dims() {
+                return Err(Error::Input(format!(
+                    "query, key and value inputs must have one shape, got {:?} and {:?}",
+                    inputs[0].dims(),
+                    input.dims()
+                )));
+            }
+            let projection = Linear {
+                weight: block.qkv.weight.narrow(0, i * a, a)?,
+                bias: block.qkv.bias.narrow(0, i * a, a)?,
+            };
+            let projected = projection.forward(&input.to_device(&self.device)?, None)?;
+            parts.push(projected.reshape((b, p, self.cfg.n_heads, self.cfg.d_head))?);
+        }
+        let [q, k, v]: [Tensor; 3] = parts.try_into().map_err(|_| missing_head_weights())?;
+        let mask = self.mask(b, p, attention_mask)?;
+        self.attention_from(layer, block, Qkv::Separate([q, k, v]), &mask, hooks)
+    }
+
+    /// Refuses an output whose head the checkpoint lacks.
+    fn check_head(&self, output: Output) -> Result<()> {
+        let missing = |what: &str| Err(Error::MissingHead(what.into()));
+        match output {
+            Output::Logits if self.mlm_head.is_none() => missing(
+                "this checkpoint has no MLM head (no cls.predictions.* weights), so it cannot \
+                 produce logits; use return_type=None or encoder_output() for its hidden states",
+            ),
+            Output::NextSentence if self.pooler.is_none() || self.nsp_head.is_none() => missing(
+                "this checkpoint has no pooler and NSP head (bert.pooler.dense.*, \
+                 cls.seq_relationship.*), so it cannot predict the next sentence; they come \
+                 with BertForPreTraining checkpoints",
+            ),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a residual-stream input `[batch, pos, d_model]` and its optional mask; returns
+    /// `(batch, pos)`.
+    fn check_residual(&self, x: &Tensor, attention_mask: Option<&[i64]>) -> Result<(usize, usize)> {
+        let d = self.cfg.d_model;
+        let (b, p) = match x.dims() {
+            [b, p, width] if *width == d && *b > 0 && *p > 0 => (*b, *p),
+            dims => {
+                return Err(Error::Input(format!(
+                    "a residual-stream input must be [batch, pos, {d}], got {dims:?}"
+                )))
+            }
+        };
+        if x.dtype() != DType::F32 {
+            return Err(Error::Input(format!(
+                "a residual-stream input must be float32, got {:?}",
+                x.dtype()
+            )));
+        }
+        if p > self.cfg.n_ctx {
+            return Err(Error::Input(format!(
+                "sequence length {p} is longer than the model's n_ctx ({})",
+                self.cfg.n_ctx
+            )));
+        }
+        if let Some(mask) = attention_mask {
+            if mask.len() != b * p {
+                return Err(Error::Input(format!(
+                    "one_zero_attention_mask has {} elements, the input has shape [{b}, {p}, {d}]",
+                    mask.len()
+                )));
+            }
+            if let Some(v) = mask.iter().find(|v| **v != 0 && **v != 1) {
+                return Err(Error::Input(format!(
+                    "one_zero_attention_mask holds {v}; use 0 or 1"
+                )));
+            }
+        }
+        Ok((b, p))
     }
 
     fn check_input(&self, input: &ForwardInput<'_>) -> Result<()> {
@@ -501,24 +757,17 @@ impl HookedBert {
         Ok(())
     }
 
-    /// Whether attention runs on the CPU kernels (rather than plain Candle ops, as on other
-    /// devices and for per-head inputs, `use_split_qkv_input`).
-    fn uses_attention_kernels(&self) -> bool {
-        self.device.is_cpu() && !self.cfg.use_split_qkv_input
-    }
-
     /// Which keys each query may attend to: 0 where it may, -inf where the key is padding
     /// (TransformerLens's convention since v1.7; Hugging Face uses the dtype's minimum instead)
     /// or, in a causal model, in the future.
-    fn mask(&self, input: &ForwardInput<'_>) -> Result<Mask> {
-        let (b, p) = (input.batch, input.pos);
-        let padding: Option<Vec<f32>> = input.attention_mask.map(|mask| {
+    fn mask(&self, b: usize, p: usize, attention_mask: Option<&[i64]>) -> Result<Mask> {
+        let padding: Option<Vec<f32>> = attention_mask.map(|mask| {
             mask.iter()
                 .map(|m| if *m == 1 { 0.0 } else { f32::NEG_INFINITY })
                 .collect()
         });
         let causal = self.cfg.attention_dir == AttentionDir::Causal;
-        if self.uses_attention_kernels() {
+        if self.device.is_cpu() {
             // The CPU kernels apply the mask themselves.
             return Ok(Mask {
                 padding,
@@ -719,7 +968,7 @@ impl HookedBert {
     }
 
     /// Multi-head attention, as TransformerLens's `AbstractAttention` (with an additive key
-    /// mask). Returns the output including `b_O`.
+    /// mask), on a block's input. Returns the output including `b_O`.
     fn attention(
         &self,
         layer: usize,
@@ -728,13 +977,61 @@ impl HookedBert {
         mask: &Mask,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
+        let qkv = if self.cfg.use_split_qkv_input {
+            Qkv::Separate(self.split_qkv(layer, block, resid_pre, hooks)?)
+        } else {
+            Qkv::Fused(block.qkv.forward(resid_pre, None)?)
+        };
+        self.attention_from(layer, block, qkv, mask, hooks)
+    }
+
+    /// With `use_split_qkv_input`: every head gets its own copy of the input (hooked as
+    /// `hook_q_input` ...), projected by its own slice of the weights. Returns q, k, v.
+    fn split_qkv(
+        &self,
+        layer: usize,
+        block: &Block,
+        resid_pre: &Tensor,
+        hooks: &mut dyn Hooks,
+    ) -> Result<[Tensor; 3]> {
         let at = |kind| HookPoint::Block(layer, kind);
         let (b, p, _) = resid_pre.dims3()?;
+        let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
+        let per_head =
+            resid_pre
+                .unsqueeze(2)?
+                .broadcast_as((b, p, self.cfg.n_heads, self.cfg.d_model))?;
+        let kinds = [BlockHook::QInput, BlockHook::KInput, BlockHook::VInput];
+        let mut out = Vec::with_capacity(3);
+        for (i, kind) in kinds.into_iter().enumerate() {
+            let input = hook(hooks, at(kind), per_head.clone())?;
+            out.push(per_head_projection(
+                &input,
+                &heads.w_qkv[i],
+                &heads.b_qkv[i],
+            )?);
+        }
+        let [q, k, v]: [Tensor; 3] = out.try_into().map_err(|_| missing_head_weights())?;
+        Ok([q, k, v])
+    }
+
+    /// Attention from projected queries, keys and values: hooks on q, k, v, the scores, the
+    /// pattern and z, then the output projection.
+    fn attention_from(
+        &self,
+        layer: usize,
+        block: &Block,
+        qkv: Qkv,
+        mask: &Mask,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
-        let z = if self.uses_attention_kernels() {
-            self.attention_z_cpu(layer, block, resid_pre, mask, hooks)?
+        let z = if self.device.is_cpu() {
+            self.attention_z_cpu(layer, qkv, mask, hooks)?
         } else {
-            self.attention_z_generic(layer, block, resid_pre, mask, hooks)?
+            self.attention_z_generic(layer, qkv, mask, hooks)?
         };
         let z = hook(hooks, at(BlockHook::Z), z)?;
         if self.cfg.use_attn_result {
@@ -753,19 +1050,44 @@ impl HookedBert {
         }
     }
 
+    /// q, k and v as `[batch, pos, heads, d_head]` tensors, each passed through its hook.
+    fn hooked_qkv(&self, layer: usize, qkv: Qkv, hooks: &mut dyn Hooks) -> Result<[Tensor; 3]> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
+        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
+        let parts = match qkv {
+            Qkv::Fused(fused) => {
+                let a = h * dh;
+                let part = |i: usize| -> Result<Tensor> {
+                    Ok(fused
+                        .narrow(2, i * a, a)?
+                        .contiguous()?
+                        .reshape((b, p, h, dh))?)
+                };
+                [part(0)?, part(1)?, part(2)?]
+            }
+            Qkv::Separate(parts) => parts,
+        };
+        let [q, k, v] = parts;
+        Ok([
+            hook(hooks, at(BlockHook::Q), q)?.contiguous()?,
+            hook(hooks, at(BlockHook::K), k)?.contiguous()?,
+            hook(hooks, at(BlockHook::V), v)?.contiguous()?,
+        ])
+    }
+
     /// Attention up to `z` with the CPU kernels. Unhooked, each head runs scores, mask, softmax
     /// and `@ v` in one task without materialising its scores; q, k and v are read straight out
     /// of the fused projection unless a hook wants them as tensors of their own.
     fn attention_z_cpu(
         &self,
         layer: usize,
-        block: &Block,
-        resid_pre: &Tensor,
+        qkv: Qkv,
         mask: &Mask,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p, _) = resid_pre.dims3()?;
+        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let a = h * dh;
         let shape = AttentionShape {
@@ -779,21 +1101,12 @@ impl HookedBert {
             padding: mask.padding.as_deref(),
             causal: mask.causal,
         };
-        let qkv = block.qkv.forward(resid_pre, None)?; // [b, p, 3 * a]
-
         let kinds = [BlockHook::Q, BlockHook::K, BlockHook::V];
-        let sources: Vec<Tensor> = if kinds.iter().any(|kind| wants(hooks, at(*kind))) {
-            let mut parts = Vec::with_capacity(3);
-            for (i, kind) in kinds.into_iter().enumerate() {
-                let part = qkv
-                    .narrow(2, i * a, a)?
-                    .contiguous()?
-                    .reshape((b, p, h, dh))?;
-                parts.push(hook(hooks, at(kind), part)?.contiguous()?);
+        let sources: Vec<Tensor> = match qkv {
+            Qkv::Fused(fused) if !kinds.iter().any(|kind| wants(hooks, at(*kind))) => {
+                vec![fused.contiguous()?]
             }
-            parts
-        } else {
-            vec![qkv]
+            qkv => self.hooked_qkv(layer, qkv, hooks)?.to_vec(),
         };
         let views = sources.iter().map(cpu::view).collect::<Result<Vec<_>>>()?;
         let [q, k, v]: [Heads<'_>; 3] = match views.as_slice() {
@@ -832,42 +1145,14 @@ impl HookedBert {
     fn attention_z_generic(
         &self,
         layer: usize,
-        block: &Block,
-        resid_pre: &Tensor,
+        qkv: Qkv,
         mask: &Mask,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p, _) = resid_pre.dims3()?;
-        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
-        let [q, k, v] = if self.cfg.use_split_qkv_input {
-            let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
-            let per_head = resid_pre
-                .unsqueeze(2)?
-                .broadcast_as((b, p, h, self.cfg.d_model))?;
-            let inputs = [BlockHook::QInput, BlockHook::KInput, BlockHook::VInput]
-                .map(|kind| hook(hooks, at(kind), per_head.clone()));
-            let mut out = Vec::with_capacity(3);
-            for (i, input) in inputs.into_iter().enumerate() {
-                out.push(per_head_projection(
-                    &input?,
-                    &heads.w_qkv[i],
-                    &heads.b_qkv[i],
-                )?);
-            }
-            [out.remove(0), out.remove(0), out.remove(0)]
-        } else {
-            let qkv = block.qkv.forward(resid_pre, None)?;
-            let a = h * dh;
-            let part = |i: usize| -> Result<Tensor> {
-                Ok(qkv.narrow(2, i * a, a)?.reshape((b, p, h, dh))?)
-            };
-            [part(0)?, part(1)?, part(2)?]
-        };
-        let q = hook(hooks, at(BlockHook::Q), q)?;
-        let k = hook(hooks, at(BlockHook::K), k)?;
-        let v = hook(hooks, at(BlockHook::V), v)?;
-
+        let p = qkv.dims()?.1;
+        let dh = self.cfg.d_head;
+        let [q, k, v] = self.hooked_qkv(layer, qkv, hooks)?;
         let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
         let (q, k, v) = (heads_first(&q)?, heads_first(&k)?, heads_first(&v)?);
         let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
@@ -893,6 +1178,25 @@ impl HookedBert {
         };
         let pattern = hook(hooks, at(BlockHook::Pattern), pattern)?;
         Ok(pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?) // [b, p, h, dh]
+    }
+}
+
+/// Projected queries, keys and values.
+enum Qkv {
+    /// One `[batch, pos, 3 * n_heads * d_head]` tensor from the fused projection.
+    Fused(Tensor),
+    /// q, k and v as `[batch, pos, n_heads, d_head]` tensors.
+    Separate([Tensor; 3]),
+}
+
+impl Qkv {
+    /// `(batch, pos)`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        let t = match self {
+            Qkv::Fused(t) => t,
+            Qkv::Separate([q, _, _]) => q,
+        };
+        Ok((t.dim(0)?, t.dim(1)?))
     }
 }
 

@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use hooked_encoder_core::{
-    BertConfig, ForwardInput, HookPoint, HookSet, HookedBert, Output, WeightFiles, WeightMap,
+    BertConfig, ForwardInput, HookPoint, HookSet, HookedBert, Output, Part, Start, WeightFiles,
+    WeightMap,
 };
 use numpy::{PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyError, PyValueError};
@@ -179,65 +180,167 @@ impl Model {
 
     /// Runs the model.
     ///
+    /// From `tokens` (`[batch, pos]`, with optional token types and mask), or, with
+    /// `start_layer`, from `residual` (`[batch, pos, d_model]`) entering that block; up to the
+    /// input of block `stop_layer`, or through every block and the head `output` names:
+    /// "logits" (MLM head), "residual" (none) or "next_sentence" (pooler and NSP head).
     /// `record` names the hook points whose activations come back (in firing order);
     /// `dispatch` names those whose activations go through `dispatcher(name, array)`, which
-    /// returns the activation to continue with. `output` is "logits" (through the MLM head),
-    /// "residual" (the last block's output; no head) or "next_sentence" (pooler and NSP head).
-    #[pyo3(signature = (tokens, token_type_ids, attention_mask, output, record, dispatch, dispatcher))]
+    /// returns the activation to continue with.
+    #[pyo3(signature = (tokens, residual, token_type_ids, attention_mask, start_layer, stop_layer, output, record, dispatch, dispatcher))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
         py: Python<'py>,
-        tokens: PyReadonlyArray2<'py, i64>,
+        tokens: Option<PyReadonlyArray2<'py, i64>>,
+        residual: Option<PyReadonlyArrayDyn<'py, f32>>,
         token_type_ids: Option<PyReadonlyArray2<'py, i64>>,
         attention_mask: Option<PyReadonlyArray2<'py, i64>>,
+        start_layer: usize,
+        stop_layer: Option<usize>,
         output: &str,
         record: Vec<String>,
         dispatch: Vec<String>,
         dispatcher: Option<Py<PyAny>>,
     ) -> PyResult<ForwardResult<'py>> {
-        let [batch, pos] = [tokens.shape()[0], tokens.shape()[1]];
-        for (what, array) in [
-            ("token_type_ids", &token_type_ids),
-            ("one_zero_attention_mask", &attention_mask),
-        ] {
-            if let Some(array) = array {
-                if array.shape() != tokens.shape() {
-                    return Err(PyValueError::new_err(format!(
-                        "{what} has shape {:?}, but tokens have shape {:?}",
-                        array.shape(),
-                        tokens.shape()
-                    )));
-                }
-            }
-        }
-        let tokens = rows(&tokens);
-        let token_type_ids = token_type_ids.as_ref().map(rows);
-        let attention_mask = attention_mask.as_ref().map(rows);
-        let mut hooks = PyHooks::new(
-            self.hook_set(&record)?,
-            self.hook_set(&dispatch)?,
-            dispatcher,
-        );
-        let model = Arc::clone(&self.inner);
         let output = match output {
             "logits" => Output::Logits,
             "residual" => Output::Residual,
             "next_sentence" => Output::NextSentence,
             other => return Err(PyValueError::new_err(format!("unknown output {other:?}"))),
         };
-        // The GIL is released for the whole pass; Python hooks take it back while they run.
+        let attention_mask = attention_mask.as_ref().map(rows);
+        let hooks = self.hooks(&record, &dispatch, dispatcher)?;
+        match (tokens, residual) {
+            (Some(tokens), None) => {
+                let [batch, pos] = [tokens.shape()[0], tokens.shape()[1]];
+                if let Some(types) = &token_type_ids {
+                    if types.shape() != tokens.shape() {
+                        return Err(PyValueError::new_err(format!(
+                            "token_type_ids has shape {:?}, but tokens have shape {:?}",
+                            types.shape(),
+                            tokens.shape()
+                        )));
+                    }
+                }
+                let tokens = rows(&tokens);
+                let token_type_ids = token_type_ids.as_ref().map(rows);
+                self.run_hooked(py, hooks, move |model, hooks| {
+                    let input = ForwardInput {
+                        batch,
+                        pos,
+                        tokens: &tokens,
+                        token_type_ids: token_type_ids.as_deref(),
+                        attention_mask: attention_mask.as_deref(),
+                    };
+                    model.run(Start::Tokens(input), stop_layer, output, hooks)
+                })
+            }
+            (None, Some(residual)) => {
+                let x =
+                    tensor_from_numpy(&residual, &Device::Cpu).map_err(|e| to_py_err(e.into()))?;
+                self.run_hooked(py, hooks, move |model, hooks| {
+                    let x = x.to_device(model.device())?;
+                    let start = Start::Residual {
+                        x,
+                        layer: start_layer,
+                        attention_mask: attention_mask.as_deref(),
+                    };
+                    model.run(start, stop_layer, output, hooks)
+                })
+            }
+            _ => Err(PyValueError::new_err(
+                "give either tokens or a residual-stream input",
+            )),
+        }
+    }
+
+    /// Runs one head ("mlm_head", "unembed", "pooler" or "nsp_head") on `x`.
+    #[pyo3(signature = (part, x, record, dispatch, dispatcher))]
+    fn apply<'py>(
+        &self,
+        py: Python<'py>,
+        part: &str,
+        x: PyReadonlyArrayDyn<'py, f32>,
+        record: Vec<String>,
+        dispatch: Vec<String>,
+        dispatcher: Option<Py<PyAny>>,
+    ) -> PyResult<ForwardResult<'py>> {
+        let part = match part {
+            "mlm_head" => Part::MlmHead,
+            "unembed" => Part::Unembed,
+            "pooler" => Part::Pooler,
+            "nsp_head" => Part::NspHead,
+            other => return Err(PyValueError::new_err(format!("unknown head {other:?}"))),
+        };
+        let x = tensor_from_numpy(&x, &Device::Cpu).map_err(|e| to_py_err(e.into()))?;
+        let hooks = self.hooks(&record, &dispatch, dispatcher)?;
+        self.run_hooked(py, hooks, move |model, hooks| model.apply(part, x, hooks))
+    }
+
+    /// Runs block `layer`'s attention on separate query, key and value inputs.
+    #[pyo3(signature = (layer, query, key, value, attention_mask, record, dispatch, dispatcher))]
+    #[allow(clippy::too_many_arguments)]
+    fn attention<'py>(
+        &self,
+        py: Python<'py>,
+        layer: usize,
+        query: PyReadonlyArrayDyn<'py, f32>,
+        key: PyReadonlyArrayDyn<'py, f32>,
+        value: PyReadonlyArrayDyn<'py, f32>,
+        attention_mask: Option<PyReadonlyArray2<'py, i64>>,
+        record: Vec<String>,
+        dispatch: Vec<String>,
+        dispatcher: Option<Py<PyAny>>,
+    ) -> PyResult<ForwardResult<'py>> {
+        let convert = |a: &PyReadonlyArrayDyn<'py, f32>| {
+            tensor_from_numpy(a, &Device::Cpu).map_err(|e| to_py_err(e.into()))
+        };
+        let inputs = [convert(&query)?, convert(&key)?, convert(&value)?];
+        let attention_mask = attention_mask.as_ref().map(rows);
+        let hooks = self.hooks(&record, &dispatch, dispatcher)?;
+        self.run_hooked(py, hooks, move |model, hooks| {
+            model.attention_component(layer, inputs, attention_mask.as_deref(), hooks)
+        })
+    }
+
+    /// A copy of the model on `device` ("cpu", "cuda", "cuda:N").
+    fn to_device(&self, py: Python<'_>, device: &str) -> PyResult<Self> {
+        let device = parse_device(device)?;
+        let model = py
+            .detach(|| self.inner.to_device(&device))
+            .map_err(to_py_err)?;
+        Ok(Self {
+            inner: Arc::new(model),
+        })
+    }
+}
+
+impl Model {
+    fn hooks(
+        &self,
+        record: &[String],
+        dispatch: &[String],
+        dispatcher: Option<Py<PyAny>>,
+    ) -> PyResult<PyHooks> {
+        Ok(PyHooks::new(
+            self.hook_set(record)?,
+            self.hook_set(dispatch)?,
+            dispatcher,
+        ))
+    }
+
+    /// Runs `work` on the model with the GIL released (Python hooks take it back while they
+    /// run), then hands the output and the recorded activations to NumPy.
+    fn run_hooked<'py>(
+        &self,
+        py: Python<'py>,
+        mut hooks: PyHooks,
+        work: impl FnOnce(&HookedBert, &mut PyHooks) -> hooked_encoder_core::Result<Tensor> + Send,
+    ) -> PyResult<ForwardResult<'py>> {
+        let model = Arc::clone(&self.inner);
         let output = py
-            .detach(|| {
-                let input = ForwardInput {
-                    batch,
-                    pos,
-                    tokens: &tokens,
-                    token_type_ids: token_type_ids.as_deref(),
-                    attention_mask: attention_mask.as_deref(),
-                };
-                crate::threads::install(|| model.forward(&input, output, &mut hooks))
-            })
+            .detach(|| crate::threads::install(|| work(&model, &mut hooks)))
             .map_err(to_py_err)?;
         let records = std::mem::take(&mut hooks.records)
             .into_iter()
