@@ -436,14 +436,30 @@ class ActivationCache:
             for lay in range(layer)
         ]
         labels = [f"L{lay}H{h}" for lay in range(layer) for h in range(self.model.cfg.n_heads)]
-        resid = _take(self._resid_entering(layer), index, -2, "pos_slice")
+        return self._finish_stack(
+            parts, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels
+        )
+
+    def _finish_stack(
+        self,
+        parts: list[np.ndarray],
+        labels: list[str],
+        layer: int,
+        pos_slice: SliceInput,
+        incl_remainder: bool,
+        apply_ln: bool,
+        return_labels: bool,
+    ) -> Any:
+        """Stacks per-component contributions ``[..., component, d_model]`` into
+        ``[component, ...]``, with the remainder and LayerNorm options of the stack_* methods."""
+        resid = _take(self._resid_entering(layer), _index(pos_slice, "pos_slice"), -2, "pos_slice")
         if parts:
             stack = np.moveaxis(np.concatenate(parts, axis=-2), -2, 0)
         else:
             stack = np.zeros((0, *resid.shape), dtype=resid.dtype)
         if incl_remainder:
             stack = np.concatenate([stack, (resid - stack.sum(axis=0))[None]])
-            labels.append("remainder")
+            labels = [*labels, "remainder"]
         out = self._out(stack)
         if apply_ln:
             out = self.apply_ln_to_stack(out, layer, pos_slice=pos_slice)
@@ -498,18 +514,9 @@ class ActivationCache:
         parts = [
             _to_numpy(self.get_neuron_results(lay, neurons, pos_slice)) for lay in range(layer)
         ]
-        resid = _take(self._resid_entering(layer), _index(pos_slice, "pos_slice"), -2, "pos_slice")
-        if parts:
-            stack = np.moveaxis(np.concatenate(parts, axis=-2), -2, 0)
-        else:
-            stack = np.zeros((0, *resid.shape), dtype=resid.dtype)
-        if incl_remainder:
-            stack = np.concatenate([stack, (resid - stack.sum(axis=0))[None]])
-            labels.append("remainder")
-        out = self._out(stack)
-        if apply_ln:
-            out = self.apply_ln_to_stack(out, layer, pos_slice=pos_slice)
-        return (out, labels) if return_labels else out
+        return self._finish_stack(
+            parts, labels, layer, pos_slice, incl_remainder, apply_ln, return_labels
+        )
 
     # ------------------------------------------------------------------ residual stream
 
