@@ -19,6 +19,7 @@ from ._core import (
 )
 from .activation_cache import ActivationCache, get_act_name
 from .config import HookedEncoderConfig
+from .extract import Extraction, load_extraction
 from .factored_matrix import FactoredMatrix
 from .hook_points import HookPoint
 from .hooked_encoder import HookedEncoder
@@ -30,6 +31,7 @@ __all__ = [
     "ActivationCache",
     "BertNextSentencePrediction",
     "CheckpointError",
+    "Extraction",
     "FactoredMatrix",
     "HookPoint",
     "HookedEncoder",
@@ -39,5 +41,6 @@ __all__ = [
     "cuda_available",
     "get_act_name",
     "get_num_threads",
+    "load_extraction",
     "set_num_threads",
 ]

@@ -11,7 +11,7 @@ import logging
 import os
 import random
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -254,6 +254,43 @@ class HookedEncoder:
         return (
             f"HookedEncoder({c.model_name!r}, n_layers={c.n_layers}, d_model={c.d_model}, "
             f"n_heads={c.n_heads}, d_vocab={c.d_vocab}, device={self._model.device!r})"
+        )
+
+    # ------------------------------------------------------------------ extraction
+
+    def extract(
+        self,
+        texts: Iterable[Any],
+        hooks: Any,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        pooling: Literal["mean", "cls", "max"] | None = None,
+        out: str | os.PathLike[str] | None = None,
+        shard_rows: int = 1024,
+    ) -> Any:
+        """Runs many inputs and keeps the activations of ``hooks`` (names, glob patterns such as
+        ``"blocks.*.hook_resid_post"``, or a predicate), with padding removed.
+
+        ``texts`` is any iterable of strings, sentence pairs (2-tuples), or token-id sequences.
+        Inputs are taken ``shard_rows`` at a time, sorted by length within that window and run in
+        batches of ``batch_size``, each padded only to its own longest row, so memory is bounded
+        by the window, not the corpus. ``pooling`` reduces each row over its tokens (``"mean"``,
+        ``"cls"`` for the first token, ``"max"``). Returns an :class:`~hooked_encoder.extract.
+        Extraction`, or, with ``out``, writes safetensors shards and a manifest there (atomically;
+        rerunning with the same arguments resumes after the last complete shard) and returns the
+        directory; read it back with :func:`hooked_encoder.load_extraction`.
+        """
+        from .extract import extract
+
+        return extract(
+            self,
+            texts,
+            hooks,
+            batch_size=batch_size,
+            max_length=max_length,
+            pooling=pooling,
+            out=out,
+            shard_rows=shard_rows,
         )
 
     # ------------------------------------------------------------------ components

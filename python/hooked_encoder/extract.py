@@ -1,0 +1,327 @@
+"""Activation extraction at corpus scale: run many texts through the model and keep the
+activations of chosen hooks, padding removed, in memory or streamed to disk.
+
+Underneath is a plain function over one batch, :func:`extract_batch`, so that a distributed
+engine can map it over shards of a corpus (each worker loads the model once, then calls
+``extract_batch`` on its batches); :func:`extract` adds batching, ordering, and the on-disk format.
+
+On disk an extraction is a directory of safetensors shards plus ``manifest.json``. Shard ``k``
+holds the input rows listed in the manifest, in input order. For each hook there is the tensor
+``{hook}`` and, without pooling, ``{hook}.offsets``: row ``i`` is
+``values[offsets[i]:offsets[i+1]]``.
+The manifest is rewritten (atomically) after every shard, so an interrupted run started again with
+the same arguments resumes after the last complete shard.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .hooked_encoder import HookedEncoder
+
+Pooling = Literal["mean", "cls", "max"] | None
+MANIFEST = "manifest.json"
+FORMAT = "hooked-encoder-extraction/1"
+# Hooks without a position dimension at axis 1 cannot be split per token.
+_NOT_PER_TOKEN = (
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "pooler.hook_pooler_out",
+    "nsp_head.hook_nsp_out",
+)
+
+
+def select_hooks(
+    model: HookedEncoder, hooks: str | Iterable[str] | Callable[[str], bool]
+) -> list[str]:
+    """Hook names, in firing order, from names, glob patterns (``"blocks.*.hook_resid_post"``)
+    or a predicate. A pattern that matches nothing is a ``KeyError``."""
+    names = list(model.hook_dict)
+    if callable(hooks):
+        chosen = [n for n in names if hooks(n)]
+    else:
+        patterns = [hooks] if isinstance(hooks, str) else list(hooks)
+        chosen_set: set[str] = set()
+        for pattern in patterns:
+            matched = fnmatch.filter(names, pattern)
+            if not matched:
+                raise KeyError(f"hook pattern {pattern!r} matches no hook point of this model")
+            chosen_set.update(matched)
+        chosen = [n for n in names if n in chosen_set]
+    if not chosen:
+        raise KeyError("no hook point selected")
+    awkward = [n for n in chosen if n.endswith(_NOT_PER_TOKEN)]
+    if awkward:
+        raise ValueError(
+            f"{awkward[0]} has no position axis to split by token; extract supports hooks shaped "
+            "[batch, pos, ...] (use run_with_cache for attention patterns)"
+        )
+    return chosen
+
+
+@dataclass
+class Batch:
+    """Padded inputs for some input rows: ``rows`` are their indices in the corpus."""
+
+    rows: np.ndarray
+    tokens: np.ndarray
+    token_type_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
+def _encode(
+    model: HookedEncoder, items: list[Any], max_length: int | None
+) -> tuple[np.ndarray, ...]:
+    if all(isinstance(t, str) for t in items):
+        return model._require_tokenizer("text input")(items, max_length or model.cfg.n_ctx)
+    if all(isinstance(t, tuple) and len(t) == 2 for t in items):
+        return model._require_tokenizer("sentence pairs")(items, max_length or model.cfg.n_ctx)
+    rows = [np.asarray(t, dtype=np.int64).reshape(-1)[: max_length or None] for t in items]
+    width = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros_like(tokens)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)], mask[i, : len(r)] = r, 1
+    return tokens, np.zeros_like(tokens), mask
+
+
+def iter_batches(
+    model: HookedEncoder, items: list[Any], first_row: int, batch_size: int, max_length: int | None
+) -> Iterator[Batch]:
+    """Batches of ``items`` (rows ``first_row...``), sorted by length and each padded only to
+    its own longest row."""
+    tokens, types, mask = _encode(model, items, max_length)
+    lengths = mask.sum(1)
+    order = np.argsort(-lengths, kind="stable")
+    for start in range(0, len(order), batch_size):
+        chosen = order[start : start + batch_size]
+        width = int(lengths[chosen].max())
+        yield Batch(
+            chosen + first_row, tokens[chosen, :width], types[chosen, :width], mask[chosen, :width]
+        )
+
+
+def extract_batch(
+    model: HookedEncoder, batch: Batch, hooks: list[str], pooling: Pooling = None
+) -> dict[str, list[np.ndarray]]:
+    """Runs one batch and returns, per hook, one array per row: ``[tokens, ...]`` without
+    padding, or ``[...]`` pooled over the row's tokens (mean, first token, or max)."""
+    needs_head = any(h.startswith(("mlm_head.", "unembed.")) for h in hooks)
+    _, cache = model.run_with_cache(
+        batch.tokens,
+        return_type="logits" if needs_head else None,
+        token_type_ids=batch.token_type_ids,
+        one_zero_attention_mask=batch.attention_mask,
+        names_filter=hooks,
+    )
+    lengths = batch.attention_mask.sum(1)
+    out: dict[str, list[np.ndarray]] = {}
+    for name in hooks:
+        value = np.asarray(cache[name])
+        rows = [value[i, : lengths[i]] for i in range(len(lengths))]
+        if pooling == "mean":
+            rows = [r.mean(0) for r in rows]
+        elif pooling == "max":
+            rows = [r.max(0) for r in rows]
+        elif pooling == "cls":
+            rows = [r[0] for r in rows]
+        elif pooling is not None:
+            raise ValueError(f"pooling must be None, 'mean', 'cls' or 'max', got {pooling!r}")
+        out[name] = [np.ascontiguousarray(r) for r in rows]
+    return out
+
+
+def _pack(per_row: dict[str, list[np.ndarray]], pooled: bool) -> dict[str, np.ndarray]:
+    tensors = {}
+    for name, rows in per_row.items():
+        if pooled:
+            tensors[name] = np.stack(rows)
+        else:
+            tensors[name] = np.concatenate(rows)
+            tensors[f"{name}.offsets"] = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    return tensors
+
+
+def _run_window(model, items, first_row, hooks, batch_size, max_length, pooling):
+    """Extracts one window of rows; returns per-hook arrays in input order."""
+    per_row: dict[str, list[Any]] = {h: [None] * len(items) for h in hooks}
+    for batch in iter_batches(model, items, first_row, batch_size, max_length):
+        result = extract_batch(model, batch, hooks, pooling)
+        for name, rows in result.items():
+            for row, value in zip(batch.rows - first_row, rows, strict=True):
+                per_row[name][row] = value
+    return _pack(per_row, pooling is not None)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def extract(
+    model: HookedEncoder,
+    texts: Iterable[Any],
+    hooks: Any,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    pooling: Pooling = None,
+    out: str | os.PathLike | None = None,
+    shard_rows: int = 1024,
+) -> Extraction | Path:
+    """See :meth:`HookedEncoder.extract`."""
+    if batch_size < 1 or shard_rows < 1:
+        raise ValueError("batch_size and shard_rows must be at least 1")
+    names = select_hooks(model, hooks)
+    if pooling not in (None, "mean", "cls", "max"):
+        raise ValueError(f"pooling must be None, 'mean', 'cls' or 'max', got {pooling!r}")
+    items = iter(texts)
+    if out is None:
+        parts = [
+            _run_window(model, chunk, start, names, batch_size, max_length, pooling)
+            for start, chunk in _windows(items, shard_rows)
+        ]
+        return Extraction._from_parts(parts, names, pooling)
+    from safetensors.numpy import save_file
+
+    directory = Path(out)
+    directory.mkdir(parents=True, exist_ok=True)
+    arguments = {
+        "model": model.cfg.model_name,
+        "hooks": names,
+        "pooling": pooling,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "shard_rows": shard_rows,
+    }
+    fingerprint = hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        manifest = {
+            "format": FORMAT,
+            "fingerprint": fingerprint,
+            "arguments": arguments,
+            "dtype": "float32",
+            "shards": [],
+            "complete": False,
+        }
+    elif manifest.get("fingerprint") != fingerprint:
+        raise ValueError(
+            f"{directory} holds an extraction made with other arguments "
+            f"({manifest.get('arguments')}); use another directory"
+        )
+    done = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
+    items = itertools.islice(items, done, None)
+    for start, chunk in _windows(items, shard_rows, first_row=done):
+        tensors = _run_window(model, chunk, start, names, batch_size, max_length, pooling)
+        shard = f"shard-{len(manifest['shards']):05d}.safetensors"
+        _atomic_write(directory / shard, lambda path, t=tensors: save_file(t, path))
+        manifest["shards"].append(
+            {
+                "file": shard,
+                "rows": [start, start + len(chunk)],
+                "shapes": {n: list(tensors[n].shape) for n in names},
+            }
+        )
+        _write_manifest(directory, manifest)
+    manifest["complete"] = True
+    _write_manifest(directory, manifest)
+    return directory
+
+
+def _windows(items: Iterator[Any], size: int, first_row: int = 0):
+    start = first_row
+    while chunk := list(itertools.islice(items, size)):
+        yield start, chunk
+        start += len(chunk)
+
+
+def _read_manifest(directory: Path) -> dict[str, Any] | None:
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a hooked_encoder extraction manifest")
+    return manifest
+
+
+def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    _atomic_write(
+        directory / MANIFEST, lambda path: Path(path).write_text(json.dumps(manifest, indent=1))
+    )
+
+
+class Extraction:
+    """Extracted activations: ``extraction[hook]`` is ``[rows, ...]`` when pooled, or all rows'
+    tokens concatenated, ``[tokens, ...]``, with ``extraction.offsets(hook)`` (``[rows + 1]``)
+    saying where each row starts; ``extraction.row(hook, i)`` is one row."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], hooks: list[str], pooling: Pooling) -> None:
+        self.arrays, self.hooks, self.pooling = arrays, hooks, pooling
+
+    @classmethod
+    def _from_parts(cls, parts: list[dict[str, np.ndarray]], hooks: list[str], pooling: Pooling):
+        arrays: dict[str, np.ndarray] = {}
+        for name in hooks:
+            arrays[name] = np.concatenate([p[name] for p in parts]) if parts else np.zeros((0,))
+            if pooling is None:
+                offsets = [np.zeros(1, dtype=np.int64)]
+                for p in parts:
+                    offsets.append(p[f"{name}.offsets"][1:] + offsets[-1][-1])
+                arrays[f"{name}.offsets"] = np.concatenate(offsets)
+        return cls(arrays, hooks, pooling)
+
+    def __getitem__(self, hook: str) -> np.ndarray:
+        if hook not in self.hooks:
+            raise KeyError(f"{hook!r} was not extracted; extracted: {self.hooks}")
+        return self.arrays[hook]
+
+    def offsets(self, hook: str) -> np.ndarray:
+        if self.pooling is not None:
+            raise ValueError("a pooled extraction has one vector per row and no offsets")
+        self[hook]  # a KeyError for a hook that was not extracted
+        return self.arrays[f"{hook}.offsets"]
+
+    def row(self, hook: str, i: int) -> np.ndarray:
+        if self.pooling is not None:
+            return self[hook][i]
+        offsets = self.offsets(hook)
+        return self[hook][offsets[i] : offsets[i + 1]]
+
+    def __len__(self) -> int:
+        hook = self.hooks[0]
+        return len(self[hook]) if self.pooling is not None else len(self.offsets(hook)) - 1
+
+
+def load_extraction(path: str | os.PathLike, hooks: Iterable[str] | None = None) -> Extraction:
+    """Reads an extraction written by ``extract(..., out=path)``: every hook, or ``hooks``."""
+    from safetensors.numpy import load_file
+
+    directory = Path(path)
+    manifest = _read_manifest(directory)
+    if manifest is None:
+        raise FileNotFoundError(f"{directory} holds no {MANIFEST}")
+    names = list(manifest["arguments"]["hooks"] if hooks is None else hooks)
+    unknown = sorted(set(names) - set(manifest["arguments"]["hooks"]))
+    if unknown:
+        raise KeyError(f"{unknown} were not extracted into {directory}")
+    parts = [load_file(directory / s["file"]) for s in manifest["shards"]]
+    return Extraction._from_parts(parts, names, manifest["arguments"]["pooling"])
