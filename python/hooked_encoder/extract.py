@@ -155,14 +155,17 @@ def _pack(per_row: dict[str, list[np.ndarray]], pooled: bool) -> dict[str, np.nd
 
 
 def _run_window(model, items, first_row, hooks, batch_size, max_length, pooling):
-    """Extracts one window of rows; returns per-hook arrays in input order."""
+    """Extracts one window of rows; returns per-hook arrays in input order, and the number of
+    tokens run."""
     per_row: dict[str, list[Any]] = {h: [None] * len(items) for h in hooks}
+    tokens = 0
     for batch in iter_batches(model, items, first_row, batch_size, max_length):
         result = extract_batch(model, batch, hooks, pooling)
+        tokens += int(batch.attention_mask.sum())
         for name, rows in result.items():
             for row, value in zip(batch.rows - first_row, rows, strict=True):
                 per_row[name][row] = value
-    return _pack(per_row, pooling is not None)
+    return _pack(per_row, pooling is not None), tokens
 
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
@@ -195,11 +198,13 @@ def extract(
     items = iter(texts)
     if out is None:
         parts = [
-            _run_window(model, chunk, start, names, batch_size, max_length, pooling)
+            _run_window(model, chunk, start, names, batch_size, max_length, pooling)[0]
             for start, chunk in _windows(items, shard_rows)
         ]
         return Extraction._from_parts(parts, names, pooling)
     from safetensors.numpy import save_file
+
+    from . import __version__
 
     directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
@@ -219,6 +224,8 @@ def extract(
             "fingerprint": fingerprint,
             "arguments": arguments,
             "dtype": "float32",
+            "hooked_encoder": __version__,
+            "tokenizer": None if model.tokenizer is None else model.cfg.tokenizer_name,
             "shards": [],
             "complete": False,
         }
@@ -230,13 +237,14 @@ def extract(
     done = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
     items = itertools.islice(items, done, None)
     for start, chunk in _windows(items, shard_rows, first_row=done):
-        tensors = _run_window(model, chunk, start, names, batch_size, max_length, pooling)
+        tensors, tokens = _run_window(model, chunk, start, names, batch_size, max_length, pooling)
         shard = f"shard-{len(manifest['shards']):05d}.safetensors"
         _atomic_write(directory / shard, lambda path, t=tensors: save_file(t, path))
         manifest["shards"].append(
             {
                 "file": shard,
                 "rows": [start, start + len(chunk)],
+                "tokens": tokens,
                 "shapes": {n: list(tensors[n].shape) for n in names},
             }
         )

@@ -1,0 +1,263 @@
+"""``hooked-encoder``: extract activations, inspect a model's hook points, fill masks, and draw
+attention patterns, from the command line.
+
+Mistakes (a bad path, an unknown hook pattern, a missing field) print one line saying what is
+wrong and how to fix it, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from .loading import DEFAULT_MODEL
+
+# What each hook point holds: shape with symbolic dims, and meaning (reference section 2).
+HOOK_DOCS = {
+    "embed.hook_embed": ("[batch, pos, d_model]", "token embeddings W_E[tokens]"),
+    "embed.hook_pos_embed": ("[batch, pos, d_model]", "position embeddings"),
+    "embed.hook_token_type_embed": ("[batch, pos, d_model]", "token-type (segment) embeddings"),
+    "ln.hook_scale": ("[batch, pos, 1]", "LayerNorm scale sqrt(var + eps)"),
+    "ln.hook_normalized": ("[batch, pos, d_model]", "LayerNorm (x - mean) / scale"),
+    "ln1.hook_scale": ("[batch, pos, 1]", "scale of the LayerNorm after attention"),
+    "ln1.hook_normalized": ("[batch, pos, d_model]", "normalised input of ln1"),
+    "ln2.hook_scale": ("[batch, pos, 1]", "scale of the LayerNorm after the MLP"),
+    "ln2.hook_normalized": ("[batch, pos, d_model]", "normalised input of ln2"),
+    "hook_full_embed": ("[batch, pos, d_model]", "embedding LayerNorm output, input of block 0"),
+    "hook_resid_pre": ("[batch, pos, d_model]", "block input"),
+    "hook_q_input": ("[batch, pos, head, d_model]", "per-head query input"),
+    "hook_k_input": ("[batch, pos, head, d_model]", "per-head key input"),
+    "hook_v_input": ("[batch, pos, head, d_model]", "per-head value input"),
+    "attn.hook_q": ("[batch, pos, head, d_head]", "queries"),
+    "attn.hook_k": ("[batch, pos, head, d_head]", "keys"),
+    "attn.hook_v": ("[batch, pos, head, d_head]", "values"),
+    "attn.hook_attn_scores": ("[batch, head, query, key]", "q.k / sqrt(d_head) + mask (-inf)"),
+    "attn.hook_pattern": ("[batch, head, query, key]", "attention probabilities"),
+    "attn.hook_z": ("[batch, pos, head, d_head]", "pattern @ v"),
+    "attn.hook_result": ("[batch, pos, head, d_model]", "per-head output, without b_O"),
+    "hook_attn_out": ("[batch, pos, d_model]", "attention output (with b_O)"),
+    "hook_resid_mid": ("[batch, pos, d_model]", "resid_pre + attn_out, before ln1"),
+    "hook_mlp_in": ("[batch, pos, d_model]", "input of ln1 (= resid_mid unless edited)"),
+    "mlp.hook_pre": ("[batch, pos, d_mlp]", "MLP pre-activation"),
+    "mlp.hook_post": ("[batch, pos, d_mlp]", "MLP activation (GELU)"),
+    "hook_mlp_out": ("[batch, pos, d_model]", "MLP output"),
+    "hook_resid_post": ("[batch, pos, d_model]", "ln1 output + mlp_out, before ln2 (post-LN)"),
+    "hook_normalized_resid_post": ("[batch, pos, d_model]", "block output (after ln2)"),
+    "unembed.hook_in": ("[batch, pos, d_model]", "MLM head output"),
+    "unembed.hook_out": ("[batch, pos, d_vocab]", "logits"),
+    "pooler.hook_pooler_out": ("[batch, d_model]", "tanh(dense(first token)), NSP only"),
+    "nsp_head.hook_nsp_out": ("[batch, 2]", "next-sentence logits, NSP only"),
+}
+
+
+class UserError(Exception):
+    """A mistake of the caller's, reported in one line."""
+
+
+def _describe(name: str) -> tuple[str, str]:
+    for suffix, doc in sorted(HOOK_DOCS.items(), key=lambda kv: -len(kv[0])):
+        if name.endswith(suffix):
+            return doc
+    return ("", "")
+
+
+def _load(name: str):
+    from . import CheckpointError, HookedEncoder
+
+    try:
+        return HookedEncoder.from_pretrained(name)
+    except CheckpointError as e:
+        raise UserError(str(e)) from None
+
+
+def _read_texts(path: str, field: str | None) -> Iterator[str]:
+    stream = sys.stdin if path == "-" else None
+    if stream is None and not Path(path).is_file():
+        raise UserError(f"input file {path} does not exist")
+    suffix = Path(path).suffix.lower() if path != "-" else ""
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError("reading Parquet needs pyarrow: pip install pyarrow") from None
+        table = pq.read_table(path)
+        if field not in table.column_names:
+            raise UserError(
+                f"--text-field {field!r} is not a column of {path}; columns: {table.column_names}"
+            )
+        yield from (str(v) for v in table.column(field).to_pylist())
+        return
+    handle = stream or open(path, encoding="utf-8", newline="")  # noqa: SIM115
+    with handle:
+        if suffix == ".csv":
+            reader = csv.DictReader(handle)
+            if field not in (reader.fieldnames or []):
+                raise UserError(
+                    f"--text-field {field!r} is not a column of {path}; columns: "
+                    f"{reader.fieldnames}"
+                )
+            yield from (row[field] for row in reader)
+        elif suffix in (".jsonl", ".ndjson"):
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}, line {number}: not JSON ({e.msg})") from None
+                if not isinstance(record, dict) or field not in record:
+                    raise UserError(
+                        f"{path}, line {number}: no field {field!r} (choose one with --text-field)"
+                    )
+                yield str(record[field])
+        else:
+            yield from (line.rstrip("\n") for line in handle if line.strip())
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    from . import set_num_threads
+
+    if args.threads:
+        set_num_threads(args.threads)
+    model = _load(args.model)
+    start = time.perf_counter()
+    try:
+        out = model.extract(
+            _read_texts(args.input, args.text_field),
+            args.hooks,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            pooling=args.pooling,
+            out=args.out,
+        )
+    except KeyError as e:
+        raise UserError(str(e.args[0])) from None
+    manifest = json.loads((Path(out) / "manifest.json").read_text())
+    texts = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
+    tokens = sum(s["tokens"] for s in manifest["shards"])
+    seconds = time.perf_counter() - start
+    print(
+        f"extracted {len(manifest['arguments']['hooks'])} hooks from {texts} texts "
+        f"({tokens} tokens) in {seconds:.1f} s ({texts / max(seconds, 1e-9):.1f} texts/s) "
+        f"into {out}"
+    )
+
+
+def _cmd_info(args: argparse.Namespace) -> None:
+    model = _load(args.model)
+    print(f"model: {args.model}")
+    for key, value in model.cfg.to_dict().items():
+        print(f"  {key}: {value}")
+    print(f"  MLM head: {'yes' if model.has_mlm_head else 'no'}")
+    print("\nhook points (firing order):")
+    width = max(len(n) for n in model.hook_dict)
+    for name in model.hook_dict:
+        shape, meaning = _describe(name)
+        print(f"  {name:<{width}}  {shape:<28}  {meaning}")
+
+
+def _cmd_fill_mask(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    model = _load(args.model)
+    if not model.has_mlm_head:
+        raise UserError(
+            f"{args.model} has no MLM head, so it cannot fill masks; use a "
+            "BertForMaskedLM or BertForPreTraining checkpoint"
+        )
+    tokens = model.to_tokens(args.text)[0]
+    mask_id = model.tokenizer.mask_token_id
+    positions = np.flatnonzero(tokens[0] == mask_id)
+    if positions.size == 0:
+        raise UserError("the text has no [MASK] token")
+    logits = model(tokens)[0]
+    for position in positions:
+        row = logits[position].astype(np.float64)
+        probs = np.exp(row - row.max())
+        probs /= probs.sum()
+        best = np.argsort(-probs)[: args.top_k]
+        words = model.tokenizer.ids_to_tokens(list(best))
+        print(
+            f"[MASK] at {position}: "
+            + ", ".join(f"{w} ({probs[i]:.3f})" for w, i in zip(words, best, strict=True))
+        )
+
+
+def _cmd_attention(args: argparse.Namespace) -> None:
+    from .plot import plot_attention
+
+    model = _load(args.model)
+    if not 0 <= args.layer < model.cfg.n_layers:
+        raise UserError(f"--layer must be between 0 and {model.cfg.n_layers - 1}")
+    if args.head is not None and not 0 <= args.head < model.cfg.n_heads:
+        raise UserError(f"--head must be between 0 and {model.cfg.n_heads - 1}")
+    plot_attention(model, args.text, args.layer, args.head, args.out)
+    print(f"wrote {args.out}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hooked-encoder", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_model(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--model",
+            default=DEFAULT_MODEL,
+            help=f"checkpoint directory or name (default: {DEFAULT_MODEL})",
+        )
+        return p
+
+    p = with_model(commands.add_parser("extract", help="extract activations of many texts"))
+    p.add_argument("--hooks", nargs="+", required=True, help="hook names or glob patterns")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="text file (one per line), .jsonl, .csv, .parquet, or - for standard input",
+    )
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--text-field", default="text", help="field holding the text (JSONL/CSV/Parquet)"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pooling", choices=["mean", "cls", "max"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--max-length", type=int)
+    p.set_defaults(run=_cmd_extract)
+
+    p = with_model(commands.add_parser("info", help="config and hook points of a model"))
+    p.set_defaults(run=_cmd_info)
+
+    p = with_model(commands.add_parser("fill-mask", help="top predictions for [MASK] tokens"))
+    p.add_argument("text")
+    p.add_argument("--top-k", type=int, default=5)
+    p.set_defaults(run=_cmd_fill_mask)
+
+    p = with_model(commands.add_parser("attention", help="draw an attention pattern"))
+    p.add_argument("text")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--head", type=int, help="one head (default: the mean over heads)")
+    p.add_argument("--out", required=True, help="image file, e.g. pattern.png")
+    p.set_defaults(run=_cmd_attention)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UserError as e:
+        print(f"hooked-encoder: error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:
+        print(f"hooked-encoder: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
