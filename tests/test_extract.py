@@ -117,3 +117,52 @@ def test_hook_selection_errors(text_model):
         text_model.extract(TEXTS, "blocks.0.attn.hook_pattern")
     with pytest.raises(ValueError, match="pooling must be"):
         text_model.extract(TEXTS, "hook_full_embed", pooling="sum")
+
+
+def test_progress_bar_reports_texts_and_tokens(text_model, capsys):
+    text_model.extract(TEXTS, "hook_full_embed", progress=True)
+    err = capsys.readouterr().err
+    assert "6 texts" in err and "tokens/s" in err
+    text_model.extract(TEXTS, "hook_full_embed", progress=False)
+    assert capsys.readouterr().err == ""
+
+
+MEMORY_SCRIPT = """
+import resource, sys
+from hooked_encoder import HookedEncoder
+model = HookedEncoder.from_pretrained(sys.argv[1])
+n = int(sys.argv[2])
+texts = ("the cat sat on the mat and it was tired ." for _ in range(n))
+model.extract(texts, "blocks.*.mlp.hook_post", batch_size=64, shard_rows=512, out=sys.argv[3],
+              progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_memory_is_bounded_by_the_batch_not_the_corpus(text_checkpoint, tmp_path):
+    """Streaming 16x more texts to disk must not raise the peak RSS by anything like the 16x
+    more data written (about 60 MB of activations at 16 000 texts)."""
+    import subprocess
+    import sys
+
+    def peak_mib(n: int) -> int:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                MEMORY_SCRIPT,
+                str(text_checkpoint.path),
+                str(n),
+                str(tmp_path / f"out{n}"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        return int(result.stdout.strip())
+
+    small, large = peak_mib(1000), peak_mib(16000)
+    written = sum(p.stat().st_size for p in (tmp_path / "out16000").iterdir()) / 2**20
+    assert written > 50
+    assert large - small < 20, (small, large, written)

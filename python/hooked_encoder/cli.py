@@ -134,6 +134,7 @@ def _cmd_extract(args: argparse.Namespace) -> None:
             max_length=args.max_length,
             pooling=args.pooling,
             out=args.out,
+            progress=False if args.no_progress else None,
         )
     except KeyError as e:
         raise UserError(str(e.args[0])) from None
@@ -227,6 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pooling", choices=["mean", "cls", "max"])
     p.add_argument("--threads", type=int)
     p.add_argument("--max-length", type=int)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_cmd_extract)
 
     p = with_model(commands.add_parser("info", help="config and hook points of a model"))

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ def extract(
     pooling: Pooling = None,
     out: str | os.PathLike | None = None,
     shard_rows: int = 1024,
+    progress: bool | None = None,
 ) -> Extraction | Path:
     """See :meth:`HookedEncoder.extract`."""
     if batch_size < 1 or shard_rows < 1:
@@ -197,10 +199,14 @@ def extract(
         raise ValueError(f"pooling must be None, 'mean', 'cls' or 'max', got {pooling!r}")
     items = iter(texts)
     if out is None:
-        parts = [
-            _run_window(model, chunk, start, names, batch_size, max_length, pooling)[0]
-            for start, chunk in _windows(items, shard_rows)
-        ]
+        parts = []
+        with _Progress(progress) as bar:
+            for start, chunk in _windows(items, shard_rows):
+                tensors, tokens = _run_window(
+                    model, chunk, start, names, batch_size, max_length, pooling
+                )
+                parts.append(tensors)
+                bar.update(len(chunk), tokens)
         return Extraction._from_parts(parts, names, pooling)
     from safetensors.numpy import save_file
 
@@ -236,22 +242,57 @@ def extract(
         )
     done = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
     items = itertools.islice(items, done, None)
-    for start, chunk in _windows(items, shard_rows, first_row=done):
-        tensors, tokens = _run_window(model, chunk, start, names, batch_size, max_length, pooling)
-        shard = f"shard-{len(manifest['shards']):05d}.safetensors"
-        _atomic_write(directory / shard, lambda path, t=tensors: save_file(t, path))
-        manifest["shards"].append(
-            {
-                "file": shard,
-                "rows": [start, start + len(chunk)],
-                "tokens": tokens,
-                "shapes": {n: list(tensors[n].shape) for n in names},
-            }
-        )
-        _write_manifest(directory, manifest)
+    with _Progress(progress) as bar:
+        for start, chunk in _windows(items, shard_rows, first_row=done):
+            tensors, tokens = _run_window(
+                model, chunk, start, names, batch_size, max_length, pooling
+            )
+            shard = f"shard-{len(manifest['shards']):05d}.safetensors"
+            _atomic_write(directory / shard, lambda path, t=tensors: save_file(t, path))
+            manifest["shards"].append(
+                {
+                    "file": shard,
+                    "rows": [start, start + len(chunk)],
+                    "tokens": tokens,
+                    "shapes": {n: list(tensors[n].shape) for n in names},
+                }
+            )
+            _write_manifest(directory, manifest)
+            bar.update(len(chunk), tokens)
     manifest["complete"] = True
     _write_manifest(directory, manifest)
     return directory
+
+
+class _Progress:
+    """A tqdm bar with texts/s and tokens/s: on when asked, or by default when stderr is a
+    terminal and tqdm is installed; otherwise nothing."""
+
+    def __init__(self, enabled: bool | None) -> None:
+        self.bar = None
+        if enabled is None:
+            enabled = sys.stderr.isatty()
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(unit=" texts", desc="extracting", dynamic_ncols=True)
+        self.tokens = 0
+
+    def update(self, texts: int, tokens: int) -> None:
+        if self.bar is not None:
+            self.tokens += tokens
+            self.bar.update(texts)
+            elapsed = self.bar.format_dict.get("elapsed") or 1e-9
+            self.bar.set_postfix_str(f"{self.tokens / elapsed:.0f} tokens/s")
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _windows(items: Iterator[Any], size: int, first_row: int = 0):

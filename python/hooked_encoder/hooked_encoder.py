@@ -267,6 +267,7 @@ class HookedEncoder:
         pooling: Literal["mean", "cls", "max"] | None = None,
         out: str | os.PathLike[str] | None = None,
         shard_rows: int = 1024,
+        progress: bool | None = None,
     ) -> Any:
         """Runs many inputs and keeps the activations of ``hooks`` (names, glob patterns such as
         ``"blocks.*.hook_resid_post"``, or a predicate), with padding removed.
@@ -278,7 +279,8 @@ class HookedEncoder:
         ``"cls"`` for the first token, ``"max"``). Returns an :class:`~hooked_encoder.extract.
         Extraction`, or, with ``out``, writes safetensors shards and a manifest there (atomically;
         rerunning with the same arguments resumes after the last complete shard) and returns the
-        directory; read it back with :func:`hooked_encoder.load_extraction`.
+        directory; read it back with :func:`hooked_encoder.load_extraction`. ``progress`` shows a
+        tqdm bar (texts/s, tokens/s); by default only when stderr is a terminal.
         """
         from .extract import extract
 
@@ -291,6 +293,7 @@ class HookedEncoder:
             pooling=pooling,
             out=out,
             shard_rows=shard_rows,
+            progress=progress,
         )
 
     # ------------------------------------------------------------------ components
