@@ -128,14 +128,16 @@ def test_progress_bar_reports_texts_and_tokens(text_model, capsys):
 
 
 MEMORY_SCRIPT = """
-import resource, sys
+import sys
 from hooked_encoder import HookedEncoder
 model = HookedEncoder.from_pretrained(sys.argv[1])
 n = int(sys.argv[2])
 texts = ("the cat sat on the mat and it was tired ." for _ in range(n))
 model.extract(texts, "blocks.*.mlp.hook_post", batch_size=64, shard_rows=512, out=sys.argv[3],
               progress=False)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+# VmHWM, not ru_maxrss: on Linux the latter starts from the parent's peak at fork time.
+status = open("/proc/self/status").read()
+print(int(status.split("VmHWM:")[1].split()[0]) // 1024)
 """
 
 
