@@ -20,33 +20,11 @@ import sys
 import tempfile
 import time
 
-WORDS = [
-    "the",
-    "cat",
-    "dog",
-    "sat",
-    "ran",
-    "on",
-    "a",
-    "mat",
-    "big",
-    "red",
-    "small",
-    "house",
-    "tree",
-    "river",
-    "quickly",
-    "slowly",
-    "and",
-    "it",
-    "was",
-    "tired",
-    "happy",
-    "over",
-    "under",
-    "near",
-    "far",
-]
+# fmt: off
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "big", "red", "small", "house",
+         "tree", "river", "quickly", "slowly", "and", "it", "was", "tired", "happy", "over",
+         "under", "near", "far"]
+# fmt: on
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:
