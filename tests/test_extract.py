@@ -168,3 +168,22 @@ def test_memory_is_bounded_by_the_batch_not_the_corpus(text_checkpoint, tmp_path
     written = sum(p.stat().st_size for p in (tmp_path / "out16000").iterdir()) / 2**20
     assert written > 50
     assert large - small < 20, (small, large, written)
+
+
+def test_reader_is_lazy_per_hook_and_gives_torch_too(text_model, tmp_path):
+    import torch
+
+    hooks = ["hook_full_embed", "blocks.1.hook_resid_post"]
+    out = text_model.extract(TEXTS, hooks, shard_rows=4, out=tmp_path / "x")
+    reads = []
+    lazy = load_extraction(out)
+    original = lazy._load
+    lazy._load = lambda hook: reads.append(hook) or original(hook)
+    first = lazy.row("blocks.1.hook_resid_post", 5)
+    assert reads == ["blocks.1.hook_resid_post"]  # the other hook was never read
+    np.testing.assert_allclose(
+        first, reference(text_model, TEXTS[5], "blocks.1.hook_resid_post"), atol=2e-5
+    )
+    as_torch = load_extraction(out, ["hook_full_embed"], framework="torch")
+    assert isinstance(as_torch["hook_full_embed"], torch.Tensor)
+    assert as_torch.hooks == ["hook_full_embed"] and len(as_torch) == len(TEXTS)

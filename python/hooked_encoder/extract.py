@@ -321,48 +321,84 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 class Extraction:
     """Extracted activations: ``extraction[hook]`` is ``[rows, ...]`` when pooled, or all rows'
     tokens concatenated, ``[tokens, ...]``, with ``extraction.offsets(hook)`` (``[rows + 1]``)
-    saying where each row starts; ``extraction.row(hook, i)`` is one row."""
+    saying where each row starts; ``extraction.row(hook, i)`` is one row.
 
-    def __init__(self, arrays: dict[str, np.ndarray], hooks: list[str], pooling: Pooling) -> None:
-        self.arrays, self.hooks, self.pooling = arrays, hooks, pooling
+    One read from disk (:func:`load_extraction`) loads each hook only when it is first used.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[str], dict[str, np.ndarray]],
+        hooks: list[str],
+        pooling: Pooling,
+        framework: Literal["numpy", "torch"] = "numpy",
+    ) -> None:
+        if framework not in ("numpy", "torch"):
+            raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
+        self._load, self.hooks, self.pooling, self.framework = load, hooks, pooling, framework
+        self._loaded: dict[str, dict[str, Any]] = {}
 
     @classmethod
-    def _from_parts(cls, parts: list[dict[str, np.ndarray]], hooks: list[str], pooling: Pooling):
-        arrays: dict[str, np.ndarray] = {}
-        for name in hooks:
-            arrays[name] = np.concatenate([p[name] for p in parts]) if parts else np.zeros((0,))
-            if pooling is None:
-                offsets = [np.zeros(1, dtype=np.int64)]
-                for p in parts:
-                    offsets.append(p[f"{name}.offsets"][1:] + offsets[-1][-1])
-                arrays[f"{name}.offsets"] = np.concatenate(offsets)
-        return cls(arrays, hooks, pooling)
+    def _from_parts(
+        cls,
+        parts: list[dict[str, np.ndarray]],
+        hooks: list[str],
+        pooling: Pooling,
+        framework: Literal["numpy", "torch"] = "numpy",
+    ) -> Extraction:
+        return cls(lambda hook: _join(parts, hook, pooling), hooks, pooling, framework)
 
-    def __getitem__(self, hook: str) -> np.ndarray:
+    def _hook(self, hook: str) -> dict[str, Any]:
         if hook not in self.hooks:
             raise KeyError(f"{hook!r} was not extracted; extracted: {self.hooks}")
-        return self.arrays[hook]
+        if hook not in self._loaded:
+            arrays = self._load(hook)
+            if self.framework == "torch":
+                import torch
 
-    def offsets(self, hook: str) -> np.ndarray:
+                arrays = {k: torch.from_numpy(v) for k, v in arrays.items()}
+            self._loaded[hook] = arrays
+        return self._loaded[hook]
+
+    def __getitem__(self, hook: str) -> Any:
+        return self._hook(hook)[hook]
+
+    def offsets(self, hook: str) -> Any:
         if self.pooling is not None:
             raise ValueError("a pooled extraction has one vector per row and no offsets")
-        self[hook]  # a KeyError for a hook that was not extracted
-        return self.arrays[f"{hook}.offsets"]
+        return self._hook(hook)[f"{hook}.offsets"]
 
-    def row(self, hook: str, i: int) -> np.ndarray:
+    def row(self, hook: str, i: int) -> Any:
         if self.pooling is not None:
             return self[hook][i]
         offsets = self.offsets(hook)
-        return self[hook][offsets[i] : offsets[i + 1]]
+        return self[hook][int(offsets[i]) : int(offsets[i + 1])]
 
     def __len__(self) -> int:
         hook = self.hooks[0]
         return len(self[hook]) if self.pooling is not None else len(self.offsets(hook)) - 1
 
 
-def load_extraction(path: str | os.PathLike, hooks: Iterable[str] | None = None) -> Extraction:
-    """Reads an extraction written by ``extract(..., out=path)``: every hook, or ``hooks``."""
-    from safetensors.numpy import load_file
+def _join(parts: list[dict[str, np.ndarray]], hook: str, pooling: Pooling) -> dict[str, np.ndarray]:
+    """One hook's arrays from consecutive shards, offsets renumbered."""
+    arrays = {hook: np.concatenate([p[hook] for p in parts]) if parts else np.zeros((0,))}
+    if pooling is None:
+        offsets = [np.zeros(1, dtype=np.int64)]
+        for p in parts:
+            offsets.append(p[f"{hook}.offsets"][1:] + offsets[-1][-1])
+        arrays[f"{hook}.offsets"] = np.concatenate(offsets)
+    return arrays
+
+
+def load_extraction(
+    path: str | os.PathLike,
+    hooks: Iterable[str] | None = None,
+    framework: Literal["numpy", "torch"] = "numpy",
+) -> Extraction:
+    """Opens an extraction written by ``extract(..., out=path)``: every hook, or ``hooks``, as
+    NumPy arrays or torch tensors. Nothing is read until a hook is used; then only that hook's
+    tensors are read from each shard (safetensors maps the files)."""
+    from safetensors import safe_open
 
     directory = Path(path)
     manifest = _read_manifest(directory)
@@ -372,5 +408,16 @@ def load_extraction(path: str | os.PathLike, hooks: Iterable[str] | None = None)
     unknown = sorted(set(names) - set(manifest["arguments"]["hooks"]))
     if unknown:
         raise KeyError(f"{unknown} were not extracted into {directory}")
-    parts = [load_file(directory / s["file"]) for s in manifest["shards"]]
-    return Extraction._from_parts(parts, names, manifest["arguments"]["pooling"])
+    pooling = manifest["arguments"]["pooling"]
+    keys = (
+        (lambda hook: [hook]) if pooling is not None else (lambda hook: [hook, f"{hook}.offsets"])
+    )
+
+    def load(hook: str) -> dict[str, np.ndarray]:
+        parts = []
+        for shard in manifest["shards"]:
+            with safe_open(directory / shard["file"], framework="numpy") as f:
+                parts.append({key: f.get_tensor(key) for key in keys(hook)})
+        return _join(parts, hook, pooling)
+
+    return Extraction(load, names, pooling, framework)
