@@ -54,6 +54,10 @@ def _float_array(value: Any, what: str) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def _optional_mask(mask: Any) -> np.ndarray | None:
+    return None if mask is None else _int_array(mask, "one_zero_attention_mask")
+
+
 def _ndim(value: Any) -> int:
     return value.dim() if _is_torch_tensor(value) else np.ndim(value)
 
@@ -320,23 +324,15 @@ class HookedEncoder:
         inputs = [
             _float_array(x, "an attention input") for x in (query_input, key_input, value_input)
         ]
-        mask = (
-            None
-            if one_zero_attention_mask is None
-            else _int_array(one_zero_attention_mask, "one_zero_attention_mask")
-        )
-        as_torch = self.output_format == "torch" or (
-            self.output_format == "auto" and _is_torch_tensor(query_input)
-        )
+        mask = _optional_mask(one_zero_attention_mask)
+        as_torch = self._wants_torch(query_input)
         return self._core_call(
             as_torch, lambda *hooks: self._model.attention(layer, *inputs, mask, *hooks)
         )
 
     def _apply(self, part: str, x: Any) -> Any:
         array = _float_array(x, f"the input of {part}")
-        as_torch = self.output_format == "torch" or (
-            self.output_format == "auto" and _is_torch_tensor(x)
-        )
+        as_torch = self._wants_torch(x)
         return self._core_call(as_torch, lambda *hooks: self._model.apply(part, array, *hooks))
 
     # ------------------------------------------------------------------ devices
@@ -550,13 +546,11 @@ class HookedEncoder:
         return tokenizer(texts, self.cfg.n_ctx if truncate else None)
 
     def _prepare(self, input: Any, token_type_ids: Any, one_zero_attention_mask: Any) -> _Prepared:
-        as_torch = self.output_format == "torch"
         if isinstance(input, str) or (
             isinstance(input, (list, tuple)) and input and all(isinstance(t, str) for t in input)
         ):
             tokens, types, mask = self._tokenize(input)
         else:
-            as_torch = as_torch or (self.output_format == "auto" and _is_torch_tensor(input))
             tokens, types, mask = _int_array(input, "tokens"), None, None
         if token_type_ids is not None:
             types = _int_array(token_type_ids, "token_type_ids")
@@ -568,7 +562,13 @@ class HookedEncoder:
                     f"{what} has shape {list(array.shape)}, but tokens have shape "
                     f"{list(tokens.shape)}"
                 )
-        return _Prepared(tokens, types, mask, as_torch)
+        return _Prepared(tokens, types, mask, self._wants_torch(input))
+
+    def _wants_torch(self, input: Any) -> bool:
+        """Whether results of a call on ``input`` should be torch tensors."""
+        return self.output_format == "torch" or (
+            self.output_format == "auto" and _is_torch_tensor(input)
+        )
 
     @staticmethod
     def _converter(as_torch: bool) -> Callable[[np.ndarray], Any]:
@@ -667,14 +667,8 @@ class HookedEncoder:
             if return_type == "predictions":
                 raise ValueError("return_type='predictions' needs token input, not start_at_layer")
             residual = _float_array(input, "a residual-stream input")
-            mask = (
-                None
-                if one_zero_attention_mask is None
-                else _int_array(one_zero_attention_mask, "one_zero_attention_mask")
-            )
-            as_torch = self.output_format == "torch" or (
-                self.output_format == "auto" and _is_torch_tensor(input)
-            )
+            mask = _optional_mask(one_zero_attention_mask)
+            as_torch = self._wants_torch(input)
             output = self._core_call(
                 as_torch,
                 lambda *hooks: self._model.forward(
