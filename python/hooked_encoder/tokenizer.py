@@ -74,12 +74,6 @@ class Tokenizer:
             return list(self.raw.encode(text, add_special_tokens=False).ids)
         return list(self.raw(text, add_special_tokens=False)["input_ids"])
 
-    def token_to_id(self, token: str) -> int | None:
-        if self._fast:
-            return self.raw.token_to_id(token)
-        token_id = self.raw.convert_tokens_to_ids(token)
-        return None if token_id == getattr(self.raw, "unk_token_id", None) else token_id
-
     def decode(self, ids: list[int]) -> str:
         return self.raw.decode(ids)
 
