@@ -6,6 +6,14 @@ use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, StorageRef, Tensor};
 use crate::kernels;
 use crate::{Activation, Error, Result};
 
+/// Whether our fused CPU kernels handle tensors on `device`. Elsewhere (a GPU) the model uses
+/// portable Candle ops; tests can force those on the CPU too (see [`portable_ops`]), so the
+/// GPU's code path is checked against the reference on every machine.
+#[inline]
+pub fn kernels_on(device: &candle_core::Device) -> bool {
+    device.is_cpu() && !portable_ops::forced()
+}
+
 /// A read-locked view of a contiguous float32 CPU tensor's elements.
 pub struct F32View<'a> {
     guard: StorageRef<'a>,
@@ -73,4 +81,34 @@ pub fn bias_act_inplace(x: &Tensor, bias: &Tensor, act: Option<Activation>) -> R
         act,
     })?;
     Ok(())
+}
+
+/// Forcing the portable code path in this thread (tests only).
+#[cfg(test)]
+pub(crate) mod portable_ops {
+    use std::cell::Cell;
+
+    thread_local! {
+        static FORCED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub fn forced() -> bool {
+        FORCED.with(Cell::get)
+    }
+
+    /// Runs `work` with the portable ops in this thread.
+    pub fn with<T>(work: impl FnOnce() -> T) -> T {
+        FORCED.with(|f| f.set(true));
+        let result = work();
+        FORCED.with(|f| f.set(false));
+        result
+    }
+}
+
+#[cfg(not(test))]
+mod portable_ops {
+    #[inline(always)]
+    pub fn forced() -> bool {
+        false
+    }
 }

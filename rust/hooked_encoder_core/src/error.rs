@@ -45,6 +45,10 @@ pub enum Error {
     #[error("{0}")]
     MissingHead(String),
 
+    /// The caller asked to stop (see [`crate::Hooks::interrupted`]).
+    #[error("the forward pass was interrupted")]
+    Interrupted,
+
     /// An error from Candle itself.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

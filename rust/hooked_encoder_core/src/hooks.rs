@@ -277,6 +277,12 @@ pub trait Hooks {
 
     /// Sees the activation at `point`; returns it, or a replacement.
     fn call(&mut self, point: HookPoint, activation: Tensor) -> Result<Tensor>;
+
+    /// Asked between blocks: `true` stops the pass with [`crate::Error::Interrupted`].
+    #[inline]
+    fn interrupted(&self) -> bool {
+        false
+    }
 }
 
 /// No hooks at all: the plain forward pass.

@@ -83,7 +83,7 @@ impl Linear {
         let d_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
-        let y = if y.device().is_cpu() {
+        let y = if cpu::kernels_on(y.device()) {
             // The matmul result is ours alone: add the bias (and activate) in place, one pass.
             cpu::bias_act_inplace(&y, &self.bias, act)?;
             y
@@ -551,7 +551,14 @@ impl HookedBert {
             }
         };
         for layer in first..stop {
+            // Between blocks is where a caller can stop a long pass (Ctrl-C in Python).
+            if hooks.interrupted() {
+                return Err(Error::Interrupted);
+            }
             x = self.block(layer, &self.blocks[layer], x, &mask, hooks)?;
+        }
+        if hooks.interrupted() {
+            return Err(Error::Interrupted);
         }
         match output {
             Output::Residual => Ok(x),
@@ -767,7 +774,7 @@ impl HookedBert {
                 .collect()
         });
         let causal = self.cfg.attention_dir == AttentionDir::Causal;
-        if self.device.is_cpu() {
+        if cpu::kernels_on(&self.device) {
             // The CPU kernels apply the mask themselves.
             return Ok(Mask {
                 padding,
@@ -857,7 +864,7 @@ impl HookedBert {
         normalized_point: HookPoint,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
-        if !self.device.is_cpu() {
+        if !cpu::kernels_on(&self.device) {
             return self.layer_norm_generic(x, ln, scale_point, normalized_point, hooks);
         }
         let x = x.contiguous()?;
@@ -1028,7 +1035,7 @@ impl HookedBert {
         let at = |kind| HookPoint::Block(layer, kind);
         let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
-        let z = if self.device.is_cpu() {
+        let z = if cpu::kernels_on(&self.device) {
             self.attention_z_cpu(layer, qkv, mask, hooks)?
         } else {
             self.attention_z_generic(layer, qkv, mask, hooks)?
@@ -1161,20 +1168,17 @@ impl HookedBert {
             None => scores,
         };
         let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
-        let pattern = match scores.device() {
-            Device::Cpu => {
-                let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
-                kernels::softmax_rows_inplace(&mut pattern, p);
-                cpu::tensor(pattern, scores.dims())?
-            }
-            _ => {
-                let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
-                // A row whose every key is masked is all -inf, and its softmax is 0/0.
-                // TransformerLens turns those NaNs into 0 (such a query attends to nothing).
-                pattern
-                    .ne(&pattern)?
-                    .where_cond(&pattern.zeros_like()?, &pattern)?
-            }
+        let pattern = if cpu::kernels_on(scores.device()) {
+            let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
+            kernels::softmax_rows_inplace(&mut pattern, p);
+            cpu::tensor(pattern, scores.dims())?
+        } else {
+            let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+            // A row whose every key is masked is all -inf, and its softmax is 0/0.
+            // TransformerLens turns those NaNs into 0 (such a query attends to nothing).
+            pattern
+                .ne(&pattern)?
+                .where_cond(&pattern.zeros_like()?, &pattern)?
         };
         let pattern = hook(hooks, at(BlockHook::Pattern), pattern)?;
         Ok(pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?) // [b, p, h, dh]
@@ -1213,7 +1217,7 @@ struct Mask {
 
 /// `a + b` for tensors of one shape.
 fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if a.device().is_cpu() && a.dims() == b.dims() {
+    if cpu::kernels_on(a.device()) && a.dims() == b.dims() {
         let (a_c, b_c) = (a.contiguous()?, b.contiguous()?);
         let sum = kernels::add(cpu::view(&a_c)?.slice(), cpu::view(&b_c)?.slice());
         return cpu::tensor(sum, a.dims());
@@ -1261,7 +1265,7 @@ fn per_head_projection(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> 
 }
 
 fn apply_act(act: Activation, x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() {
+    if cpu::kernels_on(x.device()) {
         let x = x.contiguous()?;
         return cpu::tensor(kernels::activation(cpu::view(&x)?.slice(), act), x.dims());
     }

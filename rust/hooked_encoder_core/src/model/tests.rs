@@ -420,3 +420,68 @@ fn next_sentence_prediction_pools_the_first_token() {
         assert!((z.tanh() - got).abs() < 1e-5);
     }
 }
+
+#[test]
+fn the_portable_ops_a_gpu_runs_match_the_cpu_kernels() {
+    // A GPU runs plain Candle ops instead of our CPU kernels; force that path here so it is
+    // checked on every machine: same logits and same value at every hook point, including a
+    // fully masked row, a causal model, and the MLM head's GELU.
+    let mask = [1, 1, 1, 0, 0, 0, 0, 0];
+    let masked = ForwardInput {
+        attention_mask: Some(&mask),
+        ..input()
+    };
+    let mut causal = config(2);
+    causal.attention_dir = AttentionDir::Causal;
+    for (cfg, input) in [(config(2), input()), (config(2), masked), (causal, input())] {
+        let model = model(cfg);
+        let (logits, records) = record_all(&model, &input);
+        let (portable_logits, portable_records) =
+            cpu::portable_ops::with(|| record_all(&model, &input));
+        assert!(max_abs_diff(&logits, &portable_logits) < 1e-4);
+        assert_eq!(records.len(), portable_records.len());
+        for ((point, fast), (portable_point, portable)) in records.iter().zip(&portable_records) {
+            assert_eq!(point, portable_point);
+            let (fast, portable) = (values(fast), values(portable));
+            for (a, b) in fast.iter().zip(&portable) {
+                // -inf (masked scores) must match exactly; everything else closely.
+                assert!(
+                    a == b || (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                    "{}: {a} vs {b}",
+                    point.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn an_interrupted_pass_stops_between_blocks() {
+    // Asks to stop once block 1 has started: block 1 finishes, block 2 never runs.
+    struct StopAfterBlock1 {
+        started: Vec<usize>,
+    }
+    impl Hooks for StopAfterBlock1 {
+        fn wants(&self, point: HookPoint) -> bool {
+            matches!(point, HookPoint::Block(_, BlockHook::ResidPre))
+        }
+        fn call(&mut self, point: HookPoint, activation: Tensor) -> Result<Tensor> {
+            if let HookPoint::Block(layer, _) = point {
+                self.started.push(layer);
+            }
+            Ok(activation)
+        }
+        fn interrupted(&self) -> bool {
+            self.started.contains(&1)
+        }
+    }
+    let model = model(config(3));
+    let mut hooks = StopAfterBlock1 { started: vec![] };
+    let result = model.forward(&input(), Output::Logits, &mut hooks);
+    assert!(matches!(result, Err(Error::Interrupted)), "{result:?}");
+    assert_eq!(hooks.started, [0, 1]);
+    // The model itself is untouched.
+    assert!(model
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .is_ok());
+}
