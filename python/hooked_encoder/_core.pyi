@@ -16,6 +16,17 @@ def get_num_threads() -> int: ...
 
 class TensorBuffer: ...
 
+class DeviceTensor:
+    """A float32 activation on a GPU (CUDA builds): DLPack without a copy, or NumPy by copy."""
+
+    @property
+    def shape(self) -> list[int]: ...
+    @property
+    def device(self) -> str: ...
+    def numpy(self) -> npt.NDArray[np.float32]: ...
+    def __dlpack__(self, stream: int | None = None) -> object: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+
 class Model:
     @staticmethod
     def load(config_json: str, paths: list[str], device: str) -> tuple[Model, list[str]]: ...
@@ -33,11 +44,38 @@ class Model:
     def device(self) -> str: ...
     def forward(
         self,
-        tokens: npt.NDArray[np.int64],
+        tokens: npt.NDArray[np.int64] | None,
+        residual: npt.NDArray[np.float32] | None,
         token_type_ids: npt.NDArray[np.int64] | None,
         attention_mask: npt.NDArray[np.int64] | None,
+        start_layer: int,
+        stop_layer: int | None,
         output: str,
         record: list[str],
         dispatch: list[str],
-        dispatcher: Callable[[str, npt.NDArray[np.float32]], npt.NDArray[np.float32]] | None,
-    ) -> tuple[npt.NDArray[np.float32], list[tuple[str, npt.NDArray[np.float32]]]]: ...
+        dispatcher: Dispatcher | None,
+    ) -> tuple[Activation, list[tuple[str, Activation]]]: ...
+    def apply(
+        self,
+        part: str,
+        x: npt.NDArray[np.float32],
+        record: list[str],
+        dispatch: list[str],
+        dispatcher: Dispatcher | None,
+    ) -> tuple[Activation, list[tuple[str, Activation]]]: ...
+    def attention(
+        self,
+        layer: int,
+        query: npt.NDArray[np.float32],
+        key: npt.NDArray[np.float32],
+        value: npt.NDArray[np.float32],
+        attention_mask: npt.NDArray[np.int64] | None,
+        record: list[str],
+        dispatch: list[str],
+        dispatcher: Dispatcher | None,
+    ) -> tuple[Activation, list[tuple[str, Activation]]]: ...
+    def to_device(self, device: str) -> Model: ...
+
+# NumPy on the CPU, a DeviceTensor on a GPU.
+Activation = npt.NDArray[np.float32] | DeviceTensor
+Dispatcher = Callable[[str, Activation], npt.NDArray[np.float32]]

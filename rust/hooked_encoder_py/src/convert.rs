@@ -11,6 +11,8 @@ use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
+use crate::dlpack::DeviceTensor;
+
 /// Keeps a tensor alive for as long as NumPy arrays viewing its buffer exist (it is their
 /// `base`).
 #[pyclass(module = "hooked_encoder._core", frozen)]
@@ -45,6 +47,18 @@ pub fn tensor_to_numpy(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyA
     unsafe {
         let view = ArrayViewD::from_shape_ptr(IxDyn(&dims), data);
         Ok(PyArrayDyn::<f32>::borrow_from_array(&view, owner.into_any()).into_any())
+    }
+}
+
+/// A result or cached activation for Python: a NumPy array sharing the tensor's memory on the
+/// CPU, a [`DeviceTensor`] (DLPack, no copy) on a GPU.
+pub fn export(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyAny>> {
+    if tensor.device().is_cpu() {
+        tensor_to_numpy(py, tensor)
+    } else {
+        let tensor =
+            DeviceTensor::new(tensor).map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
+        Ok(Bound::new(py, tensor)?.into_any())
     }
 }
 

@@ -1,14 +1,35 @@
 //! The core's `Hooks` interface, served from Python: a set of points to record (done in Rust,
 //! no Python call) and a set of points whose activation goes through a Python dispatcher.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use candle_core::Tensor;
 use hooked_encoder_core::{Error, HookPoint, HookSet, Hooks};
 use numpy::{PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::convert::{tensor_from_numpy, HostArray};
+use crate::dlpack::DeviceTensor;
+
+/// An activation on its way to a Python hook.
+enum HandedOver {
+    Host(HostArray),
+    Device(DeviceTensor),
+}
+
+impl HandedOver {
+    fn into_py(self, py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+        match self {
+            Self::Host(array) => Ok(array.into_numpy(py).into_any()),
+            Self::Device(tensor) => Ok(Bound::new(py, tensor)?.into_any()),
+        }
+    }
+}
 
 pub struct PyHooks {
+    /// Set by the waiting Python thread when a signal handler raised (Ctrl-C).
+    pub interrupt: Arc<AtomicBool>,
     record: HookSet,
     python: HookSet,
     /// `dispatcher(name, activation) -> float32 array` runs the user's hook functions for
@@ -20,6 +41,7 @@ pub struct PyHooks {
 impl PyHooks {
     pub fn new(record: HookSet, python: HookSet, dispatcher: Option<Py<PyAny>>) -> Self {
         Self {
+            interrupt: Arc::new(AtomicBool::new(false)),
             record,
             python,
             dispatcher,
@@ -36,7 +58,13 @@ impl PyHooks {
             return Ok(activation);
         };
         let name = point.name();
-        let host = HostArray::from_tensor(&activation)?;
+        // The hook gets its own copy (it may edit it in place): on the host as NumPy, or, on a
+        // GPU, a device copy it reads through DLPack.
+        let handed_over = if activation.device().is_cpu() {
+            HandedOver::Host(HostArray::from_tensor(&activation)?)
+        } else {
+            HandedOver::Device(DeviceTensor::new(activation.copy()?)?)
+        };
         let device = activation.device().clone();
         let failed = |source: PyErr| Error::Hook {
             name: name.clone(),
@@ -44,7 +72,10 @@ impl PyHooks {
         };
         Python::attach(|py| {
             let returned = dispatcher
-                .call1(py, (name.as_str(), host.into_numpy(py)))
+                .call1(
+                    py,
+                    (name.as_str(), handed_over.into_py(py).map_err(failed)?),
+                )
                 .map_err(failed)?;
             let array = returned
                 .bind(py)
@@ -90,5 +121,9 @@ impl Hooks for PyHooks {
             self.records.push((point, activation.clone()));
         }
         Ok(activation)
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt.load(Ordering::Relaxed)
     }
 }

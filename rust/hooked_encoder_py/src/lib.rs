@@ -2,6 +2,7 @@
 //! the pure-Rust core (`hooked_encoder_core`); the public API lives in the Python package.
 
 mod convert;
+mod dlpack;
 mod errors;
 mod hooks;
 mod memory;
@@ -17,6 +18,8 @@ mod _core {
 
     #[pymodule_export]
     use crate::convert::TensorBuffer;
+    #[pymodule_export]
+    use crate::dlpack::DeviceTensor;
     #[pymodule_export]
     use crate::errors::{CheckpointError, HookedEncoderError};
     #[pymodule_export]

@@ -1,0 +1,232 @@
+//! Activations that live on a GPU, handed to Python without leaving it.
+//!
+//! On a CUDA model, results and cached activations stay in device memory as a [`DeviceTensor`],
+//! which implements the DLPack protocol (`__dlpack__`, `__dlpack_device__`): `torch.from_dlpack`
+//! (or CuPy, JAX, ...) wraps the same memory with no copy. `numpy()` is the one device-to-host
+//! copy for users who want NumPy.
+//!
+//! The DLPack structs are the stable C ABI of DLPack 0.8 (the "legacy" unversioned capsule
+//! every consumer accepts), written out here because they are a dozen lines.
+
+use std::ffi::{c_void, CStr};
+
+use candle_core::{DType, Device, Tensor};
+use pyo3::exceptions::{PyBufferError, PyRuntimeError};
+use pyo3::prelude::*;
+
+use crate::convert::tensor_to_numpy;
+
+/// A float32 tensor on a GPU, exported to Python through DLPack (and, by copy, to NumPy).
+#[pyclass(module = "hooked_encoder._core", frozen)]
+pub struct DeviceTensor {
+    /// Contiguous, float32, on a CUDA device.
+    tensor: Tensor,
+}
+
+impl DeviceTensor {
+    pub fn new(tensor: Tensor) -> candle_core::Result<Self> {
+        Ok(Self {
+            tensor: tensor.contiguous()?.to_dtype(DType::F32)?,
+        })
+    }
+}
+
+fn runtime_err(e: candle_core::Error) -> PyErr {
+    PyRuntimeError::new_err(e.to_string())
+}
+
+#[pymethods]
+impl DeviceTensor {
+    #[getter]
+    fn shape(&self) -> Vec<usize> {
+        self.tensor.dims().to_vec()
+    }
+
+    /// "cuda:N".
+    #[getter]
+    fn device(&self) -> String {
+        format!("{:?}", self.tensor.device().location()).to_lowercase()
+    }
+
+    /// A NumPy copy on the host.
+    fn numpy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        tensor_to_numpy(py, self.tensor.clone())
+    }
+
+    fn __dlpack_device__(&self) -> PyResult<(i32, i32)> {
+        match self.tensor.device() {
+            Device::Cuda(_) => Ok((K_DL_CUDA, cuda_ordinal(self.tensor.device()))),
+            _ => Err(PyBufferError::new_err(
+                "DeviceTensor holds only GPU tensors",
+            )),
+        }
+    }
+
+    /// A DLPack capsule over this tensor's memory. The work that produced it is finished before
+    /// the capsule is returned, so it is safe to read on any stream (`stream` is accepted, as
+    /// the protocol requires, and needs no event).
+    #[pyo3(signature = (stream = None))]
+    fn __dlpack__(&self, py: Python<'_>, stream: Option<Py<PyAny>>) -> PyResult<Py<PyAny>> {
+        let _ = stream;
+        self.tensor.device().synchronize().map_err(runtime_err)?;
+        let data = device_pointer(&self.tensor).map_err(runtime_err)?;
+        let managed = ManagedContext::export(self.tensor.clone(), data);
+        // SAFETY: `managed` is a valid, leaked DLManagedTensor; the capsule's destructor frees it
+        // unless a consumer took ownership (and renamed the capsule to "used_dltensor").
+        unsafe {
+            let capsule = pyo3::ffi::PyCapsule_New(
+                managed.cast::<c_void>(),
+                DLTENSOR.as_ptr(),
+                Some(capsule_destructor),
+            );
+            if capsule.is_null() {
+                drop_managed(managed);
+                return Err(PyErr::fetch(py));
+            }
+            Ok(Bound::from_owned_ptr(py, capsule).unbind())
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "DeviceTensor(shape={:?}, device={:?})",
+            self.tensor.dims(),
+            self.device()
+        )
+    }
+}
+
+fn cuda_ordinal(device: &Device) -> i32 {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id as i32,
+        _ => 0,
+    }
+}
+
+/// The address of the first element of a contiguous float32 CUDA tensor.
+#[cfg(feature = "cuda")]
+fn device_pointer(tensor: &Tensor) -> candle_core::Result<u64> {
+    use candle_core::cuda::cudarc::driver::DevicePtr;
+    use candle_core::Storage;
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cuda(storage) = &*storage else {
+        candle_core::bail!("not a CUDA tensor");
+    };
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("not a contiguous tensor");
+    };
+    let slice = storage.as_cuda_slice::<f32>()?;
+    let stream = storage.device.cuda_stream();
+    let (base, _sync) = slice.device_ptr(&stream);
+    Ok(base + (start * std::mem::size_of::<f32>()) as u64)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_pointer(_tensor: &Tensor) -> candle_core::Result<u64> {
+    candle_core::bail!("this build of hooked_encoder has no CUDA support")
+}
+
+// --- DLPack 0.8 ABI -------------------------------------------------------------------------
+
+const DLTENSOR: &CStr = c"dltensor";
+const K_DL_CUDA: i32 = 2;
+const K_DL_FLOAT: u8 = 2;
+
+#[repr(C)]
+struct DLDevice {
+    device_type: i32,
+    device_id: i32,
+}
+
+#[repr(C)]
+struct DLDataType {
+    code: u8,
+    bits: u8,
+    lanes: u16,
+}
+
+#[repr(C)]
+struct DLTensor {
+    data: *mut c_void,
+    device: DLDevice,
+    ndim: i32,
+    dtype: DLDataType,
+    shape: *mut i64,
+    strides: *mut i64,
+    byte_offset: u64,
+}
+
+#[repr(C)]
+struct DLManagedTensor {
+    dl_tensor: DLTensor,
+    manager_ctx: *mut c_void,
+    deleter: Option<unsafe extern "C" fn(*mut DLManagedTensor)>,
+}
+
+/// What a DLPack consumer borrows: the tensor (keeping the GPU memory alive) and the shape
+/// array the `DLTensor` points into.
+struct ManagedContext {
+    _tensor: Tensor,
+    shape: Vec<i64>,
+}
+
+impl ManagedContext {
+    fn export(tensor: Tensor, data: u64) -> *mut DLManagedTensor {
+        let device_id = cuda_ordinal(tensor.device());
+        let mut context = Box::new(ManagedContext {
+            shape: tensor.dims().iter().map(|&d| d as i64).collect(),
+            _tensor: tensor,
+        });
+        let managed = DLManagedTensor {
+            dl_tensor: DLTensor {
+                data: data as *mut c_void,
+                device: DLDevice {
+                    device_type: K_DL_CUDA,
+                    device_id,
+                },
+                ndim: context.shape.len() as i32,
+                dtype: DLDataType {
+                    code: K_DL_FLOAT,
+                    bits: 32,
+                    lanes: 1,
+                },
+                shape: context.shape.as_mut_ptr(),
+                // Null strides mean row-major contiguous.
+                strides: std::ptr::null_mut(),
+                byte_offset: 0,
+            },
+            manager_ctx: Box::into_raw(context).cast::<c_void>(),
+            deleter: Some(deleter),
+        };
+        Box::into_raw(Box::new(managed))
+    }
+}
+
+/// Called by the consumer (or by our capsule destructor) when the memory is no longer needed.
+unsafe extern "C" fn deleter(managed: *mut DLManagedTensor) {
+    // SAFETY: `managed` came from `ManagedContext::export` and is freed exactly once: either
+    // by the consumer through this deleter or by the capsule destructor, never both.
+    unsafe { drop_managed(managed) }
+}
+
+unsafe fn drop_managed(managed: *mut DLManagedTensor) {
+    if managed.is_null() {
+        return;
+    }
+    // SAFETY: see `deleter`; both boxes were made by `Box::into_raw` in `export`.
+    unsafe {
+        let managed = Box::from_raw(managed);
+        drop(Box::from_raw(managed.manager_ctx.cast::<ManagedContext>()));
+    }
+}
+
+/// Frees the tensor if no consumer took the capsule (a consumer renames it "used_dltensor").
+unsafe extern "C" fn capsule_destructor(capsule: *mut pyo3::ffi::PyObject) {
+    // SAFETY: called by Python with a live capsule object.
+    unsafe {
+        if pyo3::ffi::PyCapsule_IsValid(capsule, DLTENSOR.as_ptr()) == 1 {
+            let managed = pyo3::ffi::PyCapsule_GetPointer(capsule, DLTENSOR.as_ptr());
+            drop_managed(managed.cast::<DLManagedTensor>());
+        }
+    }
+}

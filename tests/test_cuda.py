@@ -1,0 +1,135 @@
+"""The CUDA build on an NVIDIA GPU, against Hugging Face on the same GPU and against our own CPU
+path. These run only where the package was built with the ``cuda`` feature and torch sees a
+GPU (``scripts/gpu_check.sh``); elsewhere they are skipped, and ``test_cuda_on_a_cpu_build``
+checks the CPU build's side of the contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hooked_encoder
+from conftest import ATOL, RTOL
+from hooked_encoder import HookedEncoder
+
+on_gpu = pytest.mark.skipif(
+    not (hooked_encoder.cuda_available() and torch.cuda.is_available()),
+    reason="needs a CUDA build of hooked_encoder and an NVIDIA GPU",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    # Parity with the CPU path and with HF in float32: TF32 matmuls would lose ~1e-3.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def test_cuda_on_a_cpu_build(checkpoint):
+    if hooked_encoder.cuda_available():
+        pytest.skip("this is a CUDA build")
+    with pytest.raises(ValueError, match="CPU-only.*--features cuda"):
+        HookedEncoder.from_pretrained(checkpoint.path, device="cuda")
+    model = HookedEncoder.from_pretrained(checkpoint.path)
+    with pytest.raises(ValueError, match="CPU-only"):
+        model.cuda()
+    assert model.cfg.device == "cpu"
+
+
+@pytest.fixture(scope="module")
+def gpu_model(checkpoint):
+    return HookedEncoder.from_pretrained(checkpoint.path, device="cuda")
+
+
+@on_gpu
+def test_logits_match_hf_on_the_same_gpu(checkpoint, gpu_model):
+    tokens, types, mask = checkpoint.batch(seed=5)
+    hf = checkpoint.hf.to("cuda")
+    try:
+        with torch.no_grad():
+            expected = hf(
+                torch.tensor(tokens, device="cuda"),
+                token_type_ids=torch.tensor(types, device="cuda"),
+                attention_mask=torch.tensor(mask, device="cuda"),
+            ).prediction_logits
+    finally:
+        checkpoint.hf.to("cpu")
+    ours = gpu_model(
+        torch.tensor(tokens, device="cuda"),
+        token_type_ids=torch.tensor(types, device="cuda"),
+        one_zero_attention_mask=torch.tensor(mask, device="cuda"),
+    )
+    assert ours.is_cuda and ours.dtype == torch.float32
+    # Masked positions' logits are compared too: they are defined in both.
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=RTOL)
+
+
+@on_gpu
+def test_every_cached_activation_stays_on_the_gpu_and_matches_the_cpu(checkpoint, gpu_model):
+    tokens, types, mask = checkpoint.batch(seed=6)
+    cpu_model = HookedEncoder.from_pretrained(checkpoint.path)
+    _, cpu_cache = cpu_model.run_with_cache(
+        tokens, token_type_ids=types, one_zero_attention_mask=mask
+    )
+    gpu_tokens = torch.tensor(tokens, device="cuda")
+    _, gpu_cache = gpu_model.run_with_cache(
+        gpu_tokens,
+        token_type_ids=torch.tensor(types, device="cuda"),
+        one_zero_attention_mask=torch.tensor(mask, device="cuda"),
+    )
+    assert sorted(gpu_cache.keys()) == sorted(cpu_cache.keys())
+    for name in cpu_cache:
+        value = gpu_cache[name]
+        assert value.is_cuda, name
+        expected = torch.from_numpy(np.asarray(cpu_cache[name])).to("cuda")
+        torch.testing.assert_close(value, expected, atol=ATOL, rtol=1e-5, msg=name)
+
+
+@on_gpu
+def test_numpy_results_from_a_gpu_model(checkpoint, gpu_model):
+    tokens, types, mask = checkpoint.batch(seed=7)
+    cpu_model = HookedEncoder.from_pretrained(checkpoint.path)
+    ours = gpu_model(tokens, token_type_ids=types, one_zero_attention_mask=mask)
+    assert isinstance(ours, np.ndarray)
+    expected = cpu_model(tokens, token_type_ids=types, one_zero_attention_mask=mask)
+    np.testing.assert_allclose(ours, expected, atol=ATOL, rtol=1e-5)
+
+
+@on_gpu
+def test_python_hooks_get_and_return_cuda_tensors(checkpoint, gpu_model):
+    tokens, _, mask = checkpoint.batch(seed=8)
+    seen = []
+
+    def ablate_head_0(pattern, hook):
+        seen.append((pattern.device.type, tuple(pattern.shape)))
+        pattern = pattern.clone()
+        pattern[:, 0] = 0.0
+        return pattern
+
+    hooks = [("blocks.0.attn.hook_pattern", ablate_head_0)]
+    gpu = gpu_model.run_with_hooks(
+        torch.tensor(tokens, device="cuda"),
+        one_zero_attention_mask=torch.tensor(mask),
+        fwd_hooks=hooks,
+    )
+    assert seen and seen[0][0] == "cuda"
+    cpu_model = HookedEncoder.from_pretrained(checkpoint.path)
+    cpu = cpu_model.run_with_hooks(
+        torch.tensor(tokens), one_zero_attention_mask=torch.tensor(mask), fwd_hooks=hooks
+    )
+    plain = cpu_model(torch.tensor(tokens), one_zero_attention_mask=torch.tensor(mask))
+    assert not torch.allclose(cpu, plain, atol=1e-3)  # the edit mattered
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=ATOL, rtol=1e-5)
+
+
+@on_gpu
+def test_moving_a_model_between_devices(checkpoint):
+    tokens, _, mask = checkpoint.batch(seed=9)
+    model = HookedEncoder.from_pretrained(checkpoint.path)
+    on_cpu = model(tokens, one_zero_attention_mask=mask)
+    model.cuda()
+    assert model.cfg.device == "cuda:0"
+    np.testing.assert_allclose(model(tokens, one_zero_attention_mask=mask), on_cpu, atol=ATOL)
+    model.to("cpu")
+    np.testing.assert_array_equal(model(tokens, one_zero_attention_mask=mask), on_cpu)
