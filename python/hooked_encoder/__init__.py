@@ -9,6 +9,21 @@ pass in Rust (Candle).
 
 # First: refuse a CPU the compiled core cannot run on, before loading it.
 from . import _cpu  # noqa: F401
+
+try:
+    from . import _core
+except ImportError as _error:
+    # A CUDA build whose CUDA libraries the loader cannot find: try NVIDIA's pip wheels.
+    if "cannot open shared object file" not in str(_error):
+        raise
+    from . import _cuda_libs
+
+    _cuda_libs.preload()
+    try:
+        from . import _core  # noqa: F401
+    except ImportError as _still_missing:
+        raise ImportError(_cuda_libs.missing_library_message(_still_missing)) from _error
+
 from ._core import (
     CheckpointError,
     HookedEncoderError,
@@ -17,6 +32,7 @@ from ._core import (
     get_num_threads,
     set_num_threads,
 )
+from ._memory import OutOfMemoryError
 from .activation_cache import ActivationCache, get_act_name
 from .config import HookedEncoderConfig
 from .extract import Extraction, load_extraction
@@ -37,6 +53,7 @@ __all__ = [
     "HookedEncoder",
     "HookedEncoderConfig",
     "HookedEncoderError",
+    "OutOfMemoryError",
     "__version__",
     "cuda_available",
     "get_act_name",

@@ -15,55 +15,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .hook_points import describe_hook
 from .loading import DEFAULT_MODEL
-
-# What each hook point holds: shape with symbolic dims, and meaning (reference section 2).
-HOOK_DOCS = {
-    "embed.hook_embed": ("[batch, pos, d_model]", "token embeddings W_E[tokens]"),
-    "embed.hook_pos_embed": ("[batch, pos, d_model]", "position embeddings"),
-    "embed.hook_token_type_embed": ("[batch, pos, d_model]", "token-type (segment) embeddings"),
-    "ln.hook_scale": ("[batch, pos, 1]", "LayerNorm scale sqrt(var + eps)"),
-    "ln.hook_normalized": ("[batch, pos, d_model]", "LayerNorm (x - mean) / scale"),
-    "ln1.hook_scale": ("[batch, pos, 1]", "scale of the LayerNorm after attention"),
-    "ln1.hook_normalized": ("[batch, pos, d_model]", "normalised input of ln1"),
-    "ln2.hook_scale": ("[batch, pos, 1]", "scale of the LayerNorm after the MLP"),
-    "ln2.hook_normalized": ("[batch, pos, d_model]", "normalised input of ln2"),
-    "hook_full_embed": ("[batch, pos, d_model]", "embedding LayerNorm output, input of block 0"),
-    "hook_resid_pre": ("[batch, pos, d_model]", "block input"),
-    "hook_q_input": ("[batch, pos, head, d_model]", "per-head query input"),
-    "hook_k_input": ("[batch, pos, head, d_model]", "per-head key input"),
-    "hook_v_input": ("[batch, pos, head, d_model]", "per-head value input"),
-    "attn.hook_q": ("[batch, pos, head, d_head]", "queries"),
-    "attn.hook_k": ("[batch, pos, head, d_head]", "keys"),
-    "attn.hook_v": ("[batch, pos, head, d_head]", "values"),
-    "attn.hook_attn_scores": ("[batch, head, query, key]", "q.k / sqrt(d_head) + mask (-inf)"),
-    "attn.hook_pattern": ("[batch, head, query, key]", "attention probabilities"),
-    "attn.hook_z": ("[batch, pos, head, d_head]", "pattern @ v"),
-    "attn.hook_result": ("[batch, pos, head, d_model]", "per-head output, without b_O"),
-    "hook_attn_out": ("[batch, pos, d_model]", "attention output (with b_O)"),
-    "hook_resid_mid": ("[batch, pos, d_model]", "resid_pre + attn_out, before ln1"),
-    "hook_mlp_in": ("[batch, pos, d_model]", "input of ln1 (= resid_mid unless edited)"),
-    "mlp.hook_pre": ("[batch, pos, d_mlp]", "MLP pre-activation"),
-    "mlp.hook_post": ("[batch, pos, d_mlp]", "MLP activation (GELU)"),
-    "hook_mlp_out": ("[batch, pos, d_model]", "MLP output"),
-    "hook_resid_post": ("[batch, pos, d_model]", "ln1 output + mlp_out, before ln2 (post-LN)"),
-    "hook_normalized_resid_post": ("[batch, pos, d_model]", "block output (after ln2)"),
-    "unembed.hook_in": ("[batch, pos, d_model]", "MLM head output"),
-    "unembed.hook_out": ("[batch, pos, d_vocab]", "logits"),
-    "pooler.hook_pooler_out": ("[batch, d_model]", "tanh(dense(first token)), NSP only"),
-    "nsp_head.hook_nsp_out": ("[batch, 2]", "next-sentence logits, NSP only"),
-}
 
 
 class UserError(Exception):
     """A mistake of the caller's, reported in one line."""
-
-
-def _describe(name: str) -> tuple[str, str]:
-    for suffix, doc in sorted(HOOK_DOCS.items(), key=lambda kv: -len(kv[0])):
-        if name.endswith(suffix):
-            return doc
-    return ("", "")
 
 
 def _load(name: str):
@@ -158,7 +115,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print("\nhook points (firing order):")
     width = max(len(n) for n in model.hook_dict)
     for name in model.hook_dict:
-        shape, meaning = _describe(name)
+        shape, meaning = describe_hook(name)
         print(f"  {name:<{width}}  {shape:<28}  {meaning}")
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _core
+from ._memory import check_fits
 from .activation_cache import ActivationCache
 from .components import Component
 from .config import HookedEncoderConfig
@@ -252,6 +253,17 @@ class HookedEncoder:
     def has_mlm_head(self) -> bool:
         """Whether the model can produce logits (its checkpoint had an MLM head)."""
         return self._model.has_mlm_head
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickling, for process pools and distributed engines: the config, the tokenizer and
+        the weights as one safetensors blob (a single copy of the weights; the receiving process
+        builds its model straight from it). Hooks are not carried: they are usually closures
+        over the sender's state, and a worker adds its own."""
+        from safetensors.numpy import save
+
+        weights = save(dict(self._model.named_weights()))
+        tokenizer = self.tokenizer.raw if self.tokenizer is not None else None
+        return _unpickle, (self.cfg, tokenizer, self.output_format, weights)
 
     def __repr__(self) -> str:
         c = self.cfg
@@ -571,8 +583,12 @@ class HookedEncoder:
         )
 
     @staticmethod
-    def _converter(as_torch: bool) -> Callable[[np.ndarray], Any]:
-        return _torch().from_numpy if as_torch else (lambda a: a)
+    def _converter(as_torch: bool) -> Callable[[Any], Any]:
+        """Turns what the Rust model returns (a NumPy array sharing the tensor's memory, or a
+        ``_core.DeviceTensor`` for activations on a GPU) into the requested output type: torch
+        without a copy (``from_numpy``, or DLPack for GPU tensors, which stay on the GPU), or
+        NumPy (one device-to-host copy for GPU tensors)."""
+        return _to_torch if as_torch else _to_numpy
 
     # ------------------------------------------------------------------ running
 
@@ -597,6 +613,7 @@ class HookedEncoder:
 
     def _run(self, prepared: _Prepared, output: str, stop_at_layer: int | None = None) -> Any:
         """Runs from tokens: ``output`` is "logits", "residual" (no head) or "next_sentence"."""
+        self._check_memory(prepared.tokens.shape, output if stop_at_layer is None else "residual")
         return self._core_call(
             prepared.as_torch,
             lambda *hooks: self._model.forward(
@@ -611,12 +628,19 @@ class HookedEncoder:
             ),
         )
 
+    def _check_memory(self, batch_pos: tuple[int, ...], output: str) -> None:
+        if len(batch_pos) < 2:
+            return  # a malformed input; the Rust side names the problem
+        recording = _RECORDING.get()
+        names = recording.names if recording is not None else ()
+        check_fits(self.cfg, batch_pos[0], batch_pos[1], names, output)
+
     def _dispatch(self, as_torch: bool, name: str, activation: np.ndarray) -> np.ndarray:
         """Called from Rust at a hooked point: runs the point's hook functions in order, each on
         the previous one's result, and returns the activation the model continues with."""
         point = self.hook_dict[name]
-        shape = activation.shape
-        current: Any = _torch().from_numpy(activation) if as_torch else activation
+        shape = tuple(activation.shape)
+        current: Any = self._converter(as_torch)(activation)
         for registered in list(point.fwd_hooks):
             returned = registered.fn(current, hook=point)
             if returned is not None:
@@ -669,6 +693,7 @@ class HookedEncoder:
             residual = _float_array(input, "a residual-stream input")
             mask = _optional_mask(one_zero_attention_mask)
             as_torch = self._wants_torch(input)
+            self._check_memory(residual.shape[:2], head if stop_at_layer is None else "residual")
             output = self._core_call(
                 as_torch,
                 lambda *hooks: self._model.forward(
@@ -934,6 +959,24 @@ class HookedEncoder:
         """Runs ``forward`` with ``fwd_hooks`` (a list of ``(name or predicate, fn)``) active."""
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self.forward(*model_args, **model_kwargs)
+
+
+def _unpickle(
+    cfg: HookedEncoderConfig, tokenizer: Any, output_format: OutputFormat, weights: bytes
+) -> HookedEncoder:
+    core, _ = _core.Model.from_safetensors_bytes(cfg._core_json(), weights, cfg.device)
+    return HookedEncoder(cfg, tokenizer, output_format=output_format, _core_model=core)
+
+
+def _to_torch(value: Any) -> Any:
+    torch = _torch()
+    if isinstance(value, _core.DeviceTensor):
+        return torch.from_dlpack(value)
+    return torch.from_numpy(value)
+
+
+def _to_numpy(value: Any) -> Any:
+    return value.numpy() if isinstance(value, _core.DeviceTensor) else value
 
 
 def _check_replacement(name: str, value: Any, shape: tuple[int, ...]) -> Any:

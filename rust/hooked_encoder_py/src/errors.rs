@@ -2,7 +2,7 @@
 
 use hooked_encoder_core::Error;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyKeyError, PyValueError};
+use pyo3::exceptions::{PyException, PyKeyError, PyKeyboardInterrupt, PyValueError};
 use pyo3::PyErr;
 
 create_exception!(
@@ -32,6 +32,7 @@ pub fn to_py_err(err: Error) -> PyErr {
         | Error::MissingHead(_) => PyValueError::new_err(err.to_string()),
         Error::UnknownHook(_) => PyKeyError::new_err(err.to_string()),
         Error::Checkpoint(_) => CheckpointError::new_err(err.to_string()),
+        Error::Interrupted => PyKeyboardInterrupt::new_err(err.to_string()),
         Error::Candle(_) => HookedEncoderError::new_err(err.to_string()),
     }
 }

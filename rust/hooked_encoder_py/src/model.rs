@@ -13,7 +13,7 @@ use numpy::{PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::convert::{tensor_from_numpy, tensor_to_numpy};
+use crate::convert::{export, tensor_from_numpy, tensor_to_numpy};
 use crate::errors::to_py_err;
 use crate::hooks::PyHooks;
 
@@ -135,6 +135,41 @@ impl Model {
         }
         let (model, unused) = py
             .detach(|| HookedBert::load(cfg, &weights, &device))
+            .map_err(to_py_err)?;
+        Ok((
+            Self {
+                inner: Arc::new(model),
+            },
+            unused,
+        ))
+    }
+
+    /// Builds the model from one safetensors blob (what `pickle` carries; see
+    /// `HookedEncoder.__reduce__`). Returns the model and the names of the tensors it did not
+    /// use.
+    #[staticmethod]
+    fn from_safetensors_bytes(
+        py: Python<'_>,
+        config_json: &str,
+        data: &[u8],
+        device: &str,
+    ) -> PyResult<(Self, Vec<String>)> {
+        let cfg = parse_config(config_json)?;
+        let device = parse_device(device)?;
+        let (model, unused) = py
+            .detach(|| {
+                let tensors =
+                    candle_core::safetensors::load_buffer(data, &device).map_err(|e| {
+                        hooked_encoder_core::Error::Checkpoint(format!(
+                            "not a valid safetensors blob: {e}"
+                        ))
+                    })?;
+                let mut weights = WeightMap::new();
+                for (name, tensor) in tensors {
+                    weights.insert(name, tensor.to_dtype(candle_core::DType::F32)?);
+                }
+                HookedBert::load(cfg, &weights, &device)
+            })
             .map_err(to_py_err)?;
         Ok((
             Self {
@@ -331,7 +366,7 @@ impl Model {
     }
 
     /// Runs `work` on the model with the GIL released (Python hooks take it back while they
-    /// run), then hands the output and the recorded activations to NumPy.
+    /// run), then hands the output and the recorded activations to Python (see [`export`]).
     fn run_hooked<'py>(
         &self,
         py: Python<'py>,
@@ -339,13 +374,69 @@ impl Model {
         work: impl FnOnce(&HookedBert, &mut PyHooks) -> hooked_encoder_core::Result<Tensor> + Send,
     ) -> PyResult<ForwardResult<'py>> {
         let model = Arc::clone(&self.inner);
-        let output = py
-            .detach(|| crate::threads::install(|| work(&model, &mut hooks)))
-            .map_err(to_py_err)?;
+        let output = if on_main_thread(py)? {
+            run_interruptibly(py, &mut hooks, |hooks| work(&model, hooks))?
+        } else {
+            // Python runs signal handlers only on the main thread: nothing to watch for here.
+            py.detach(|| crate::threads::install(|| work(&model, &mut hooks)))
+        }
+        .map_err(to_py_err)?;
         let records = std::mem::take(&mut hooks.records)
             .into_iter()
-            .map(|(point, tensor)| Ok((point.name(), tensor_to_numpy(py, tensor)?)))
+            .map(|(point, tensor)| Ok((point.name(), export(py, tensor)?)))
             .collect::<PyResult<Vec<_>>>()?;
-        Ok((tensor_to_numpy(py, output)?, records))
+        Ok((export(py, output)?, records))
+    }
+}
+
+fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
+    let threading = py.import("threading")?;
+    let current = threading.call_method0("current_thread")?;
+    Ok(current.is(&threading.call_method0("main_thread")?))
+}
+
+/// Runs `work` on a helper thread while this (main) thread, with the GIL released, wakes every
+/// few milliseconds to run Python's signal handlers. If one raises (Ctrl-C raises
+/// `KeyboardInterrupt`), the pass is asked to stop at the next block boundary and that very
+/// exception is returned, even if the pass finished first.
+fn run_interruptibly<W>(
+    py: Python<'_>,
+    hooks: &mut PyHooks,
+    work: W,
+) -> PyResult<hooked_encoder_core::Result<Tensor>>
+where
+    W: FnOnce(&mut PyHooks) -> hooked_encoder_core::Result<Tensor> + Send,
+{
+    const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+    let interrupt_flag = Arc::clone(&hooks.interrupt);
+    let mut raised: Option<PyErr> = None;
+    let result = py.detach(|| {
+        std::thread::scope(|scope| {
+            let waiter = std::thread::current();
+            let worker = scope.spawn(move || {
+                let result = crate::threads::install(|| work(hooks));
+                waiter.unpark();
+                result
+            });
+            while !worker.is_finished() {
+                std::thread::park_timeout(POLL);
+                if raised.is_none() && !worker.is_finished() {
+                    if let Err(e) = Python::attach(|py| py.check_signals()) {
+                        interrupt_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                        raised = Some(e);
+                    }
+                }
+            }
+            worker.join()
+        })
+    });
+    let result = match result {
+        Ok(result) => result,
+        // The worker panicked: hand the panic on as Python's PanicException, as PyO3 does.
+        Err(payload) => std::panic::resume_unwind(payload),
+    };
+    match raised {
+        Some(e) => Err(e),
+        None => Ok(result),
     }
 }
