@@ -374,10 +374,12 @@ impl Model {
         work: impl FnOnce(&HookedBert, &mut PyHooks) -> hooked_encoder_core::Result<Tensor> + Send,
     ) -> PyResult<ForwardResult<'py>> {
         let model = Arc::clone(&self.inner);
-        let output = if on_main_thread(py)? {
+        // Python runs signal handlers only on the main thread, so only there is there anything
+        // to watch for. A GPU pass is short, and CUDA state is best kept on the caller's
+        // thread, so it runs there directly.
+        let output = if model.device().is_cpu() && on_main_thread(py)? {
             run_interruptibly(py, &mut hooks, |hooks| work(&model, hooks))?
         } else {
-            // Python runs signal handlers only on the main thread: nothing to watch for here.
             py.detach(|| crate::threads::install(|| work(&model, &mut hooks)))
         }
         .map_err(to_py_err)?;
