@@ -18,6 +18,18 @@ _ACTIVATIONS = {
     "relu": "relu",
 }
 
+# The Rust core's largest accepted size (MAX_DIM in rust/hooked_encoder_core/src/config.rs).
+_MAX_DIM = 1 << 24
+
+
+def _finite(value: int | float) -> bool:
+    """``math.isfinite``, but False (not OverflowError) for an int too large for a float, such
+    as ``layer_norm_eps: 1000...0`` (400 digits) in a config.json."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
 
 @dataclasses.dataclass
 class HookedEncoderConfig:
@@ -79,7 +91,7 @@ class HookedEncoderConfig:
                 raise TypeError(f"config field {name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)):
             raise TypeError(f"config field eps must be a number, got {self.eps!r}")
-        if not (math.isfinite(self.eps) and self.eps > 0):
+        if not (_finite(self.eps) and self.eps > 0):
             raise ValueError(f"config field eps must be positive and finite, got {self.eps}")
         if self.act_fn not in _ACTIVATIONS:
             raise ValueError(
@@ -135,12 +147,31 @@ class HookedEncoderConfig:
                 f"position_embedding_type {position_type!r} is not supported (only 'absolute')"
             )
         hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
-        for key in required:
+        # Sizes are checked here, under their config.json names, so that a damaged or hostile
+        # config.json gets an error naming the file's field ("vocab_size") rather than the
+        # TransformerLens field ("d_vocab") that _validate or the Rust core would name.
+        for key in (*required, "type_vocab_size"):
+            if key not in hf:
+                continue
             if isinstance(hf[key], bool) or not isinstance(hf[key], int):
                 raise TypeError(f"config.json field {key} must be an int, got {hf[key]!r}")
-        if heads <= 0 or hidden % heads:
+            if hf[key] <= 0:
+                raise ValueError(f"config.json field {key} must be positive, got {hf[key]}")
+            if hf[key] > _MAX_DIM:
+                raise ValueError(
+                    f"config.json field {key} = {hf[key]} is too large (at most {_MAX_DIM})"
+                )
+        eps = hf.get("layer_norm_eps", 1e-12)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"config.json field layer_norm_eps must be a number, got {eps!r}")
+        if not (_finite(eps) and eps > 0):
             raise ValueError(
-                f"hidden_size ({hidden}) must be a positive multiple of "
+                f"config.json field layer_norm_eps must be positive and finite, got {eps!r}"
+            )
+        if heads <= 0 or hidden % heads:
+            # Named as a config.json field, like the checks above.
+            raise ValueError(
+                f"config.json field hidden_size ({hidden}) must be a positive multiple of "
                 f"num_attention_heads ({heads})"
             )
         act = hf.get("hidden_act", "gelu")
@@ -149,6 +180,11 @@ class HookedEncoderConfig:
                 f"hidden_act {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}"
             )
         architectures = hf.get("architectures") or ["BertForMaskedLM"]
+        # A non-list here used to fail as "KeyError: 0" or "'int' object is not subscriptable".
+        if not isinstance(architectures, list):
+            raise TypeError(
+                f"config.json field architectures must be a list of names, got {architectures!r}"
+            )
         return cls(
             d_model=hidden,
             d_head=hidden // heads,
@@ -157,7 +193,7 @@ class HookedEncoderConfig:
             n_layers=hf["num_hidden_layers"],
             n_ctx=hf["max_position_embeddings"],
             d_vocab=hf["vocab_size"],
-            eps=hf.get("layer_norm_eps", 1e-12),
+            eps=eps,
             act_fn=act,
             n_token_types=hf.get("type_vocab_size", 2),
             model_name=model_name,

@@ -94,7 +94,9 @@ def read_config(directory: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{directory} has no config.json") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    # RecursionError: json's C decoder gives up on deeply nested input ("[[[[...") with it,
+    # which is a broken file like any other, not a bug of the caller.
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} does not hold a JSON object")
@@ -112,7 +114,8 @@ def weight_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             shard_names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        # RecursionError: deeply nested JSON, as in read_config.
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(f"cannot read the shard index {index}: {e!r}") from None
         root = directory.resolve()
         shards = []

@@ -115,7 +115,14 @@ impl TensorSource for WeightFiles {
                 "has dtype {dtype:?}, expected a floating-point type"
             )));
         }
-        Ok(tensor.to_dtype(DType::F32)?)
+        // Candle counts storage-only formats (F4, F6_*, F8_E8M0) as floats but cannot convert
+        // them; that is the checkpoint's problem, so say which tensor and file.
+        tensor.to_dtype(DType::F32).map_err(|e| {
+            bad(format!(
+                "cannot convert {dtype:?} to float32: {}",
+                strip_candle_noise(&e)
+            ))
+        })
     }
 
     fn describe(&self) -> String {
