@@ -24,17 +24,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from compare import MODEL_SHAPES  # bench/compare.py: the same bert-base shape as the CPU runs
 
 from hooked_encoder import HookedEncoder
 
-BERT_BASE = dict(
-    vocab_size=28996,
-    hidden_size=768,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    intermediate_size=3072,
-    max_position_embeddings=512,
-)
+BERT_BASE = MODEL_SHAPES["bert-base"]
 
 
 def timed(call, repeats: int) -> tuple[float, float]:

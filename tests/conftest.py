@@ -30,6 +30,16 @@ class Checkpoint:
     hf: object  # transformers model, eval mode, eager attention
     config: object
 
+    def hf_logits(self, tokens, types=None, mask=None) -> np.ndarray:
+        """The Hugging Face model's MLM logits for ``[batch, pos]`` arrays."""
+        optional = lambda a: None if a is None else torch.tensor(a)  # noqa: E731
+        with torch.no_grad():
+            return self.hf(
+                torch.tensor(tokens),
+                token_type_ids=optional(types),
+                attention_mask=optional(mask),
+            ).prediction_logits.numpy()
+
     def batch(self, seed: int = 0, batch: int = 3, pos: int = 7):
         """Token ids, two token types, and a right-padding mask with rows of different
         lengths (the last row is full, the first has three tokens)."""
@@ -39,6 +49,22 @@ class Checkpoint:
         mask = (np.arange(pos)[None, :] < lengths[:, None]).astype(np.int64)
         types = (np.arange(pos)[None, :] >= (lengths[:, None] // 2)).astype(np.int64) * mask
         return tokens, types, mask
+
+
+def randomize(model):
+    """Randomises every parameter of a freshly built HF BERT (from torch's current seed) and
+    puts it in eval mode. Hugging Face initialises biases to 0 and LayerNorms to 1; random ones
+    make a dropped bias or a swapped LayerNorm visible."""
+    hidden = model.config.hidden_size
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "LayerNorm.weight" in name:
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+            elif name.endswith("bias") or "LayerNorm" in name:
+                param.copy_(0.1 * torch.randn_like(param))
+            else:
+                param.copy_(0.3 * torch.randn_like(param) / hidden**0.25)
+    return model.eval()
 
 
 def make_checkpoint(
@@ -63,18 +89,7 @@ def make_checkpoint(
         **config_overrides,
     )
     torch.manual_seed(seed)
-    model = getattr(transformers, arch)(config)
-    # Hugging Face initialises biases to 0 and LayerNorms to 1; randomise everything so that a
-    # dropped bias or a swapped LayerNorm cannot pass unnoticed.
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "LayerNorm.weight" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            elif name.endswith("bias") or "LayerNorm" in name:
-                param.copy_(0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.3 * torch.randn_like(param) / hidden**0.25)
-    model.eval()
+    model = randomize(getattr(transformers, arch)(config))
     model.save_pretrained(directory, safe_serialization=True)
     return Checkpoint(directory, model, config)
 

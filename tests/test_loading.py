@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import load_file, save_file
 
 from conftest import ATOL, RTOL
@@ -16,13 +15,8 @@ from hooked_encoder import CheckpointError, HookedEncoder
 
 def logits_of(model, checkpoint):
     tokens, types, mask = checkpoint.batch(seed=11)
-    with torch.no_grad():
-        hf = checkpoint.hf(
-            torch.tensor(tokens),
-            token_type_ids=torch.tensor(types),
-            attention_mask=torch.tensor(mask),
-        ).prediction_logits.numpy()
-    return model(tokens, token_type_ids=types, one_zero_attention_mask=mask), hf
+    ours = model(tokens, token_type_ids=types, one_zero_attention_mask=mask)
+    return ours, checkpoint.hf_logits(tokens, types, mask)
 
 
 def test_sharded_checkpoints_load(checkpoint, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import ATOL, RTOL
+from conftest import ATOL, RTOL, randomize
 from hooked_encoder import HookedEncoder
 
 torch = pytest.importorskip("torch")
@@ -117,16 +117,7 @@ def hf_bert(case: Case):
         attn_implementation="eager",
     )
     torch.manual_seed(case.seed)
-    model = transformers.BertForMaskedLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "LayerNorm.weight" in name:
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-            elif name.endswith("bias") or "LayerNorm" in name:
-                param.copy_(0.1 * torch.randn_like(param))
-            else:
-                param.copy_(0.3 * torch.randn_like(param) / case.d_model**0.25)
-    return model.eval()
+    return randomize(transformers.BertForMaskedLM(config))
 
 
 def hf_forward(hf, case: Case, embeddings_hook=None):
