@@ -260,7 +260,7 @@ impl Model {
                 }
                 let tokens = rows(&tokens);
                 let token_type_ids = token_type_ids.as_ref().map(rows);
-                self.run_hooked(py, hooks, move |model, hooks| {
+                self.run_hooked(py, hooks, batch * pos, move |model, hooks| {
                     let input = ForwardInput {
                         batch,
                         pos,
@@ -274,7 +274,8 @@ impl Model {
             (None, Some(residual)) => {
                 let x =
                     tensor_from_numpy(&residual, &Device::Cpu).map_err(|e| to_py_err(e.into()))?;
-                self.run_hooked(py, hooks, move |model, hooks| {
+                let positions = residual.shape().iter().rev().skip(1).product();
+                self.run_hooked(py, hooks, positions, move |model, hooks| {
                     let x = x.to_device(model.device())?;
                     let start = Start::Residual {
                         x,
@@ -310,7 +311,10 @@ impl Model {
         };
         let x = tensor_from_numpy(&x, &Device::Cpu).map_err(|e| to_py_err(e.into()))?;
         let hooks = self.hooks(&record, &dispatch, dispatcher)?;
-        self.run_hooked(py, hooks, move |model, hooks| model.apply(part, x, hooks))
+        // One head: short, never worth watching for Ctrl-C.
+        self.run_hooked(py, hooks, 0, move |model, hooks| {
+            model.apply(part, x, hooks)
+        })
     }
 
     /// Runs block `layer`'s attention on separate query, key and value inputs.
@@ -334,7 +338,7 @@ impl Model {
         let inputs = [convert(&query)?, convert(&key)?, convert(&value)?];
         let attention_mask = attention_mask.as_ref().map(rows);
         let hooks = self.hooks(&record, &dispatch, dispatcher)?;
-        self.run_hooked(py, hooks, move |model, hooks| {
+        self.run_hooked(py, hooks, 0, move |model, hooks| {
             model.attention_component(layer, inputs, attention_mask.as_deref(), hooks)
         })
     }
@@ -367,17 +371,22 @@ impl Model {
 
     /// Runs `work` on the model with the GIL released (Python hooks take it back while they
     /// run), then hands the output and the recorded activations to Python (see [`export`]).
+    ///
+    /// `positions` (batch x pos through the blocks) sizes the pass: a long CPU pass started
+    /// from Python's main thread runs so that Ctrl-C can stop it (see [`run_interruptibly`]).
     fn run_hooked<'py>(
         &self,
         py: Python<'py>,
         mut hooks: PyHooks,
+        positions: usize,
         work: impl FnOnce(&HookedBert, &mut PyHooks) -> hooked_encoder_core::Result<Tensor> + Send,
     ) -> PyResult<ForwardResult<'py>> {
         let model = Arc::clone(&self.inner);
         // Python runs signal handlers only on the main thread, so only there is there anything
-        // to watch for. A GPU pass is short, and CUDA state is best kept on the caller's
-        // thread, so it runs there directly.
-        let output = if model.device().is_cpu() && on_main_thread(py)? {
+        // to watch for, and only a long pass is worth the helper thread (~80 µs a call). A GPU
+        // pass is short, and CUDA state is best kept on the caller's thread.
+        let watch = model.device().is_cpu() && is_long(model.config(), positions);
+        let output = if watch && on_main_thread(py)? {
             run_interruptibly(py, &mut hooks, |hooks| work(&model, hooks))?
         } else {
             py.detach(|| crate::threads::install(|| work(&model, &mut hooks)))
@@ -389,6 +398,14 @@ impl Model {
             .collect::<PyResult<Vec<_>>>()?;
         Ok((export(py, output)?, records))
     }
+}
+
+/// Whether a pass over `positions` token positions takes long enough (more than a few
+/// milliseconds) that waiting for it to end before handling Ctrl-C would be noticeable.
+fn is_long(cfg: &BertConfig, positions: usize) -> bool {
+    const LONG_FLOPS: f64 = 2e8; // ~2 ms at the ~100 GFLOP/s a 2-core CPU reaches
+    let per_position = 2.0 * (4 * cfg.d_model * cfg.d_model + 2 * cfg.d_model * cfg.d_mlp) as f64;
+    positions as f64 * cfg.n_layers as f64 * per_position > LONG_FLOPS
 }
 
 fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
