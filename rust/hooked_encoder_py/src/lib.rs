@@ -5,6 +5,7 @@ mod convert;
 mod dlpack;
 mod errors;
 mod hooks;
+mod interrupt;
 mod memory;
 mod model;
 mod threads;

@@ -373,25 +373,29 @@ impl Model {
     /// run), then hands the output and the recorded activations to Python (see [`export`]).
     ///
     /// `positions` (batch x pos through the blocks) sizes the pass: a long CPU pass started
-    /// from Python's main thread runs so that Ctrl-C can stop it (see [`run_interruptibly`]).
+    /// from Python's main thread runs so that Ctrl-C can stop it
+    /// (see [`crate::interrupt`]).
     fn run_hooked<'py>(
         &self,
         py: Python<'py>,
         mut hooks: PyHooks,
         positions: usize,
-        work: impl FnOnce(&HookedBert, &mut PyHooks) -> hooked_encoder_core::Result<Tensor> + Send,
+        work: impl FnOnce(&HookedBert, &mut PyHooks) -> hooked_encoder_core::Result<Tensor>
+            + Send
+            + 'static,
     ) -> PyResult<ForwardResult<'py>> {
         let model = Arc::clone(&self.inner);
         // Python runs signal handlers only on the main thread, so only there is there anything
         // to watch for, and only a long pass is worth the helper thread (~80 µs a call). A GPU
         // pass is short, and CUDA state is best kept on the caller's thread.
         let watch = model.device().is_cpu() && is_long(model.config(), positions);
-        let output = if watch && on_main_thread(py)? {
-            run_interruptibly(py, &mut hooks, |hooks| work(&model, hooks))?
+        let (output, mut hooks) = if watch && on_main_thread(py)? {
+            crate::interrupt::run_watching_signals(py, model, hooks, work)?
         } else {
-            py.detach(|| crate::threads::install(|| work(&model, &mut hooks)))
-        }
-        .map_err(to_py_err)?;
+            let output = py.detach(|| crate::threads::install(|| work(&model, &mut hooks)));
+            (output, hooks)
+        };
+        let output = output.map_err(to_py_err)?;
         let records = std::mem::take(&mut hooks.records)
             .into_iter()
             .map(|(point, tensor)| Ok((point.name(), export(py, tensor)?)))
@@ -412,50 +416,4 @@ fn on_main_thread(py: Python<'_>) -> PyResult<bool> {
     let threading = py.import("threading")?;
     let current = threading.call_method0("current_thread")?;
     Ok(current.is(&threading.call_method0("main_thread")?))
-}
-
-/// Runs `work` on a helper thread while this (main) thread, with the GIL released, wakes every
-/// few milliseconds to run Python's signal handlers. If one raises (Ctrl-C raises
-/// `KeyboardInterrupt`), the pass is asked to stop at the next block boundary and that very
-/// exception is returned, even if the pass finished first.
-fn run_interruptibly<W>(
-    py: Python<'_>,
-    hooks: &mut PyHooks,
-    work: W,
-) -> PyResult<hooked_encoder_core::Result<Tensor>>
-where
-    W: FnOnce(&mut PyHooks) -> hooked_encoder_core::Result<Tensor> + Send,
-{
-    const POLL: std::time::Duration = std::time::Duration::from_millis(20);
-    let interrupt_flag = Arc::clone(&hooks.interrupt);
-    let mut raised: Option<PyErr> = None;
-    let result = py.detach(|| {
-        std::thread::scope(|scope| {
-            let waiter = std::thread::current();
-            let worker = scope.spawn(move || {
-                let result = crate::threads::install(|| work(hooks));
-                waiter.unpark();
-                result
-            });
-            while !worker.is_finished() {
-                std::thread::park_timeout(POLL);
-                if raised.is_none() && !worker.is_finished() {
-                    if let Err(e) = Python::attach(|py| py.check_signals()) {
-                        interrupt_flag.store(true, std::sync::atomic::Ordering::Relaxed);
-                        raised = Some(e);
-                    }
-                }
-            }
-            worker.join()
-        })
-    });
-    let result = match result {
-        Ok(result) => result,
-        // The worker panicked: hand the panic on as Python's PanicException, as PyO3 does.
-        Err(payload) => std::panic::resume_unwind(payload),
-    };
-    match raised {
-        Some(e) => Err(e),
-        None => Ok(result),
-    }
 }
