@@ -20,6 +20,9 @@ from pathlib import Path
 from ._core import HookedEncoderError
 from .hook_points import describe_hook
 
+# Below this, a call is assumed to fit without asking the kernel.
+_ALWAYS_FITS = 256 << 20
+
 
 class OutOfMemoryError(HookedEncoderError, MemoryError):
     """A call would need more memory than is available; nothing was computed."""
@@ -82,6 +85,8 @@ def check_fits(cfg, batch: int, pos: int, recorded: Iterable[str], output: str) 
     working = 4 * rows * (6 * cfg.d_model + 3 * cfg.n_heads * cfg.d_head + 2 * cfg.d_mlp)
     result = 4 * rows * (cfg.d_vocab if output == "logits" else cfg.d_model)
     needed = cached + working + result
+    if needed < _ALWAYS_FITS:
+        return  # not worth reading /proc on every small call
     available = available_bytes()
     if available is None or needed <= available:
         return
