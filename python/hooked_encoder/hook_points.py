@@ -154,9 +154,14 @@ HOOK_DOCS = {
 }
 
 
+# Longest suffix first, so "ln1.hook_scale" wins over "ln.hook_scale" (sorted once: the
+# memory check looks up every recorded hook on every call).
+_DOCS_BY_SUFFIX = sorted(HOOK_DOCS.items(), key=lambda kv: -len(kv[0]))
+
+
 def describe_hook(name: str) -> tuple[str, str]:
     """A hook point's shape, with symbolic dims (``[batch, pos, d_model]``), and meaning."""
-    for suffix, doc in sorted(HOOK_DOCS.items(), key=lambda kv: -len(kv[0])):
+    for suffix, doc in _DOCS_BY_SUFFIX:
         if name.endswith(suffix):
             return doc
     return ("", "")

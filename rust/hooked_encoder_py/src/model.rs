@@ -59,6 +59,14 @@ fn rows(array: &PyReadonlyArray2<'_, i64>) -> Vec<i64> {
     array.as_array().iter().copied().collect()
 }
 
+impl From<HookedBert> for Model {
+    fn from(model: HookedBert) -> Self {
+        Self {
+            inner: Arc::new(model),
+        }
+    }
+}
+
 impl Model {
     fn hook_set(&self, names: &[String]) -> PyResult<HookSet> {
         let cfg = self.inner.config();
@@ -91,12 +99,7 @@ impl Model {
                 HookedBert::load(cfg, &files, &device)
             })
             .map_err(to_py_err)?;
-        Ok((
-            Self {
-                inner: Arc::new(model),
-            },
-            unused,
-        ))
+        Ok((model.into(), unused))
     }
 
     /// A model with fresh weights: N(0, 0.02²) matrices, zero biases, unit LayerNorms.
@@ -110,9 +113,7 @@ impl Model {
                 HookedBert::load(cfg, &weights, &device).map(|(m, _)| m)
             })
             .map_err(to_py_err)?;
-        Ok(Self {
-            inner: Arc::new(model),
-        })
+        Ok(model.into())
     }
 
     /// Builds the model from float32 arrays named as a Hugging Face BERT state dict. Returns
@@ -136,12 +137,7 @@ impl Model {
         let (model, unused) = py
             .detach(|| HookedBert::load(cfg, &weights, &device))
             .map_err(to_py_err)?;
-        Ok((
-            Self {
-                inner: Arc::new(model),
-            },
-            unused,
-        ))
+        Ok((model.into(), unused))
     }
 
     /// Builds the model from one safetensors blob (what `pickle` carries; see
@@ -171,12 +167,7 @@ impl Model {
                 HookedBert::load(cfg, &weights, &device)
             })
             .map_err(to_py_err)?;
-        Ok((
-            Self {
-                inner: Arc::new(model),
-            },
-            unused,
-        ))
+        Ok((model.into(), unused))
     }
 
     /// Every weight as `(name, array)`, named and laid out as in a Hugging Face
@@ -349,9 +340,7 @@ impl Model {
         let model = py
             .detach(|| self.inner.to_device(&device))
             .map_err(to_py_err)?;
-        Ok(Self {
-            inner: Arc::new(model),
-        })
+        Ok(model.into())
     }
 }
 
