@@ -14,6 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 # TransformerLens's own tolerance for HookedEncoder against Hugging Face BERT.
 ATOL, RTOL = 4e-5, 1.3e-6
+# Half precision: the machine epsilon of each dtype (see assert_half_parity).
+EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
 
 SHAPES = {
     # name: (hidden, heads, layers, intermediate, vocab, max_positions)
@@ -49,6 +51,16 @@ class Checkpoint:
         mask = (np.arange(pos)[None, :] < lengths[:, None]).astype(np.int64)
         types = (np.arange(pos)[None, :] >= (lengths[:, None] // 2)).astype(np.int64) * mask
         return tokens, types, mask
+
+
+def assert_half_parity(ours: np.ndarray, hf_half: np.ndarray, hf32: np.ndarray, dtype: str):
+    """The documented half-precision tolerance (README, "Half precision"): within 8 epsilons of
+    the dtype times the largest float32 logit of Hugging Face's logits in the same dtype, and no
+    further from the float32 logits than twice Hugging Face's own half-precision error."""
+    scale = np.abs(hf32).max()
+    np.testing.assert_allclose(ours, hf_half, rtol=0, atol=8 * EPSILON[dtype] * scale)
+    hf_error = np.abs(hf_half - hf32).max()
+    assert np.abs(ours - hf32).max() <= 2 * hf_error + EPSILON[dtype] * scale
 
 
 def randomize(model):

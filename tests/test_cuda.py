@@ -5,12 +5,14 @@ checks the CPU build's side of the contract."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 import hooked_encoder
-from conftest import ATOL, RTOL
+from conftest import ATOL, EPSILON, RTOL, assert_half_parity
 from hooked_encoder import HookedEncoder
 
 on_gpu = pytest.mark.skipif(
@@ -133,3 +135,49 @@ def test_moving_a_model_between_devices(checkpoint):
     np.testing.assert_allclose(model(tokens, one_zero_attention_mask=mask), on_cpu, atol=ATOL)
     model.to("cpu")
     np.testing.assert_array_equal(model(tokens, one_zero_attention_mask=mask), on_cpu)
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", sorted(EPSILON))
+def test_half_precision_matches_hf_in_the_same_dtype_on_the_gpu(checkpoint, dtype):
+    tokens, types, mask = checkpoint.batch(seed=10)
+    torch_dtype = getattr(torch, dtype)
+    model = HookedEncoder.from_pretrained(checkpoint.path, device="cuda", dtype=dtype)
+    as_cuda = lambda a: torch.tensor(a, device="cuda")  # noqa: E731
+    ours = model(
+        as_cuda(tokens), token_type_ids=as_cuda(types), one_zero_attention_mask=as_cuda(mask)
+    )
+    assert ours.is_cuda and ours.dtype == torch_dtype
+    _, cache = model.run_with_cache(as_cuda(tokens), one_zero_attention_mask=as_cuda(mask))
+    assert {(v.device.type, v.dtype) for v in cache.values()} == {("cuda", torch_dtype)}
+    hf = copy.deepcopy(checkpoint.hf).to("cuda", torch_dtype)
+    with torch.no_grad():
+        hf_half = hf(
+            as_cuda(tokens), token_type_ids=as_cuda(types), attention_mask=as_cuda(mask)
+        ).prediction_logits
+    hf32 = checkpoint.hf_logits(tokens, types, mask)
+    assert_half_parity(ours.float().cpu().numpy(), hf_half.float().cpu().numpy(), hf32, dtype)
+
+
+@on_gpu
+def test_repeated_bert_sized_passes_finish():
+    """A bert-sized vocabulary, unembedded and run to logits repeatedly: the pattern that hung
+    on an H200 when every long pass ran on a fresh helper thread (see the CUDA notes). A hang
+    here shows as the test never finishing."""
+    model = HookedEncoder(
+        {
+            "d_model": 768,
+            "d_head": 64,
+            "n_layers": 2,
+            "n_ctx": 512,
+            "d_vocab": 28996,
+            "seed": 0,
+            "device": "cuda",
+        }
+    )
+    x = torch.randn(1, 16, 768, device="cuda")
+    tokens = torch.randint(0, 28996, (32, 128), device="cuda")
+    for _ in range(3):
+        assert model.unembed(x).shape == (1, 16, 28996)
+        assert model(tokens).shape == (32, 128, 28996)
+    torch.cuda.synchronize()

@@ -184,8 +184,8 @@ def test_hand_built_configs_are_validated():
         )
     with pytest.raises(ValueError, match="from_pretrained"):
         HookedEncoder("bert-base-cased")
-    with pytest.raises(ValueError, match="dtype 'float16' is not supported"):
-        HookedEncoderConfig(d_model=8, d_head=4, n_layers=1, n_ctx=4, d_vocab=5, dtype="float16")
+    with pytest.raises(ValueError, match="dtype 'float64' is not supported"):
+        HookedEncoderConfig(d_model=8, d_head=4, n_layers=1, n_ctx=4, d_vocab=5, dtype="float64")
 
 
 def test_cuda_on_a_cpu_build_says_how_to_get_one(checkpoint):

@@ -10,6 +10,19 @@ from typing import Any, Literal
 ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"]
 
 # Hugging Face `hidden_act` / TransformerLens `act_fn` names -> the core's activation names.
+# Accepted spellings of each supported dtype (torch's names without the "torch." prefix, and
+# TransformerLens's short ones), mapped to the one the package uses.
+DTYPE_ALIASES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
 _ACTIVATIONS = {
     "gelu": "gelu",  # exact, with erf: BERT's activation
     "gelu_new": "gelu_tanh",
@@ -101,10 +114,13 @@ class HookedEncoderConfig:
             raise ValueError(
                 f"attention_dir must be 'bidirectional' or 'causal', got {self.attention_dir!r}"
             )
-        if self.dtype not in ("float32", "fp32"):
+        dtype = str(self.dtype).removeprefix("torch.")  # torch.float16 works too
+        if dtype not in DTYPE_ALIASES:
             raise ValueError(
-                f"dtype {self.dtype!r} is not supported; this version computes in float32"
+                f"dtype {self.dtype!r} is not supported; use float32, float16 or bfloat16"
             )
+        # One spelling per dtype from here on (the Rust model and torch use these names).
+        self.dtype = DTYPE_ALIASES[dtype]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HookedEncoderConfig:

@@ -20,7 +20,7 @@ from . import _core
 from ._memory import check_fits
 from .activation_cache import ActivationCache
 from .components import Component
-from .config import HookedEncoderConfig
+from .config import DTYPE_ALIASES, HookedEncoderConfig
 from .factored_matrix import FactoredMatrix
 from .hook_points import HookPoint, NamesFilter, _check_direction, names_predicate
 from .loading import read_config, resolve_checkpoint, weight_files
@@ -149,6 +149,9 @@ class HookedEncoder:
         if _core_model is None:
             seed = cfg.seed if cfg.seed is not None else random.getrandbits(63)
             _core_model = _core.Model.random(cfg._core_json(), seed, cfg.device)
+        if _core_model.dtype != cfg.dtype:
+            # Weights load as float32; a half-precision model stores them rounded once.
+            _core_model = _core_model.to(_core_model.device, cfg.dtype)
         self._model = _core_model
         self.hook_dict: dict[str, HookPoint] = {
             name: HookPoint(name) for name in self._model.hook_names()
@@ -350,18 +353,29 @@ class HookedEncoder:
     # ------------------------------------------------------------------ devices
 
     def to(self, device_or_dtype: Any, print_details: bool = True) -> HookedEncoder:
-        """Moves the model to a device ("cpu", "cuda", "cuda:N"), or checks a dtype (float32 is
-        the only one). A CPU-only build refuses "cuda" with a message on how to get a CUDA one."""
+        """Moves the model to a device ("cpu", "cuda", "cuda:N") or converts it to a dtype
+        ("float32", "float16", "bfloat16", or the torch dtypes), in place, and returns it. A
+        CPU-only build refuses "cuda" with a message on how to get a CUDA one.
+
+        Half precision is meant for GPUs (on the CPU it runs Candle's generic ops, slower than
+        float32). Converting to a half dtype rounds the weights; converting back does not undo
+        that."""
         value = str(device_or_dtype).removeprefix("torch.")
-        if value in ("float32", "fp32"):
-            return self
-        if value.split(":")[0] not in ("cpu", "cuda"):
-            raise ValueError(f"cannot move the model to {value!r}: use a device or float32")
-        self._model = self._model.to_device(value)
-        self.cfg = dataclasses.replace(self.cfg, device=value)
+        if value in DTYPE_ALIASES:
+            dtype = DTYPE_ALIASES[value]
+            self._model = self._model.to(self._model.device, dtype)
+            self.cfg = dataclasses.replace(self.cfg, dtype=dtype)
+        elif value.split(":")[0] in ("cpu", "cuda"):
+            self._model = self._model.to(value, self._model.dtype)
+            self.cfg = dataclasses.replace(self.cfg, device=value)
+        else:
+            raise ValueError(
+                f"cannot move the model to {value!r}: use a device (cpu, cuda, cuda:N) or a "
+                "dtype (float32, float16, bfloat16)"
+            )
         self.__dict__.pop("_tl_weights", None)
         if print_details:
-            logger.info("Moved model to device: %s", value)
+            logger.info("Moved model to %s", value)
         return self
 
     def cpu(self) -> HookedEncoder:
@@ -582,13 +596,16 @@ class HookedEncoder:
             self.output_format == "auto" and _is_torch_tensor(input)
         )
 
-    @staticmethod
-    def _converter(as_torch: bool) -> Callable[[Any], Any]:
+    def _converter(self, as_torch: bool) -> Callable[[Any], Any]:
         """Turns what the Rust model returns (a NumPy array sharing the tensor's memory, or a
         ``_core.DeviceTensor`` for activations on a GPU) into the requested output type: torch
         without a copy (``from_numpy``, or DLPack for GPU tensors, which stay on the GPU), or
-        NumPy (one device-to-host copy for GPU tensors)."""
-        return _to_torch if as_torch else _to_numpy
+        NumPy (one device-to-host copy for GPU tensors). Torch results are in the model's dtype;
+        NumPy results are float32 (NumPy has no bfloat16; both half formats widen exactly)."""
+        if not as_torch:
+            return _to_numpy
+        dtype = self._model.dtype
+        return _to_torch if dtype == "float32" else functools.partial(_to_torch, dtype=dtype)
 
     # ------------------------------------------------------------------ running
 
@@ -644,10 +661,11 @@ class HookedEncoder:
         for registered in list(point.fwd_hooks):
             returned = registered.fn(current, hook=point)
             if returned is not None:
-                current = _check_replacement(name, returned, shape)
+                current = _check_replacement(name, returned, shape, self._model.dtype)
         # In-place edits of the array (or of the torch tensor sharing its memory) count too.
+        # Rust takes float32 back and rounds it to the model's dtype.
         if _is_torch_tensor(current):
-            current = current.detach().cpu().numpy()
+            current = current.detach().float().cpu().numpy()
         return np.ascontiguousarray(current)
 
     def forward(
@@ -968,22 +986,27 @@ def _unpickle(
     return HookedEncoder(cfg, tokenizer, output_format=output_format, _core_model=core)
 
 
-def _to_torch(value: Any) -> Any:
+def _to_torch(value: Any, dtype: str = "float32") -> Any:
     torch = _torch()
     if isinstance(value, _core.DeviceTensor):
-        return torch.from_dlpack(value)
-    return torch.from_numpy(value)
+        return torch.from_dlpack(value)  # already in the model's dtype
+    tensor = torch.from_numpy(value)
+    # A half-precision model on the CPU hands NumPy float32 over; narrowing it back is exact.
+    return tensor if dtype == "float32" else tensor.to(getattr(torch, dtype))
 
 
 def _to_numpy(value: Any) -> Any:
     return value.numpy() if isinstance(value, _core.DeviceTensor) else value
 
 
-def _check_replacement(name: str, value: Any, shape: tuple[int, ...]) -> Any:
+def _check_replacement(name: str, value: Any, shape: tuple[int, ...], dtype: str) -> Any:
     if _is_torch_tensor(value):
         torch = _torch()
-        if value.dtype != torch.float32:
-            raise TypeError(f"hook on {name!r} returned a {value.dtype} tensor; it must be float32")
+        if value.dtype not in (torch.float32, getattr(torch, dtype)):
+            raise TypeError(
+                f"hook on {name!r} returned a {value.dtype} tensor; it must be torch.{dtype}"
+                + (" or torch.float32" if dtype != "float32" else "")
+            )
     elif isinstance(value, np.ndarray):
         if value.dtype != np.float32:
             raise TypeError(f"hook on {name!r} returned a {value.dtype} array; it must be float32")

@@ -6,12 +6,13 @@ use candle_core::{CpuStorage, InplaceOp1, Layout, Storage, StorageRef, Tensor};
 use crate::kernels;
 use crate::{Activation, Error, Result};
 
-/// Whether our fused CPU kernels handle tensors on `device`. Elsewhere (a GPU) the model uses
-/// portable Candle ops; tests can force those on the CPU too (see [`portable_ops`]), so the
-/// GPU's code path is checked against the reference on every machine.
+/// Whether our fused CPU kernels handle tensors of `dtype` on `device`: float32 on the CPU.
+/// Elsewhere (a GPU, or half precision) the model uses portable Candle ops; tests can force
+/// those on the CPU too (see [`portable_ops`]), so the GPU's code path is checked against the
+/// reference on every machine.
 #[inline]
-pub fn kernels_on(device: &candle_core::Device) -> bool {
-    device.is_cpu() && !portable_ops::forced()
+pub fn kernels_on(device: &candle_core::Device, dtype: candle_core::DType) -> bool {
+    device.is_cpu() && dtype == candle_core::DType::F32 && !portable_ops::forced()
 }
 
 /// A read-locked view of a contiguous float32 CPU tensor's elements.

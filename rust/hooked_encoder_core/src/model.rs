@@ -83,7 +83,7 @@ impl Linear {
         let d_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
-        let y = if cpu::kernels_on(y.device()) {
+        let y = if cpu::kernels_on(y.device(), y.dtype()) {
             // The matmul result is ours alone: add the bias (and activate) in place, one pass.
             cpu::bias_act_inplace(&y, &self.bias, act)?;
             y
@@ -138,6 +138,9 @@ struct MlmHead {
 pub struct HookedBert {
     cfg: BertConfig,
     device: Device,
+    /// What the weights and activations are stored in: float32 (the default, and the only
+    /// dtype of the fused CPU kernels), or float16/bfloat16 (portable ops; see [`Self::to`]).
+    dtype: DType,
     word_embeddings: Tensor,
     position_embeddings: Tensor,
     token_type_embeddings: Tensor,
@@ -339,6 +342,7 @@ impl HookedBert {
         let model = Self {
             cfg,
             device: device.clone(),
+            dtype: DType::F32,
             word_embeddings,
             position_embeddings,
             token_type_embeddings,
@@ -413,9 +417,16 @@ impl HookedBert {
         Ok(tensors)
     }
 
-    /// A copy of the model with every weight on `device`.
-    pub fn to_device(&self, device: &Device) -> Result<Self> {
-        let t = |x: &Tensor| -> Result<Tensor> { Ok(x.to_device(device)?) };
+    /// A copy of the model with every weight on `device` and stored as `dtype` (float32,
+    /// float16 or bfloat16). In half precision, activations are stored in `dtype` too, while
+    /// LayerNorm statistics and softmax are computed in float32, as PyTorch's kernels do.
+    pub fn to(&self, device: &Device, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::Input(format!(
+                "unsupported dtype {dtype:?}: use float32, float16 or bfloat16"
+            )));
+        }
+        let t = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.to_device(device)?) };
         let linear = |l: &Linear| -> Result<Linear> {
             Ok(Linear {
                 weight: t(&l.weight)?,
@@ -470,6 +481,7 @@ impl HookedBert {
         Ok(Self {
             cfg: self.cfg.clone(),
             device: device.clone(),
+            dtype,
             word_embeddings: t(&self.word_embeddings)?,
             position_embeddings: t(&self.position_embeddings)?,
             token_type_embeddings: t(&self.token_type_embeddings)?,
@@ -489,6 +501,21 @@ impl HookedBert {
     /// The device the weights live on.
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The dtype of the weights and activations.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A caller's activation on this model's device, in its dtype.
+    fn own(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Whether this model runs on our fused CPU kernels (float32 on the CPU).
+    fn uses_cpu_kernels(&self) -> bool {
+        cpu::kernels_on(&self.device, self.dtype)
     }
 
     /// Whether the checkpoint had an MLM head (so [`Output::Logits`] is available).
@@ -547,7 +574,7 @@ impl HookedBert {
                     )));
                 }
                 let (b, p) = self.check_residual(&x, attention_mask)?;
-                (x, layer, self.mask(b, p, attention_mask)?)
+                (self.own(&x)?, layer, self.mask(b, p, attention_mask)?)
             }
         };
         for layer in first..stop {
@@ -583,15 +610,14 @@ impl HookedBert {
         };
         self.check_head(needs)?;
         let rank = if part == Part::NspHead { 2 } else { 3 };
-        if x.rank() != rank || x.dims().last() != Some(&self.cfg.d_model) || x.dtype() != DType::F32
-        {
+        if x.rank() != rank || x.dims().last() != Some(&self.cfg.d_model) || !x.dtype().is_float() {
             return Err(Error::Input(format!(
-                "{part:?} takes a float32 {what} input, got {:?} {:?}",
+                "{part:?} takes a floating-point {what} input, got {:?} {:?}",
                 x.dims(),
                 x.dtype()
             )));
         }
-        let x = x.to_device(&self.device)?;
+        let x = self.own(&x)?;
         match (part, &self.mlm_head, &self.pooler, &self.nsp_head) {
             (Part::MlmHead, Some(head), _, _) => {
                 let x = head.dense.forward(&x, Some(self.cfg.act_fn))?;
@@ -655,7 +681,7 @@ impl HookedBert {
                 weight: block.qkv.weight.narrow(0, i * a, a)?,
                 bias: block.qkv.bias.narrow(0, i * a, a)?,
             };
-            let projected = projection.forward(&input.to_device(&self.device)?, None)?;
+            let projected = projection.forward(&self.own(input)?, None)?;
             parts.push(projected.reshape((b, p, self.cfg.n_heads, self.cfg.d_head))?);
         }
         let [q, k, v]: [Tensor; 3] = parts.try_into().map_err(|_| missing_head_weights())?;
@@ -692,9 +718,9 @@ impl HookedBert {
                 )))
             }
         };
-        if x.dtype() != DType::F32 {
+        if !x.dtype().is_float() {
             return Err(Error::Input(format!(
-                "a residual-stream input must be float32, got {:?}",
+                "a residual-stream input must be floating-point, got {:?}",
                 x.dtype()
             )));
         }
@@ -774,7 +800,7 @@ impl HookedBert {
                 .collect()
         });
         let causal = self.cfg.attention_dir == AttentionDir::Causal;
-        if cpu::kernels_on(&self.device) {
+        if self.uses_cpu_kernels() {
             // The CPU kernels apply the mask themselves.
             return Ok(Mask {
                 padding,
@@ -804,7 +830,9 @@ impl HookedBert {
             (None, None) => None,
             (Some(m), None) | (None, Some(m)) => Some(m),
             (Some(pad), Some(causal)) => Some(pad.broadcast_add(&causal)?),
-        };
+        }
+        .map(|m| m.to_dtype(self.dtype))
+        .transpose()?;
         Ok(Mask {
             padding,
             causal,
@@ -864,7 +892,7 @@ impl HookedBert {
         normalized_point: HookPoint,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
-        if !cpu::kernels_on(&self.device) {
+        if !self.uses_cpu_kernels() {
             return self.layer_norm_generic(x, ln, scale_point, normalized_point, hooks);
         }
         let x = x.contiguous()?;
@@ -908,14 +936,18 @@ impl HookedBert {
         normalized_point: HookPoint,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
+        // Statistics in float32 whatever the model's dtype (PyTorch's LayerNorm does the same
+        // for half precision); the hooked values are stored in the model's dtype.
+        let x = x.to_dtype(DType::F32)?;
         let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
         let scale = centred
             .sqr()?
             .mean_keepdim(D::Minus1)?
             .affine(1.0, self.cfg.eps)?
             .sqrt()?;
-        let scale = hook(hooks, scale_point, scale)?;
-        let normalized = hook(hooks, normalized_point, centred.broadcast_div(&scale)?)?;
+        let scale = hook(hooks, scale_point, scale.to_dtype(self.dtype)?)?;
+        let normalized = centred.broadcast_div(&scale.to_dtype(DType::F32)?)?;
+        let normalized = hook(hooks, normalized_point, normalized.to_dtype(self.dtype)?)?;
         Ok(normalized
             .broadcast_mul(&ln.weight)?
             .broadcast_add(&ln.bias)?)
@@ -1035,7 +1067,7 @@ impl HookedBert {
         let at = |kind| HookPoint::Block(layer, kind);
         let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
-        let z = if cpu::kernels_on(&self.device) {
+        let z = if self.uses_cpu_kernels() {
             self.attention_z_cpu(layer, qkv, mask, hooks)?
         } else {
             self.attention_z_generic(layer, qkv, mask, hooks)?
@@ -1168,17 +1200,19 @@ impl HookedBert {
             None => scores,
         };
         let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
-        let pattern = if cpu::kernels_on(scores.device()) {
+        let pattern = if cpu::kernels_on(scores.device(), scores.dtype()) {
             let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
             kernels::softmax_rows_inplace(&mut pattern, p);
             cpu::tensor(pattern, scores.dims())?
         } else {
-            let pattern = candle_nn::ops::softmax_last_dim(&scores)?;
+            // In float32 whatever the model's dtype, as PyTorch's softmax computes half inputs.
+            let pattern = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
             // A row whose every key is masked is all -inf, and its softmax is 0/0.
             // TransformerLens turns those NaNs into 0 (such a query attends to nothing).
             pattern
                 .ne(&pattern)?
                 .where_cond(&pattern.zeros_like()?, &pattern)?
+                .to_dtype(scores.dtype())?
         };
         let pattern = hook(hooks, at(BlockHook::Pattern), pattern)?;
         Ok(pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?) // [b, p, h, dh]
@@ -1217,7 +1251,7 @@ struct Mask {
 
 /// `a + b` for tensors of one shape.
 fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if cpu::kernels_on(a.device()) && a.dims() == b.dims() {
+    if cpu::kernels_on(a.device(), a.dtype()) && a.dims() == b.dims() {
         let (a_c, b_c) = (a.contiguous()?, b.contiguous()?);
         let sum = kernels::add(cpu::view(&a_c)?.slice(), cpu::view(&b_c)?.slice());
         return cpu::tensor(sum, a.dims());
@@ -1265,7 +1299,7 @@ fn per_head_projection(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> 
 }
 
 fn apply_act(act: Activation, x: &Tensor) -> Result<Tensor> {
-    if cpu::kernels_on(x.device()) {
+    if cpu::kernels_on(x.device(), x.dtype()) {
         let x = x.contiguous()?;
         return cpu::tensor(kernels::activation(cpu::view(&x)?.slice(), act), x.dims());
     }

@@ -5,7 +5,7 @@
 //! to a Python hook are copied ([`HostArray`]), because the hook may edit them in place. Into
 //! Rust: one copy out of a float32 array.
 
-use candle_core::{CpuStorage, Device, Storage, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use numpy::ndarray::{ArrayD, ArrayViewD, IxDyn};
 use numpy::{IntoPyArray, PyArrayDyn, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::PyRuntimeError;
@@ -20,11 +20,13 @@ pub struct TensorBuffer {
     _tensor: Tensor,
 }
 
-/// A NumPy array over `tensor`'s elements, sharing its memory. Tensors on another device, or not
-/// contiguous, are first copied to a contiguous host tensor.
+/// A NumPy array over `tensor`'s elements, sharing its memory. Tensors on another device, not
+/// contiguous, or in half precision (NumPy has no bfloat16; both half formats widen to float32
+/// exactly) are first copied to a contiguous float32 host tensor.
 pub fn tensor_to_numpy(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyAny>> {
     let tensor = tensor
         .to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F32))
         .and_then(|t| t.contiguous())
         .map_err(|e| PyRuntimeError::new_err(e.to_string()))?;
     let dims = tensor.dims().to_vec();
@@ -50,8 +52,8 @@ pub fn tensor_to_numpy(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyA
     }
 }
 
-/// A result or cached activation for Python: a NumPy array sharing the tensor's memory on the
-/// CPU, a [`DeviceTensor`] (DLPack, no copy) on a GPU.
+/// A result or cached activation for Python: a NumPy array on the CPU (sharing the tensor's
+/// memory in float32), a [`DeviceTensor`] (DLPack, no copy, in the model's dtype) on a GPU.
 pub fn export(py: Python<'_>, tensor: Tensor) -> PyResult<Bound<'_, PyAny>> {
     if tensor.device().is_cpu() {
         tensor_to_numpy(py, tensor)
@@ -73,7 +75,7 @@ impl HostArray {
     pub fn from_tensor(tensor: &Tensor) -> candle_core::Result<Self> {
         Ok(Self {
             dims: tensor.dims().to_vec(),
-            data: tensor.flatten_all()?.to_vec1()?,
+            data: tensor.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
         })
     }
 

@@ -16,17 +16,18 @@ use pyo3::prelude::*;
 
 use crate::convert::tensor_to_numpy;
 
-/// A float32 tensor on a GPU, exported to Python through DLPack (and, by copy, to NumPy).
+/// A float32, float16 or bfloat16 tensor on a GPU, exported to Python through DLPack (and, by
+/// copy, to NumPy as float32).
 #[pyclass(module = "hooked_encoder._core", frozen)]
 pub struct DeviceTensor {
-    /// Contiguous, float32, on a CUDA device.
+    /// Contiguous, on a CUDA device.
     tensor: Tensor,
 }
 
 impl DeviceTensor {
     pub fn new(tensor: Tensor) -> candle_core::Result<Self> {
         Ok(Self {
-            tensor: tensor.contiguous()?.to_dtype(DType::F32)?,
+            tensor: tensor.contiguous()?,
         })
     }
 }
@@ -45,10 +46,20 @@ impl DeviceTensor {
     /// "cuda:N".
     #[getter]
     fn device(&self) -> String {
-        format!("{:?}", self.tensor.device().location()).to_lowercase()
+        device_name(self.tensor.device())
     }
 
-    /// A NumPy copy on the host.
+    /// "float32", "float16" or "bfloat16".
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        match self.tensor.dtype() {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        }
+    }
+
+    /// A NumPy copy on the host, in float32 (NumPy has no bfloat16; the widening is exact).
     fn numpy<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         tensor_to_numpy(py, self.tensor.clone())
     }
@@ -70,7 +81,8 @@ impl DeviceTensor {
         let _ = stream;
         self.tensor.device().synchronize().map_err(runtime_err)?;
         let data = device_pointer(&self.tensor).map_err(runtime_err)?;
-        let managed = ManagedContext::export(self.tensor.clone(), data);
+        let dtype = dl_dtype(self.tensor.dtype()).map_err(runtime_err)?;
+        let managed = ManagedContext::export(self.tensor.clone(), data, dtype);
         // SAFETY: `managed` is a valid, leaked DLManagedTensor; the capsule's destructor frees it
         // unless a consumer took ownership (and renamed the capsule to "used_dltensor").
         unsafe {
@@ -96,6 +108,15 @@ impl DeviceTensor {
     }
 }
 
+/// A device as Python and torch spell it: "cpu" or "cuda:N".
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("mps:{gpu_id}"),
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+    }
+}
+
 fn cuda_ordinal(device: &Device) -> i32 {
     match device.location() {
         candle_core::DeviceLocation::Cuda { gpu_id } => gpu_id as i32,
@@ -103,7 +124,21 @@ fn cuda_ordinal(device: &Device) -> i32 {
     }
 }
 
-/// The address of the first element of a contiguous float32 CUDA tensor.
+/// DLPack's name for a dtype.
+fn dl_dtype(dtype: DType) -> candle_core::Result<DLDataType> {
+    let code = match dtype {
+        DType::F32 | DType::F16 => K_DL_FLOAT,
+        DType::BF16 => K_DL_BFLOAT,
+        other => candle_core::bail!("cannot export a {other:?} tensor"),
+    };
+    Ok(DLDataType {
+        code,
+        bits: (dtype.size_in_bytes() * 8) as u8,
+        lanes: 1,
+    })
+}
+
+/// The address of the first element of a contiguous CUDA tensor.
 #[cfg(feature = "cuda")]
 fn device_pointer(tensor: &Tensor) -> candle_core::Result<u64> {
     use candle_core::cuda::cudarc::driver::DevicePtr;
@@ -115,10 +150,14 @@ fn device_pointer(tensor: &Tensor) -> candle_core::Result<u64> {
     let Some((start, _)) = layout.contiguous_offsets() else {
         candle_core::bail!("not a contiguous tensor");
     };
-    let slice = storage.as_cuda_slice::<f32>()?;
     let stream = storage.device.cuda_stream();
-    let (base, _sync) = slice.device_ptr(&stream);
-    Ok(base + (start * std::mem::size_of::<f32>()) as u64)
+    let base = match tensor.dtype() {
+        DType::F32 => storage.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::F16 => storage.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        DType::BF16 => storage.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        other => candle_core::bail!("cannot export a {other:?} tensor"),
+    };
+    Ok(base + (start * tensor.dtype().size_in_bytes()) as u64)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -131,6 +170,7 @@ fn device_pointer(_tensor: &Tensor) -> candle_core::Result<u64> {
 const DLTENSOR: &CStr = c"dltensor";
 const K_DL_CUDA: i32 = 2;
 const K_DL_FLOAT: u8 = 2;
+const K_DL_BFLOAT: u8 = 4;
 
 #[repr(C)]
 struct DLDevice {
@@ -171,7 +211,7 @@ struct ManagedContext {
 }
 
 impl ManagedContext {
-    fn export(tensor: Tensor, data: u64) -> *mut DLManagedTensor {
+    fn export(tensor: Tensor, data: u64, dtype: DLDataType) -> *mut DLManagedTensor {
         let device_id = cuda_ordinal(tensor.device());
         let mut context = Box::new(ManagedContext {
             shape: tensor.dims().iter().map(|&d| d as i64).collect(),
@@ -185,11 +225,7 @@ impl ManagedContext {
                     device_id,
                 },
                 ndim: context.shape.len() as i32,
-                dtype: DLDataType {
-                    code: K_DL_FLOAT,
-                    bits: 32,
-                    lanes: 1,
-                },
+                dtype,
                 shape: context.shape.as_mut_ptr(),
                 // Null strides mean row-major contiguous.
                 strides: std::ptr::null_mut(),

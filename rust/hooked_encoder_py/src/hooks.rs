@@ -94,7 +94,9 @@ impl PyHooks {
                     got: format!("shape {:?}", array.shape()),
                 });
             }
-            Ok(tensor_from_numpy(&array, &device)?)
+            // Float32 from Python; exact for a half-precision activation that the hook left
+            // alone, rounded like any other value otherwise.
+            Ok(tensor_from_numpy(&array, &device)?.to_dtype(activation.dtype())?)
         })
     }
 }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use hooked_encoder_core::{
     BertConfig, ForwardInput, HookPoint, HookSet, HookedBert, Output, Part, Start, WeightFiles,
     WeightMap,
@@ -14,6 +14,7 @@ use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::convert::{export, tensor_from_numpy, tensor_to_numpy};
+use crate::dlpack::device_name;
 use crate::errors::to_py_err;
 use crate::hooks::PyHooks;
 
@@ -47,6 +48,17 @@ fn parse_device(device: &str) -> PyResult<Device> {
     }
     Device::new_cuda(cuda_index)
         .map_err(|e| PyValueError::new_err(format!("cannot open {device}: {e}")))
+}
+
+fn parse_dtype(dtype: &str) -> PyResult<DType> {
+    match dtype {
+        "float32" => Ok(DType::F32),
+        "float16" => Ok(DType::F16),
+        "bfloat16" => Ok(DType::BF16),
+        other => Err(PyValueError::new_err(format!(
+            "unsupported dtype {other:?}: use \"float32\", \"float16\" or \"bfloat16\""
+        ))),
+    }
 }
 
 fn parse_config(config_json: &str) -> PyResult<BertConfig> {
@@ -198,9 +210,16 @@ impl Model {
     /// The device the weights live on, e.g. "cpu".
     #[getter]
     fn device(&self) -> String {
-        match self.inner.device() {
-            Device::Cpu => "cpu".into(),
-            other => format!("{:?}", other.location()).to_lowercase(),
+        device_name(self.inner.device())
+    }
+
+    /// The dtype of the weights and activations: "float32", "float16" or "bfloat16".
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        match self.inner.dtype() {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
         }
     }
 
@@ -334,11 +353,13 @@ impl Model {
         })
     }
 
-    /// A copy of the model on `device` ("cpu", "cuda", "cuda:N").
-    fn to_device(&self, py: Python<'_>, device: &str) -> PyResult<Self> {
+    /// A copy of the model on `device` ("cpu", "cuda", "cuda:N") in `dtype` ("float32",
+    /// "float16", "bfloat16").
+    fn to(&self, py: Python<'_>, device: &str, dtype: &str) -> PyResult<Self> {
         let device = parse_device(device)?;
+        let dtype = parse_dtype(dtype)?;
         let model = py
-            .detach(|| self.inner.to_device(&device))
+            .detach(|| self.inner.to(&device, dtype))
             .map_err(to_py_err)?;
         Ok(model.into())
     }
