@@ -806,6 +806,7 @@ impl HookedBert {
                 padding,
                 causal,
                 additive: None,
+                may_empty_rows: true,
             });
         }
         let padding_tensor = padding
@@ -833,10 +834,22 @@ impl HookedBert {
         }
         .map(|m| m.to_dtype(self.dtype))
         .transpose()?;
+        // A query sees no key at all only if its row's mask is all zeros (without causality),
+        // or, with causality, if the keys up to it are all padding; cheap to rule out here.
+        let may_empty_rows = padding.as_ref().is_some_and(|values| {
+            values.chunks(p).any(|row| {
+                if causal {
+                    row[0] != 0.0
+                } else {
+                    row.iter().all(|v| *v != 0.0)
+                }
+            })
+        });
         Ok(Mask {
             padding,
             causal,
             additive,
+            may_empty_rows,
         })
     }
 
@@ -1209,10 +1222,15 @@ impl HookedBert {
             let pattern = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
             // A row whose every key is masked is all -inf, and its softmax is 0/0.
             // TransformerLens turns those NaNs into 0 (such a query attends to nothing).
-            pattern
-                .ne(&pattern)?
-                .where_cond(&pattern.zeros_like()?, &pattern)?
-                .to_dtype(scores.dtype())?
+            // (A hook on the scores may have masked whole rows itself.)
+            let pattern = if mask.may_empty_rows || wants(hooks, at(BlockHook::AttnScores)) {
+                pattern
+                    .ne(&pattern)?
+                    .where_cond(&pattern.zeros_like()?, &pattern)?
+            } else {
+                pattern
+            };
+            pattern.to_dtype(scores.dtype())?
         };
         let pattern = hook(hooks, at(BlockHook::Pattern), pattern)?;
         Ok(pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?) // [b, p, h, dh]
@@ -1247,6 +1265,9 @@ struct Mask {
     /// Padding and causality as one additive tensor `[batch or 1, 1, pos or 1, pos]`, built
     /// only for devices without our CPU kernels.
     additive: Option<Tensor>,
+    /// Whether some query may have every key masked (its softmax is then 0/0). False lets the
+    /// portable path skip the NaN clean-up, two full passes over the pattern on a GPU.
+    may_empty_rows: bool,
 }
 
 /// `a + b` for tensors of one shape.
