@@ -107,7 +107,7 @@ pub(crate) mod portable_ops {
 }
 
 #[cfg(not(test))]
-mod portable_ops {
+pub(crate) mod portable_ops {
     #[inline(always)]
     pub fn forced() -> bool {
         false

@@ -13,6 +13,7 @@
 
 mod config;
 mod cpu;
+mod cuda;
 mod error;
 mod hooks;
 mod kernels;

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::hooks::{BlockHook, HookPoint, Hooks};
 use crate::kernels::{self, AttentionShape, Heads, KeyMask};
-use crate::{cpu, Activation, AttentionDir, BertConfig, Error, Result, TensorSource};
+use crate::{cpu, cuda, Activation, AttentionDir, BertConfig, Error, Result, TensorSource};
 
 /// How far the forward pass goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +86,9 @@ impl Linear {
         let y = if cpu::kernels_on(y.device(), y.dtype()) {
             // The matmul result is ours alone: add the bias (and activate) in place, one pass.
             cpu::bias_act_inplace(&y, &self.bias, act)?;
+            y
+        } else if cuda::kernels_on(&y) {
+            cuda::bias_act_inplace(&y, &self.bias, act)?;
             y
         } else {
             let y = y.broadcast_add(&self.bias)?;
@@ -905,14 +908,20 @@ impl HookedBert {
         normalized_point: HookPoint,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
+        let hooked = wants(hooks, scale_point) || wants(hooks, normalized_point);
         if !self.uses_cpu_kernels() {
+            if cuda::kernels_on(x) && !hooked {
+                if let Some(out) = cuda::layer_norm(x, &ln.weight, &ln.bias, self.cfg.eps)? {
+                    return Ok(out);
+                }
+            }
             return self.layer_norm_generic(x, ln, scale_point, normalized_point, hooks);
         }
         let x = x.contiguous()?;
         let dims = x.dims().to_vec();
         let (weight, bias) = (cpu::view(&ln.weight)?, cpu::view(&ln.bias)?);
         let eps = self.cfg.eps as f32;
-        if !wants(hooks, scale_point) && !wants(hooks, normalized_point) {
+        if !hooked {
             let out =
                 kernels::layer_norm(cpu::view(&x)?.slice(), weight.slice(), bias.slice(), eps);
             return cpu::tensor(out, &dims);
