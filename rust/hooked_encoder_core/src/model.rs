@@ -82,7 +82,17 @@ impl Linear {
         let dims = x.dims().to_vec();
         let d_in = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
-        let y = x.reshape((rows, d_in))?.matmul(&self.weight.t()?)?;
+        let x = x.reshape((rows, d_in))?;
+        let y = if rows <= kernels::FEW_ROWS && cpu::kernels_on(x.device(), x.dtype()) {
+            let (x, n) = (x.contiguous()?, self.weight.dim(0)?);
+            let (xs, ws) = (cpu::view(&x)?, cpu::view(&self.weight)?);
+            cpu::tensor(
+                kernels::few_rows_matmul(xs.slice(), rows, ws.slice(), n, d_in),
+                &[rows, n],
+            )?
+        } else {
+            x.matmul(&self.weight.t()?)?
+        };
         let y = if cpu::kernels_on(y.device(), y.dtype()) {
             // The matmul result is ours alone: add the bias (and activate) in place, one pass.
             cpu::bias_act_inplace(&y, &self.bias, act)?;
