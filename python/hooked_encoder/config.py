@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 ActFn = Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu"]
 
-# Hugging Face `hidden_act` / TransformerLens `act_fn` names -> the core's activation names.
 # Accepted spellings of each supported dtype (torch's names without the "torch." prefix, and
 # TransformerLens's short ones), mapped to the one the package uses.
 DTYPE_ALIASES = {
@@ -23,6 +22,7 @@ DTYPE_ALIASES = {
     "bf16": "bfloat16",
 }
 
+# Hugging Face `hidden_act` / TransformerLens `act_fn` names -> the core's activation names.
 _ACTIVATIONS = {
     "gelu": "gelu",  # exact, with erf: BERT's activation
     "gelu_new": "gelu_tanh",

@@ -52,11 +52,7 @@ impl DeviceTensor {
     /// "float32", "float16" or "bfloat16".
     #[getter]
     fn dtype(&self) -> &'static str {
-        match self.tensor.dtype() {
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            _ => "float32",
-        }
+        dtype_name(self.tensor.dtype())
     }
 
     /// A NumPy copy on the host, in float32 (NumPy has no bfloat16; the widening is exact).
@@ -105,6 +101,15 @@ impl DeviceTensor {
             self.tensor.dims(),
             self.device()
         )
+    }
+}
+
+/// A dtype as Python and torch spell it (the model's dtypes: float32, float16, bfloat16).
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
     }
 }
 

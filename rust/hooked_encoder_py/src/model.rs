@@ -14,7 +14,7 @@ use pyo3::exceptions::{PyKeyError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::convert::{export, tensor_from_numpy, tensor_to_numpy};
-use crate::dlpack::device_name;
+use crate::dlpack::{device_name, dtype_name};
 use crate::errors::to_py_err;
 use crate::hooks::PyHooks;
 
@@ -216,11 +216,7 @@ impl Model {
     /// The dtype of the weights and activations: "float32", "float16" or "bfloat16".
     #[getter]
     fn dtype(&self) -> &'static str {
-        match self.inner.dtype() {
-            DType::F16 => "float16",
-            DType::BF16 => "bfloat16",
-            _ => "float32",
-        }
+        dtype_name(self.inner.dtype())
     }
 
     /// Runs the model.
