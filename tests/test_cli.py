@@ -29,7 +29,7 @@ def text_model(text_checkpoint):
     return HookedEncoder.from_pretrained(text_checkpoint.path)
 
 
-@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv"])
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "csv", "parquet"])
 def test_extract_writes_what_run_with_cache_gives(text_checkpoint, text_model, tmp_path, fmt):
     source = tmp_path / f"input.{fmt}"
     if fmt == "txt":
@@ -38,8 +38,13 @@ def test_extract_writes_what_run_with_cache_gives(text_checkpoint, text_model, t
         source.write_text(
             "".join(json.dumps({"body": t, "id": i}) + "\n" for i, t in enumerate(TEXTS))
         )
-    else:
+    elif fmt == "csv":
         source.write_text("id,body\n" + "".join(f"{i},{t}\n" for i, t in enumerate(TEXTS)))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"id": list(range(len(TEXTS))), "body": TEXTS}), source)
     out = tmp_path / "out"
     result = cli(
         "extract",
