@@ -436,7 +436,21 @@ pub const FEW_ROWS: usize = 48;
 /// 4 weight rows of accumulators at a time (16 AVX2 registers), so reading and computing
 /// overlap. Splits the weight rows across the rayon pool.
 pub fn few_rows_matmul(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    few_rows_matmul_with(x, m, w, n, k, true)
+}
+
+/// [`few_rows_matmul`], with the AVX2 kernel allowed (`simd`) or not (the portable loop that
+/// other CPUs run, tested on this one too).
+fn few_rows_matmul_with(
+    x: &[f32],
+    m: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    simd: bool,
+) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k);
+    let columns = few_rows_kernel(simd);
     let mut out = vec![0.0f32; m * n];
     let shared = SharedOut(out.as_mut_ptr());
     const COLUMNS_PER_TASK: usize = 64;
@@ -445,17 +459,38 @@ pub fn few_rows_matmul(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Ve
         .for_each(|task| {
             let first = task * COLUMNS_PER_TASK;
             let last = (first + COLUMNS_PER_TASK).min(n);
-            // SAFETY: tasks write disjoint column ranges `first..last` of `out`.
-            unsafe { few_rows_columns(x, m, w, k, first..last, n, shared) };
+            // SAFETY: tasks write disjoint column ranges `first..last` of `out`, and
+            // `few_rows_kernel` chose a kernel this CPU can run.
+            unsafe { columns(x, m, w, k, first..last, n, shared) };
         });
     out
 }
 
-/// Columns `columns` of [`few_rows_matmul`]'s output.
+/// Writes columns `columns` of an `[m, n]` output (see [`few_rows_matmul`]).
 ///
 /// # Safety
 /// `out` must point at an `[m, n]` buffer whose columns `columns` no one else writes meanwhile.
-unsafe fn few_rows_columns(
+type ColumnsKernel =
+    unsafe fn(&[f32], usize, &[f32], usize, std::ops::Range<usize>, usize, SharedOut);
+
+/// The AVX2 kernel where allowed and the CPU has AVX2 and FMA, else the portable loop.
+fn few_rows_kernel(simd: bool) -> ColumnsKernel {
+    #[cfg(target_arch = "x86_64")]
+    if simd
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+    {
+        return avx2::columns;
+    }
+    let _ = simd;
+    portable_columns
+}
+
+/// The portable [`ColumnsKernel`]: one dot product per output element.
+///
+/// # Safety
+/// As [`ColumnsKernel`].
+unsafe fn portable_columns(
     x: &[f32],
     m: usize,
     w: &[f32],
@@ -464,12 +499,6 @@ unsafe fn few_rows_columns(
     n: usize,
     out: SharedOut,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: AVX2 and FMA are present; the rest as this function's contract.
-        unsafe { avx2::columns(x, m, w, k, columns, n, out) };
-        return;
-    }
     for j in columns {
         let w_row = &w[j * k..(j + 1) * k];
         for r in 0..m {
@@ -490,7 +519,10 @@ mod avx2 {
 
     use super::SharedOut;
 
-    /// See [`super::few_rows_columns`]; needs AVX2 and FMA.
+    /// The AVX2 [`super::ColumnsKernel`].
+    ///
+    /// # Safety
+    /// As [`super::ColumnsKernel`], and the CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn columns(
         x: &[f32],
@@ -786,17 +818,17 @@ mod few_rows_tests {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 53 % 23) as f32 - 11.0) / 5.0)
                 .collect();
-            let out = super::few_rows_matmul(&x, m, &w, n, k);
-            for r in 0..m {
-                for j in 0..n {
-                    let exact: f64 = (0..k)
-                        .map(|t| x[r * k + t] as f64 * w[j * k + t] as f64)
-                        .sum();
-                    let got = out[r * n + j] as f64;
-                    assert!(
-                        (got - exact).abs() <= 1e-5 * (1.0 + exact.abs()),
-                        "{m}x{n}x{k}"
-                    );
+            for simd in [true, false] {
+                let out = super::few_rows_matmul_with(&x, m, &w, n, k, simd);
+                for r in 0..m {
+                    for j in 0..n {
+                        let exact: f64 = (0..k)
+                            .map(|t| x[r * k + t] as f64 * w[j * k + t] as f64)
+                            .sum();
+                        let got = out[r * n + j] as f64;
+                        let close = (got - exact).abs() <= 1e-5 * (1.0 + exact.abs());
+                        assert!(close, "{m}x{n}x{k}, simd {simd}");
+                    }
                 }
             }
         }
