@@ -197,6 +197,21 @@ def test_cuda_on_a_cpu_build_says_how_to_get_one(checkpoint):
         HookedEncoder.from_pretrained(checkpoint.path, device="cuda")
 
 
+def test_apple_gpus_are_refused_with_what_is_missing(checkpoint):
+    # No Metal build exists (Candle's Metal backend needs macOS; we have never built or tested
+    # it), so every way of asking for one says so, and the model stays usable on the CPU.
+    model = HookedEncoder.from_pretrained(checkpoint.path)
+    tokens = np.array([[2, 5, 6, 3]])
+    before = model(tokens)
+    for move in (model.mps, lambda: model.to("mps"), lambda: model.to("mps:0")):
+        with pytest.raises(ValueError, match=r"no Apple GPU \(Metal\) support.*macOS"):
+            move()
+    with pytest.raises(ValueError, match=r"no Apple GPU \(Metal\) support"):
+        HookedEncoder.from_pretrained(checkpoint.path, device="mps")
+    assert model.cfg.device == "cpu"
+    np.testing.assert_array_equal(model(tokens), before)
+
+
 def test_a_cpu_without_avx2_gets_an_import_error_not_a_crash(monkeypatch, tmp_path):
     import builtins
     import importlib

@@ -365,7 +365,7 @@ class HookedEncoder:
             dtype = DTYPE_ALIASES[value]
             self._model = self._model.to(self._model.device, dtype)
             self.cfg = dataclasses.replace(self.cfg, dtype=dtype)
-        elif value.split(":")[0] in ("cpu", "cuda"):
+        elif value.split(":")[0] in ("cpu", "cuda", "mps"):  # the core says what it cannot do
             self._model = self._model.to(value, self._model.dtype)
             self.cfg = dataclasses.replace(self.cfg, device=value)
         else:
@@ -386,6 +386,12 @@ class HookedEncoder:
         """Moves the model to an NVIDIA GPU (needs a build with the ``cuda`` feature)."""
         index = str(device).removeprefix("cuda:") if device is not None else "0"
         return self.to(f"cuda:{index}")
+
+    def mps(self) -> HookedEncoder:
+        """TransformerLens's move to an Apple GPU. Not available: Candle has a Metal backend,
+        but this package has never been built or tested with it (that needs macOS), so this
+        raises a ``ValueError`` saying so instead of claiming an unchecked device."""
+        return self.to("mps")
 
     # ------------------------------------------------------------------ weights
 

@@ -27,9 +27,21 @@ pub struct Model {
     inner: Arc<HookedBert>,
 }
 
+/// What `mps()` / `device="mps"` answers: Candle's Metal backend exists, but this package has
+/// never been built or tested with it (it needs macOS and Apple's Metal framework, and our build
+/// and test machines are Linux), so it refuses rather than claim a device it was not checked on.
+const NO_METAL_BUILD: &str = "has no Apple GPU (Metal) support: Candle's Metal backend needs \
+    macOS and Apple's Metal framework, and hooked_encoder has not been built or tested with it; \
+    use the CPU (the default) or an NVIDIA GPU with a CUDA build";
+
 fn parse_device(device: &str) -> PyResult<Device> {
     let cuda_index = match device {
         "cpu" => return Ok(Device::Cpu),
+        other if other == "mps" || other.starts_with("mps:") => {
+            return Err(PyValueError::new_err(format!(
+                "device {other:?}: hooked_encoder {NO_METAL_BUILD}"
+            )))
+        }
         "cuda" => 0,
         other => other
             .strip_prefix("cuda:")
