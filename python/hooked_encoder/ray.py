@@ -188,6 +188,8 @@ def extract_ray(
             ray.init()
         if isinstance(model, HookedEncoder):
             model = ray.put(model)
+        elif Path(model).expanduser().is_dir():  # actors need not share the driver's cwd
+            model = str(Path(model).expanduser().resolve())
         results = ray.data.from_items(windows, override_num_blocks=len(windows)).map_batches(
             _ShardWorker,
             batch_size=1,
