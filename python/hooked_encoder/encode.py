@@ -186,7 +186,7 @@ def encode(
     if precision not in PRECISIONS:
         hint = (
             " (int8/uint8 need calibration ranges: quantize float32 embeddings with "
-            "sentence_transformers.quantization.quantize_embeddings)"
+            "sentence_transformers.util.quantize_embeddings)"
             if precision in ("int8", "uint8")
             else ""
         )

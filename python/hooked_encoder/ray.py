@@ -268,6 +268,7 @@ class Embedder:
                             concurrency=2, num_cpus=1, batch_size=64)
 
     Rows come back in completion order, not the dataset's, unless ``preserve_order`` is set.
+    ``threads`` is the actor's Rust thread count: give it the ``num_cpus`` of ``map_batches``.
     """
 
     def __init__(
