@@ -113,6 +113,29 @@ def test_a_dataset_is_read_in_its_order(cluster, text_checkpoint, references, tm
     assert digests(tmp_path) == digests(references[None])
 
 
+def test_parquet_files_are_read_by_the_actors(cluster, text_checkpoint, references, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from hooked_encoder.ray import ParquetRows, _parquet_counts, _parquet_windows
+
+    files = [tmp_path / "a.parquet", tmp_path / "b.parquet"]
+    pq.write_table(pa.table({"body": TEXTS[:13]}), files[0], row_group_size=5)
+    pq.write_table(pa.table({"body": TEXTS[13:]}), files[1], row_group_size=5)
+    # The driver describes windows (crossing row groups and files); it does not read texts.
+    manifest = {"shards": [], "arguments": {"shard_rows": SHARD_ROWS}}
+    windows = list(_parquet_windows(_parquet_counts(files, "body"), "body", manifest))
+    assert [(k, start) for k, start, _ in windows] == [(0, 0), (1, 8), (2, 16), (3, 24)]
+    assert windows[1][2].segments == ((str(files[0]), 8, 13), (str(files[1]), 0, 3))
+    for _, start, rows in windows:
+        assert isinstance(rows, ParquetRows)
+        assert rows.read() == TEXTS[start : start + SHARD_ROWS]
+    run(str(text_checkpoint.path), tmp_path / "out", data=files, text_column="body")
+    assert digests(tmp_path / "out") == digests(references[None])
+    with pytest.raises(KeyError, match="'text' is not a column"):
+        run(str(text_checkpoint.path), tmp_path / "other", data=files)
+
+
 def test_resume_computes_only_missing_shards(cluster, text_checkpoint, references, tmp_path):
     with pytest.raises(_DriverStopped):
         run(str(text_checkpoint.path), tmp_path, _stop_after_shards=2)
@@ -190,9 +213,19 @@ def test_embedder_adds_pooled_columns_in_map_batches(cluster, text_checkpoint, t
         np.testing.assert_allclose(r["embedding"], expected[r["id"]], atol=1e-5)
 
 
-def test_command_line_engine_ray_uses_ray_address(cluster, text_checkpoint, references, tmp_path):
-    source = tmp_path / "input.txt"
-    source.write_text("\n".join(TEXTS) + "\n")
+@pytest.mark.parametrize("fmt", ["txt", "parquet"])
+def test_command_line_engine_ray_uses_ray_address(
+    cluster, text_checkpoint, references, tmp_path, fmt
+):
+    """A text file passes through the driver; a Parquet file is read by the actors."""
+    source = tmp_path / f"input.{fmt}"
+    if fmt == "txt":
+        source.write_text("\n".join(TEXTS) + "\n")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"text": TEXTS}), source, row_group_size=10)
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "hooked_encoder.cli", "extract", "--model", str(text_checkpoint.path),

@@ -123,8 +123,10 @@ def _extract_on_ray(args: argparse.Namespace) -> Path:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     try:
+        parquet = args.input != "-" and Path(args.input).suffix.lower() == ".parquet"
         return extract_ray(
-            _read_texts(args.input, args.text_field),
+            # A Parquet file's rows are read by the actors, window by window.
+            [Path(args.input)] if parquet else _read_texts(args.input, args.text_field),
             model=args.model,
             hooks=args.hooks,
             out=args.out,
@@ -132,13 +134,14 @@ def _extract_on_ray(args: argparse.Namespace) -> Path:
             batch_size=args.batch_size,
             max_length=args.max_length,
             shard_rows=args.shard_rows,
+            text_column=args.text_field,
             concurrency=args.workers or 1,
             num_cpus=args.threads or 1,
             progress=not args.no_progress,
         )
     except KeyError as e:
         raise UserError(str(e.args[0])) from None
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise UserError(str(e)) from None
 
 

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +43,7 @@ from .extract import (
 if TYPE_CHECKING:
     from .hooked_encoder import HookedEncoder
 
-__all__ = ["Embedder", "extract_ray"]
+__all__ = ["Embedder", "ParquetRows", "extract_ray"]
 
 
 def require_ray() -> Any:
@@ -111,7 +112,7 @@ class _ShardWorker:
                 self.directory,
                 int(shard),
                 int(start),
-                pickle.loads(texts),
+                _read(pickle.loads(texts)),
                 *self.arguments,
             )
             entries.append(json.dumps(entry))
@@ -156,8 +157,11 @@ def extract_ray(
     :func:`hooked_encoder.load_extraction`.
 
     ``data`` is a ``ray.data.Dataset`` (its ``text_column``, in the dataset's order) or any
-    iterable of what ``extract`` takes (strings, sentence pairs, token ids). Its rows pass
-    through the driver, which cuts them into windows of ``shard_rows``. ``model`` is a checkpoint
+    iterable of what ``extract`` takes (strings, sentence pairs, token ids): its rows pass
+    through the driver, which cuts them into windows of ``shard_rows``. Or ``data`` is a
+    ``pathlib.Path`` of a Parquet file, or a list of them (one corpus, in that order): then the
+    driver reads only their metadata and each window is described as (file, row range); the
+    actors read their own rows of ``text_column``. ``model`` is a checkpoint
     name or directory (loaded by the driver, to check the arguments, and by every actor) or an
     in-memory :class:`HookedEncoder` (put in the object store once, shared by the actors).
     ``concurrency`` actors each hold ``num_cpus`` CPUs (and run that many threads) and
@@ -177,11 +181,18 @@ def extract_ray(
     local = model if isinstance(model, HookedEncoder) else _load_model(model, "cpu")
     names = check_arguments(local, hooks, batch_size, shard_rows, pooling)
     directory = Path(out)
-    items = _rows(ray, data, text_column)
+    files = _parquet_files(data)
+    items = None if files else _rows(ray, data, text_column)
+    counts = _parquet_counts(files, text_column) if files else None
     manifest = open_output(directory, local, names, pooling, batch_size, max_length, shard_rows)
+    pending = (
+        _parquet_windows(counts, text_column, manifest)
+        if counts
+        else pending_windows(manifest, items)
+    )
     windows = [
         {"shard": shard, "start": start, "texts": pickle.dumps(chunk)}
-        for shard, start, chunk in pending_windows(manifest, items)
+        for shard, start, chunk in pending
     ]
     if windows:
         if not ray.is_initialized():
@@ -218,6 +229,81 @@ def extract_ray(
             context.enable_progress_bars = shown
     finish_output(directory, manifest)
     return directory
+
+
+@dataclass(frozen=True)
+class ParquetRows:
+    """A window of a corpus made of Parquet files read one after another, described rather than
+    shipped: ``(file, first row, end row)`` in each file it spans. The actor reads the text
+    column of only the row groups it needs."""
+
+    segments: tuple[tuple[str, int, int], ...]
+    column: str
+
+    def read(self) -> list[str]:
+        import pyarrow.parquet as pq
+
+        texts: list[str] = []
+        for path, start, stop in self.segments:
+            parquet = pq.ParquetFile(path)
+            groups, first, offset = [], 0, 0
+            for i in range(parquet.metadata.num_row_groups):
+                rows = parquet.metadata.row_group(i).num_rows
+                if offset < stop and offset + rows > start:
+                    first = first if groups else offset
+                    groups.append(i)
+                offset += rows
+            table = parquet.read_row_groups(groups, columns=[self.column])
+            values = table.column(self.column).slice(start - first, stop - start).to_pylist()
+            texts.extend(str(v) for v in values)  # as the command line reads a Parquet file
+        return texts
+
+
+def _read(payload: Any) -> list[Any]:
+    return payload.read() if isinstance(payload, ParquetRows) else payload
+
+
+def _parquet_files(data: Any) -> list[Path] | None:
+    """``data`` as Parquet files: a ``pathlib.Path`` or a list of them, all ``.parquet``."""
+    paths = [data] if isinstance(data, Path) else data
+    if isinstance(paths, list | tuple) and paths and all(isinstance(p, Path) for p in paths):
+        wrong = [str(p) for p in paths if p.suffix.lower() != ".parquet"]
+        if wrong:
+            raise ValueError(f"files given as input must be .parquet files, got {wrong}")
+        return list(paths)
+    return None
+
+
+def _parquet_counts(files: list[Path], column: str) -> list[tuple[str, int]]:
+    """Each file's absolute path and row count, from its metadata alone."""
+    import pyarrow.parquet as pq
+
+    counts = []
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"input file {path} does not exist")
+        parquet = pq.ParquetFile(path)
+        if column not in parquet.schema_arrow.names:
+            raise KeyError(
+                f"text_column {column!r} is not a column of {path}: {parquet.schema_arrow.names}"
+            )
+        counts.append((str(path.resolve()), parquet.metadata.num_rows))
+    return counts
+
+
+def _parquet_windows(counts: list[tuple[str, int]], column: str, manifest: dict[str, Any]):
+    """The windows ``pending_windows`` would give for these files' rows, as ParquetRows."""
+    done = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
+    shard_rows = manifest["arguments"]["shard_rows"]
+    total = sum(n for _, n in counts)
+    for k, start in enumerate(range(done, total, shard_rows)):
+        stop = min(start + shard_rows, total)
+        segments, offset = [], 0
+        for path, rows in counts:
+            if offset < stop and offset + rows > start:
+                segments.append((path, max(start - offset, 0), min(stop - offset, rows)))
+            offset += rows
+        yield len(manifest["shards"]) + k, start, ParquetRows(tuple(segments), column)
 
 
 def _rows(ray: Any, data: Any, text_column: str) -> Iterable[Any]:
