@@ -79,22 +79,28 @@ def _read_texts(path: str, field: str | None) -> Iterator[str]:
 def _cmd_extract(args: argparse.Namespace) -> None:
     from . import set_num_threads
 
-    if args.threads:
-        set_num_threads(args.threads)
-    model = _load(args.model)
     start = time.perf_counter()
-    try:
-        out = model.extract(
-            _read_texts(args.input, args.text_field),
-            args.hooks,
-            batch_size=args.batch_size,
-            max_length=args.max_length,
-            pooling=args.pooling,
-            out=args.out,
-            progress=False if args.no_progress else None,
-        )
-    except KeyError as e:
-        raise UserError(str(e.args[0])) from None
+    if args.engine == "ray":
+        out = _extract_on_ray(args)
+    else:
+        if args.workers is not None:
+            raise UserError("--workers needs --engine ray")
+        if args.threads:
+            set_num_threads(args.threads)
+        model = _load(args.model)
+        try:
+            out = model.extract(
+                _read_texts(args.input, args.text_field),
+                args.hooks,
+                batch_size=args.batch_size,
+                max_length=args.max_length,
+                pooling=args.pooling,
+                out=args.out,
+                shard_rows=args.shard_rows,
+                progress=False if args.no_progress else None,
+            )
+        except KeyError as e:
+            raise UserError(str(e.args[0])) from None
     manifest = json.loads((Path(out) / "manifest.json").read_text())
     texts = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
     tokens = sum(s["tokens"] for s in manifest["shards"])
@@ -103,6 +109,77 @@ def _cmd_extract(args: argparse.Namespace) -> None:
         f"extracted {len(manifest['arguments']['hooks'])} hooks from {texts} texts "
         f"({tokens} tokens) in {seconds:.1f} s ({texts / max(seconds, 1e-9):.1f} texts/s) "
         f"into {out}"
+    )
+
+
+def _extract_on_ray(args: argparse.Namespace) -> Path:
+    """``extract --engine ray``: a Ray cluster at ``RAY_ADDRESS`` when set, else a local one;
+    ``--workers`` actors of ``--threads`` CPUs (and threads) each."""
+    import os
+
+    from .ray import extract_ray, require_ray
+
+    ray = require_ray()
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    try:
+        parquet = args.input != "-" and Path(args.input).suffix.lower() == ".parquet"
+        return extract_ray(
+            # A Parquet file's rows are read by the actors, window by window.
+            [Path(args.input)] if parquet else _read_texts(args.input, args.text_field),
+            model=args.model,
+            hooks=args.hooks,
+            out=args.out,
+            pooling=args.pooling,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            shard_rows=args.shard_rows,
+            text_column=args.text_field,
+            concurrency=args.workers or 1,
+            num_cpus=args.threads or 1,
+            progress=not args.no_progress,
+        )
+    except KeyError as e:
+        raise UserError(str(e.args[0])) from None
+    except (ValueError, FileNotFoundError) as e:
+        raise UserError(str(e)) from None
+
+
+def _cmd_encode(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from . import set_num_threads
+
+    suffix = Path(args.out).suffix.lower()
+    if suffix not in (".npy", ".parquet"):
+        raise UserError(f"--out must end in .npy or .parquet, got {args.out}")
+    if args.threads:
+        set_num_threads(args.threads)
+    model = _load(args.model)
+    texts = list(_read_texts(args.input, args.text_field))
+    start = time.perf_counter()
+    embeddings = model.encode(
+        texts,
+        batch_size=args.batch_size,
+        normalize_embeddings=args.normalize,
+        show_progress_bar=False if args.no_progress else sys.stderr.isatty(),
+    )
+    seconds = time.perf_counter() - start
+    if suffix == ".npy":
+        np.save(args.out, embeddings)
+    else:
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UserError("writing Parquet needs pyarrow: pip install pyarrow") from None
+        column = pa.FixedSizeListArray.from_arrays(
+            pa.array(embeddings.reshape(-1)), embeddings.shape[1]
+        )
+        pq.write_table(pa.table({"embedding": column}), args.out)
+    print(
+        f"encoded {len(texts)} texts into {embeddings.shape[1]}-dimensional embeddings in "
+        f"{seconds:.1f} s ({len(texts) / max(seconds, 1e-9):.1f} texts/s) into {args.out}"
     )
 
 
@@ -183,10 +260,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--pooling", choices=["mean", "cls", "max"])
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=int, help="threads (with --engine ray: per worker)")
     p.add_argument("--max-length", type=int)
+    p.add_argument("--shard-rows", type=int, default=1024, help="input rows per shard file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: Ray Data actors (RAY_ADDRESS when set, else a local "
+        "cluster), same output",
+    )
+    p.add_argument("--workers", type=int, help="Ray actors (with --engine ray; default 1)")
     p.set_defaults(run=_cmd_extract)
+
+    p = with_model(commands.add_parser("encode", help="sentence embeddings, as encode()"))
+    p.add_argument(
+        "--input",
+        required=True,
+        help="text file (one per line), .jsonl, .csv, .parquet, or - for standard input",
+    )
+    p.add_argument("--out", required=True, help="embeddings.npy or embeddings.parquet")
+    p.add_argument(
+        "--text-field", default="text", help="field holding the text (JSONL/CSV/Parquet)"
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--normalize", action="store_true", help="unit-length embeddings")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_cmd_encode)
 
     p = with_model(commands.add_parser("info", help="config and hook points of a model"))
     p.set_defaults(run=_cmd_info)

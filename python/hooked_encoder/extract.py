@@ -72,6 +72,14 @@ def select_hooks(
     return chosen
 
 
+# Each maps one row's unpadded activations [tokens, ...] to one vector [...].
+POOLINGS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "mean": lambda row: row.mean(0),
+    "cls": lambda row: row[0],
+    "max": lambda row: row.max(0),
+}
+
+
 @dataclass
 class Batch:
     """Padded inputs for some input rows: ``rows`` are their indices in the corpus."""
@@ -127,19 +135,15 @@ def extract_batch(
         one_zero_attention_mask=batch.attention_mask,
         names_filter=hooks,
     )
+    if pooling is not None and (not isinstance(pooling, str) or pooling not in POOLINGS):
+        raise ValueError(f"pooling must be None, 'mean', 'cls' or 'max', got {pooling!r}")
     lengths = batch.attention_mask.sum(1)
     out: dict[str, list[np.ndarray]] = {}
     for name in hooks:
         value = np.asarray(cache[name])
         rows = [value[i, : lengths[i]] for i in range(len(lengths))]
-        if pooling == "mean":
-            rows = [r.mean(0) for r in rows]
-        elif pooling == "max":
-            rows = [r.max(0) for r in rows]
-        elif pooling == "cls":
-            rows = [r[0] for r in rows]
-        elif pooling is not None:
-            raise ValueError(f"pooling must be None, 'mean', 'cls' or 'max', got {pooling!r}")
+        if pooling is not None:
+            rows = [POOLINGS[pooling](r) for r in rows]
         out[name] = [np.ascontiguousarray(r) for r in rows]
     return out
 
@@ -180,6 +184,19 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def check_arguments(
+    model: HookedEncoder, hooks: Any, batch_size: int, shard_rows: int, pooling: Pooling
+) -> list[str]:
+    """The hook names to extract; a bad argument is a ``ValueError`` (``KeyError`` for a hook
+    pattern matching nothing), raised before anything runs."""
+    if batch_size < 1 or shard_rows < 1:
+        raise ValueError("batch_size and shard_rows must be at least 1")
+    names = select_hooks(model, hooks)
+    if pooling is not None and (not isinstance(pooling, str) or pooling not in POOLINGS):
+        raise ValueError(f"pooling must be None, 'mean', 'cls' or 'max', got {pooling!r}")
+    return names
+
+
 def extract(
     model: HookedEncoder,
     texts: Iterable[Any],
@@ -192,11 +209,7 @@ def extract(
     progress: bool | None = None,
 ) -> Extraction | Path:
     """See :meth:`HookedEncoder.extract`."""
-    if batch_size < 1 or shard_rows < 1:
-        raise ValueError("batch_size and shard_rows must be at least 1")
-    names = select_hooks(model, hooks)
-    if pooling not in (None, "mean", "cls", "max"):
-        raise ValueError(f"pooling must be None, 'mean', 'cls' or 'max', got {pooling!r}")
+    names = check_arguments(model, hooks, batch_size, shard_rows, pooling)
     items = iter(texts)
     if out is None:
         parts = []
@@ -208,11 +221,41 @@ def extract(
                 parts.append(tensors)
                 bar.update(len(chunk), tokens)
         return Extraction._from_parts(parts, names, pooling)
-    from safetensors.numpy import save_file
+    directory = Path(out)
+    manifest = open_output(directory, model, names, pooling, batch_size, max_length, shard_rows)
+    with _Progress(progress) as bar:
+        for shard, start, chunk in pending_windows(manifest, items):
+            entry = compute_shard(
+                model, directory, shard, start, chunk, names, batch_size, max_length, pooling
+            )
+            add_shard(directory, manifest, entry)
+            bar.update(len(chunk), entry["tokens"])
+    finish_output(directory, manifest)
+    return directory
 
+
+# ---------------------------------------------------------------- the output directory
+#
+# One writer for every engine: the single process above and hooked_encoder.ray. The corpus is
+# cut into windows of ``shard_rows`` input rows; window ``k`` becomes ``shard-{k:05d}.safetensors``
+# whoever computes it (compute_shard: same window, same length sort, same batches, same bytes),
+# written atomically, so computing a window twice is harmless. The manifest lists complete
+# shards in order, a contiguous prefix of the windows; only the driver writes it.
+
+
+def open_output(
+    directory: Path,
+    model: HookedEncoder,
+    names: list[str],
+    pooling: Pooling,
+    batch_size: int,
+    max_length: int | None,
+    shard_rows: int,
+) -> dict[str, Any]:
+    """The manifest to continue: the one in ``directory`` (checked to record the same
+    extraction, else a ``ValueError``), or a new one (``directory`` is created)."""
     from . import __version__
 
-    directory = Path(out)
     directory.mkdir(parents=True, exist_ok=True)
     arguments = {
         "model": model.cfg.model_name,
@@ -225,7 +268,7 @@ def extract(
     fingerprint = hashlib.sha256(json.dumps(arguments, sort_keys=True).encode()).hexdigest()
     manifest = _read_manifest(directory)
     if manifest is None:
-        manifest = {
+        return {
             "format": FORMAT,
             "fingerprint": fingerprint,
             "arguments": arguments,
@@ -235,40 +278,74 @@ def extract(
             "shards": [],
             "complete": False,
         }
-    elif manifest.get("fingerprint") != fingerprint:
+    if manifest.get("fingerprint") != fingerprint:
         raise ValueError(
             f"{directory} holds an extraction made with other arguments "
             f"({manifest.get('arguments')}); use another directory"
         )
+    return manifest
+
+
+def pending_windows(
+    manifest: dict[str, Any], items: Iterator[Any]
+) -> Iterator[tuple[int, int, list[Any]]]:
+    """``(shard index, first row, rows)`` of each window the manifest does not list yet:
+    ``items`` is the whole corpus; the rows of listed shards are skipped, not kept. (Bound now:
+    the manifest grows while the windows are consumed.)"""
     done = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
-    items = itertools.islice(items, done, None)
-    with _Progress(progress) as bar:
-        for start, chunk in _windows(items, shard_rows, first_row=done):
-            tensors, tokens = _run_window(
-                model, chunk, start, names, batch_size, max_length, pooling
-            )
-            shard = f"shard-{len(manifest['shards']):05d}.safetensors"
-            _atomic_write(directory / shard, lambda path, t=tensors: save_file(t, path))
-            manifest["shards"].append(
-                {
-                    "file": shard,
-                    "rows": [start, start + len(chunk)],
-                    "tokens": tokens,
-                    "shapes": {n: list(tensors[n].shape) for n in names},
-                }
-            )
-            _write_manifest(directory, manifest)
-            bar.update(len(chunk), tokens)
+    first_shard = len(manifest["shards"])
+    windows = _windows(
+        itertools.islice(items, done, None), manifest["arguments"]["shard_rows"], done
+    )
+    return ((first_shard + k, start, chunk) for k, (start, chunk) in enumerate(windows))
+
+
+def compute_shard(
+    model: HookedEncoder,
+    directory: Path,
+    shard: int,
+    start: int,
+    items: list[Any],
+    names: list[str],
+    batch_size: int,
+    max_length: int | None,
+    pooling: Pooling,
+) -> dict[str, Any]:
+    """Extracts one window and writes it as shard ``shard`` (atomically); returns its manifest
+    entry."""
+    from safetensors.numpy import save_file
+
+    tensors, tokens = _run_window(model, items, start, names, batch_size, max_length, pooling)
+    name = f"shard-{shard:05d}.safetensors"
+    _atomic_write(directory / name, lambda path: save_file(tensors, path))
+    return {
+        "file": name,
+        "rows": [start, start + len(items)],
+        "tokens": tokens,
+        "shapes": {n: list(tensors[n].shape) for n in names},
+    }
+
+
+def add_shard(directory: Path, manifest: dict[str, Any], entry: dict[str, Any]) -> None:
+    """Lists the next shard in the manifest and rewrites it (atomically)."""
+    expected = f"shard-{len(manifest['shards']):05d}.safetensors"
+    if entry["file"] != expected:
+        raise RuntimeError(f"shard {entry['file']} listed out of order (expected {expected})")
+    manifest["shards"].append(entry)
+    _write_manifest(directory, manifest)
+
+
+def finish_output(directory: Path, manifest: dict[str, Any]) -> None:
+    """Marks the extraction complete."""
     manifest["complete"] = True
     _write_manifest(directory, manifest)
-    return directory
 
 
 class _Progress:
     """A tqdm bar with texts/s and tokens/s: on when asked, or by default when stderr is a
     terminal and tqdm is installed; otherwise nothing."""
 
-    def __init__(self, enabled: bool | None) -> None:
+    def __init__(self, enabled: bool | None, desc: str = "extracting") -> None:
         self.bar = None
         if enabled is None:
             enabled = sys.stderr.isatty()
@@ -277,7 +354,7 @@ class _Progress:
                 from tqdm import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(unit=" texts", desc="extracting", dynamic_ncols=True)
+            self.bar = tqdm(unit=" texts", desc=desc, dynamic_ncols=True)
         self.tokens = 0
 
     def update(self, texts: int, tokens: int) -> None:

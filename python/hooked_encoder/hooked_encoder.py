@@ -984,6 +984,45 @@ class HookedEncoder:
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             return self.forward(*model_args, **model_kwargs)
 
+    # ------------------------------------------------------------------ embeddings
+
+    def encode(
+        self,
+        sentences: str | Iterable[str],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        output_value: Literal["sentence_embedding", "token_embeddings"] = "sentence_embedding",
+        precision: Literal["float32", "binary", "ubinary"] = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        normalize_embeddings: bool = False,
+    ) -> Any:
+        """Sentence embeddings, as ``SentenceTransformer.encode``: same arguments, same meanings,
+        same results, using the checkpoint's own pooling, Normalize module and
+        ``max_seq_length`` (``modules.json``, ``1_Pooling/config.json``,
+        ``sentence_bert_config.json``; mean pooling, no normalisation and ``n_ctx`` without them).
+
+        Returns a float32 array ``[n, d]`` (one vector for a single string), a torch tensor with
+        ``convert_to_tensor``, or a list of torch tensors with ``convert_to_numpy=False``.
+        ``output_value="token_embeddings"`` gives one ``[tokens, d_model]`` array per text (torch
+        tensors with ``convert_to_tensor`` or ``convert_to_numpy=False``). ``precision``
+        ``"binary"``/``"ubinary"`` packs the sign bits (int8/uint8); hooks added to the model run.
+        See :mod:`hooked_encoder.encode`.
+        """
+        from .encode import encode
+
+        return encode(
+            self,
+            sentences,
+            batch_size=batch_size,
+            show_progress_bar=show_progress_bar,
+            output_value=output_value,
+            precision=precision,
+            convert_to_numpy=convert_to_numpy,
+            convert_to_tensor=convert_to_tensor,
+            normalize_embeddings=normalize_embeddings,
+        )
+
 
 def _unpickle(
     cfg: HookedEncoderConfig, tokenizer: Any, output_format: OutputFormat, weights: bytes

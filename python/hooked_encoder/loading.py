@@ -34,6 +34,10 @@ _HUB_FILES = [
     "tokenizer_config.json",
     "vocab.txt",
     "special_tokens_map.json",
+    # sentence-transformers' pooling and truncation, for encode() (see encode.py)
+    "modules.json",
+    "sentence_bert_config.json",
+    "*/config.json",
 ]
 
 
