@@ -313,3 +313,105 @@ impl HookedBert {
         Ok(pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?) // [b, p, h, dh]
     }
 }
+
+impl HookedBert {
+    /// The gradient to a block's input (`resid_pre`) through its attention, from the gradient
+    /// `d_out` of the attention's output `[batch, pos, d_model]`; the gradients at z, the
+    /// pattern, the scores, q, k, v (and, when enabled, `hook_result` and the split inputs) go
+    /// through `hooks` on the way.
+    pub(super) fn attention_backward(
+        &self,
+        layer: usize,
+        block: &Block,
+        d_out: &Tensor,
+        tape: &mut Tape,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let (b, p, d) = d_out.dims3()?;
+        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
+        let dz = if self.cfg.use_attn_result {
+            let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
+            // The output is Σ_h result[:, :, h] + b_O: every head's result gets d_out.
+            let d_result = d_out
+                .unsqueeze(2)?
+                .broadcast_as((b, p, h, d))?
+                .contiguous()?;
+            let d_result = grad_hook(hooks, at(BlockHook::Result), d_result)?;
+            // result[b, p, h] = z[b, p, h] @ W_O[h], so dz[b, p, h] = d_result[b, p, h] @ W_O[h]ᵀ.
+            d_result
+                .permute((2, 0, 1, 3))?
+                .contiguous()?
+                .reshape((h, b * p, d))?
+                .matmul(&heads.w_o.t()?.contiguous()?)?
+                .reshape((h, b, p, dh))?
+                .permute((1, 2, 0, 3))?
+                .contiguous()?
+        } else {
+            block.attn_out.backward(d_out)?.reshape((b, p, h, dh))?
+        };
+        let dz = grad_hook(hooks, at(BlockHook::Z), dz)?;
+
+        // Heads first, [b, h, p, dh], as the matmuls want them.
+        let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
+        let v = heads_first(&tape.take(at(BlockHook::V))?.after)?;
+        let pattern = tape.take(at(BlockHook::Pattern))?;
+        let dz = heads_first(&dz)?;
+        // z = pattern @ v
+        let d_pattern = dz.matmul(&v.t()?.contiguous()?)?;
+        let dv = pattern.after.t()?.contiguous()?.matmul(&dz)?;
+        drop(v);
+        let d_pattern = grad_hook(hooks, at(BlockHook::Pattern), d_pattern)?;
+        // pattern = softmax(scores): d_scores = P ⊙ (dP - Σ_k P dP). Masked keys have P = 0
+        // and get no gradient, as do rows that attend to nothing.
+        let p_soft = &pattern.before;
+        let d_scores =
+            (p_soft * d_pattern.broadcast_sub(&(p_soft * &d_pattern)?.sum_keepdim(D::Minus1)?)?)?;
+        drop(pattern);
+        let d_scores = grad_hook(hooks, at(BlockHook::AttnScores), d_scores)?;
+        // scores = q kᵀ / sqrt(d_head) + mask
+        let scale = 1.0 / (dh as f64).sqrt();
+        let q = heads_first(&tape.take(at(BlockHook::Q))?.after)?;
+        let k = heads_first(&tape.take(at(BlockHook::K))?.after)?;
+        let dq = (d_scores.matmul(&k)? * scale)?;
+        let dk = (d_scores.t()?.contiguous()?.matmul(&q)? * scale)?;
+        // Back to [b, p, h, dh], the layout of the q, k and v hook points.
+        let back = |t: Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
+        let dv = grad_hook(hooks, at(BlockHook::V), back(dv)?)?;
+        let dk = grad_hook(hooks, at(BlockHook::K), back(dk)?)?;
+        let dq = grad_hook(hooks, at(BlockHook::Q), back(dq)?)?;
+        if self.cfg.use_split_qkv_input {
+            let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
+            let kinds = [BlockHook::QInput, BlockHook::KInput, BlockHook::VInput];
+            let mut d_resid: Option<Tensor> = None;
+            for (i, grad) in [dq, dk, dv].into_iter().enumerate().rev() {
+                // q[b, p, h] = input[b, p, h] @ W_Q[h] + b_Q[h], W_Q[h]: [d_model, d_head].
+                let d_input = grad
+                    .permute((2, 0, 1, 3))?
+                    .contiguous()?
+                    .reshape((h, b * p, dh))?
+                    .matmul(&heads.w_qkv[i].t()?.contiguous()?)?
+                    .reshape((h, b, p, d))?
+                    .permute((1, 2, 0, 3))?
+                    .contiguous()?;
+                let d_input = grad_hook(hooks, at(kinds[i]), d_input)?.sum(2)?;
+                d_resid = Some(match d_resid {
+                    Some(sum) => (sum + d_input)?,
+                    None => d_input,
+                });
+            }
+            d_resid.ok_or_else(missing_head_weights)
+        } else {
+            let a = h * dh;
+            let d_qkv = Tensor::cat(
+                &[
+                    dq.reshape((b, p, a))?,
+                    dk.reshape((b, p, a))?,
+                    dv.reshape((b, p, a))?,
+                ],
+                2,
+            )?;
+            block.qkv.backward(&d_qkv)
+        }
+    }
+}

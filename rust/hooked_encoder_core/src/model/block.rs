@@ -77,3 +77,64 @@ impl HookedBert {
         hook(hooks, at(BlockHook::NormalizedResidPost), normalized)
     }
 }
+
+impl HookedBert {
+    /// The gradient to block `layer`'s input from the gradient `d_out` of its output, in the
+    /// reverse order of [`Self::block`], every hook point's gradient going through `hooks`.
+    /// Takes (and so frees) the block's saved activations from `tape`.
+    pub(super) fn block_backward(
+        &self,
+        layer: usize,
+        block: &Block,
+        d_out: Tensor,
+        tape: &mut Tape,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let d_normalized = grad_hook(hooks, at(BlockHook::NormalizedResidPost), d_out)?;
+        let d_resid_post = self.layer_norm_backward(
+            &d_normalized,
+            &block.ln2,
+            at(BlockHook::Ln2Scale),
+            at(BlockHook::Ln2Normalized),
+            tape,
+            hooks,
+        )?;
+        let d_resid_post = grad_hook(hooks, at(BlockHook::ResidPost), d_resid_post)?;
+        // resid_post = normalized_mid + mlp_out: both get d_resid_post.
+        let d_mlp_out = grad_hook(hooks, at(BlockHook::MlpOut), d_resid_post.clone())?;
+        let d_post = grad_hook(
+            hooks,
+            at(BlockHook::MlpPost),
+            block.mlp_out.backward(&d_mlp_out)?,
+        )?;
+        let pre = tape.take(at(BlockHook::MlpPre))?.after;
+        let d_pre = act_backward(self.cfg.act_fn, &pre, &d_post)?;
+        drop(pre);
+        let d_pre = grad_hook(hooks, at(BlockHook::MlpPre), d_pre)?;
+        let d_normalized_mid = (d_resid_post + block.mlp_in.backward(&d_pre)?)?;
+        let d_mlp_in = self.layer_norm_backward(
+            &d_normalized_mid,
+            &block.ln1,
+            at(BlockHook::Ln1Scale),
+            at(BlockHook::Ln1Normalized),
+            tape,
+            hooks,
+        )?;
+        let d_resid_mid = if self.cfg.use_hook_mlp_in {
+            grad_hook(hooks, at(BlockHook::MlpIn), d_mlp_in)?
+        } else {
+            d_mlp_in
+        };
+        let d_resid_mid = grad_hook(hooks, at(BlockHook::ResidMid), d_resid_mid)?;
+        // resid_mid = resid_pre + attn_out.
+        let d_attn_out = grad_hook(hooks, at(BlockHook::AttnOut), d_resid_mid.clone())?;
+        let d_through_attention =
+            self.attention_backward(layer, block, &d_attn_out, tape, hooks)?;
+        grad_hook(
+            hooks,
+            at(BlockHook::ResidPre),
+            (d_resid_mid + d_through_attention)?,
+        )
+    }
+}

@@ -44,3 +44,34 @@ impl HookedBert {
         hook(hooks, HookPoint::FullEmbed, x)
     }
 }
+
+impl HookedBert {
+    /// The gradient to the summed embeddings from the gradient `d_out` of `hook_full_embed`.
+    /// The three embeddings are summed, so `hook_embed`, `hook_pos_embed` and
+    /// `hook_token_type_embed` each get that same gradient (a replacement returned by one of
+    /// their backward hooks stops there: embedding tables get no gradient here).
+    pub(super) fn embed_backward(
+        &self,
+        d_out: Tensor,
+        tape: &mut Tape,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let d_full = grad_hook(hooks, HookPoint::FullEmbed, d_out)?;
+        let d_sum = self.layer_norm_backward(
+            &d_full,
+            &self.embed_ln,
+            HookPoint::EmbedLnScale,
+            HookPoint::EmbedLnNormalized,
+            tape,
+            hooks,
+        )?;
+        for point in [
+            HookPoint::TokenTypeEmbed,
+            HookPoint::PosEmbed,
+            HookPoint::Embed,
+        ] {
+            grad_hook(hooks, point, d_sum.clone())?;
+        }
+        Ok(d_sum)
+    }
+}

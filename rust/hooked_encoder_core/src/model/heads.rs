@@ -62,3 +62,61 @@ impl HookedBert {
         }
     }
 }
+
+impl HookedBert {
+    /// The gradient to the last residual stream (the heads' input, `[batch, pos, d_model]`)
+    /// from the gradient `d_out` of `output`.
+    pub(super) fn head_backward(
+        &self,
+        output: Output,
+        d_out: Tensor,
+        tape: &mut Tape,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        match (output, &self.mlm_head, &self.pooler, &self.nsp_head) {
+            (Output::Residual, _, _, _) => Ok(d_out),
+            (Output::Logits, Some(head), _, _) => {
+                let d_logits = grad_hook(hooks, HookPoint::UnembedOut, d_out)?;
+                let d_in = grad_hook(
+                    hooks,
+                    HookPoint::UnembedIn,
+                    head.decoder.backward(&d_logits)?,
+                )?;
+                let d_act = self.layer_norm_backward(
+                    &d_in,
+                    &head.ln,
+                    HookPoint::MlmLnScale,
+                    HookPoint::MlmLnNormalized,
+                    tape,
+                    hooks,
+                )?;
+                // The dense layer's pre-activation has no hook point: recompute it (one
+                // d_model x d_model matmul) rather than keep it.
+                let x = tape
+                    .head_input
+                    .take()
+                    .ok_or_else(|| missing_saved("the head input"))?;
+                let pre = head.dense.forward(&x, None)?;
+                head.dense
+                    .backward(&act_backward(self.cfg.act_fn, &pre, &d_act)?)
+            }
+            (Output::NextSentence, _, Some(pooler), Some(nsp_head)) => {
+                let d_logits = grad_hook(hooks, HookPoint::NspOut, d_out)?;
+                let d_pooled =
+                    grad_hook(hooks, HookPoint::PoolerOut, nsp_head.backward(&d_logits)?)?;
+                // pooled = tanh(dense(x[:, 0])): tanh' = 1 - tanh².
+                let pooled = tape.take(HookPoint::PoolerOut)?.before;
+                let d_first = pooler.backward(&(d_pooled * (1.0 - pooled.sqr()?)?)?)?;
+                let (b, d) = d_first.dims2()?;
+                let p = tape.pos;
+                let d_first = d_first.unsqueeze(1)?;
+                if p == 1 {
+                    return Ok(d_first);
+                }
+                let rest = Tensor::zeros((b, p - 1, d), d_first.dtype(), d_first.device())?;
+                Ok(Tensor::cat(&[&d_first, &rest], 1)?)
+            }
+            _ => Err(missing_head_weights()),
+        }
+    }
+}

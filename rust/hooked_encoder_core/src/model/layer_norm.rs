@@ -87,3 +87,36 @@ impl HookedBert {
             .broadcast_add(&ln.bias)?)
     }
 }
+
+impl HookedBert {
+    /// The gradient to the input of [`Self::layer_norm`] from the gradient `dy` of its output,
+    /// showing the gradients at its two hook points to `hooks` on the way.
+    ///
+    /// With `n = c / s` (`c` the centred input, `s = sqrt(mean(c²) + eps)` the scale, both
+    /// possibly replaced by forward hooks): `ds = -Σ dn·n / s`, `dc = dn / s + ds · c / (d s)`,
+    /// `dx = dc - mean(dc)`.
+    pub(super) fn layer_norm_backward(
+        &self,
+        dy: &Tensor,
+        ln: &LayerNorm,
+        scale_point: HookPoint,
+        normalized_point: HookPoint,
+        tape: &mut Tape,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let scale = tape.take(scale_point)?;
+        let normalized = tape.take(normalized_point)?;
+        // The scale the normalisation divided by (after any forward hook), and the one it
+        // computed from the data (before).
+        let (computed_scale, used_scale) = (&scale.before, &scale.after);
+        let n = &normalized.before;
+        let dn = grad_hook(hooks, normalized_point, dy.broadcast_mul(&ln.weight)?)?;
+        let d_scale = ((&dn * n)?.sum_keepdim(D::Minus1)?.neg()? / used_scale)?;
+        let d_scale = grad_hook(hooks, scale_point, d_scale)?;
+        let centred = n.broadcast_mul(used_scale)?;
+        let d = self.cfg.d_model as f64;
+        let d_centred = (dn.broadcast_div(used_scale)?
+            + centred.broadcast_mul(&(d_scale / (computed_scale * d)?)?)?)?;
+        Ok(d_centred.broadcast_sub(&d_centred.mean_keepdim(D::Minus1)?)?)
+    }
+}

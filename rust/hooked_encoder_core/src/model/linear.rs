@@ -44,3 +44,17 @@ impl Linear {
         Ok(y.reshape(out_dims)?)
     }
 }
+
+impl Linear {
+    /// The gradient to the input from the gradient `dy` of the output (before any activation):
+    /// `dx = dy W`. Weight gradients are not computed (see [`HookedBert::backward`]).
+    pub(super) fn backward(&self, dy: &Tensor) -> Result<Tensor> {
+        let dims = dy.dims().to_vec();
+        let d_out = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let dx = dy.reshape((rows, d_out))?.matmul(&self.weight)?;
+        let mut in_dims = dims;
+        *in_dims.last_mut().unwrap_or(&mut 0) = self.weight.dim(1)?;
+        Ok(dx.reshape(in_dims)?)
+    }
+}

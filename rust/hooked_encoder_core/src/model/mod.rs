@@ -15,14 +15,17 @@ use crate::{cpu, cuda, Activation, AttentionDir, BertConfig, Error, Result, Tens
 
 mod activation;
 mod attention;
+mod backward;
 mod block;
 mod embed;
 mod heads;
 mod layer_norm;
 mod linear;
 
-use activation::apply_act;
+use activation::{act_backward, apply_act};
 use attention::{head_weights, missing_head_weights, HeadWeights, Mask, Qkv};
+use backward::missing_saved;
+pub use backward::Tape;
 use block::Block;
 use heads::MlmHead;
 use layer_norm::LayerNorm;
@@ -773,7 +776,30 @@ fn hook(hooks: &mut dyn Hooks, point: HookPoint, activation: Tensor) -> Result<T
         activation.device().clone(),
     );
     let out = hooks.call(point, activation)?;
-    if out.shape() != &shape || out.dtype() != dtype || !out.device().same_device(&device) {
+    check_replacement(point, &shape, dtype, &device, out)
+}
+
+/// Shows the gradient at `point` to `hooks` if they want it, and checks any replacement: the
+/// backward pass's counterpart of [`hook`].
+#[inline]
+fn grad_hook(hooks: &mut dyn Hooks, point: HookPoint, grad: Tensor) -> Result<Tensor> {
+    if !hooks.wants_grad(point) {
+        return Ok(grad);
+    }
+    let (shape, dtype, device) = (grad.shape().clone(), grad.dtype(), grad.device().clone());
+    let out = hooks.call_grad(point, grad)?;
+    check_replacement(point, &shape, dtype, &device, out)
+}
+
+/// Refuses a hook's replacement whose shape, dtype or device differs from the original's.
+fn check_replacement(
+    point: HookPoint,
+    shape: &candle_core::Shape,
+    dtype: DType,
+    device: &Device,
+    out: Tensor,
+) -> Result<Tensor> {
+    if out.shape() != shape || out.dtype() != dtype || !out.device().same_device(device) {
         return Err(Error::HookReplacement {
             name: point.name(),
             expected: format!("{:?} {dtype:?}", shape.dims()),
