@@ -356,7 +356,8 @@ impl Model {
                     "this tape holds no forward pass (or its backward already ran)",
                 )
             })?;
-        let grad = tensor_from_numpy(&grad_output, &Device::Cpu).map_err(|e| to_py_err(e.into()))?;
+        let grad =
+            tensor_from_numpy(&grad_output, &Device::Cpu).map_err(|e| to_py_err(e.into()))?;
         let hooks = PyHooks::for_backward(
             self.hook_set(&record)?,
             self.hook_set(&dispatch)?,
