@@ -316,3 +316,52 @@ def test_gradient_errors_name_the_problem(checkpoint, model, tmp_path):
     with pytest.raises(ValueError, match="shape"), model.hooks(bwd_hooks=bad_hook):
         model.grad(torch.tensor(tokens), metric=lambda logits: logits.sum())
     assert all(not p.bwd_hooks for p in model.hook_dict.values())
+
+
+def test_next_sentence_gradients_match_torch_autograd(checkpoint, model):
+    """From the NSP logits through the NSP head, the pooler (first token only) and the blocks."""
+    from hooked_encoder import BertNextSentencePrediction
+
+    ck = checkpoint
+    tokens, types, mask = ck.batch(seed=11)
+    weights = torch.tensor([[1.0, -2.0]]).repeat(tokens.shape[0], 1)
+    kept = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            out.retain_grad()
+            kept[name] = out
+
+        return hook
+
+    handles = [
+        ck.hf.bert.embeddings.register_forward_hook(keep("hook_full_embed")),
+        ck.hf.bert.pooler.register_forward_hook(keep("pooler.hook_pooler_out")),
+        ck.hf.bert.encoder.layer[0].register_forward_hook(
+            keep("blocks.0.hook_normalized_resid_post")
+        ),
+    ]
+    try:
+        out = ck.hf(
+            torch.tensor(tokens),
+            token_type_ids=torch.tensor(types),
+            attention_mask=torch.tensor(mask),
+        )
+        (out.seq_relationship_logits * weights).sum().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    nsp = BertNextSentencePrediction(model)
+    grads = nsp.grad(
+        torch.tensor(tokens),
+        metric=lambda logits: (logits * weights).sum(),
+        token_type_ids=types,
+        one_zero_attention_mask=mask,
+    )
+    assert "unembed.hook_out" not in grads
+    for name, tensor in kept.items():
+        close(grads[name], tensor.grad, name)
+    # Only the first token feeds the pooler: the last block's other positions get no gradient.
+    last = grads[f"blocks.{ck.config.num_hidden_layers - 1}.hook_normalized_resid_post"]
+    assert last[:, 1:].abs().max() == 0 and last[:, 0].abs().max() > 0
