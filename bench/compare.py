@@ -50,7 +50,15 @@ Workloads, as each system runs them (``L`` below is 3, or the last layer of smal
   ``bert.encoder.layer[L].attention.self`` (whose output holds the eager attention
   probabilities).
 
-All torch calls run under ``torch.inference_mode()``.
+* ``grad_all``: forward + backward from the same ``d metric / d logits`` (a fixed random
+  projection of all logits, seeded): ours ``m.grad(tokens, grad_output=g)``, the gradient at
+  every hook point; HF ``(m(input_ids=ids, output_hidden_states=True,
+  output_attentions=True).logits * g).sum().backward()`` with ``retain_grad`` on every hidden
+  state and attention probability (weight gradients included: that is what ``backward()``
+  costs); TL the same metric with ``add_caching_hooks(incl_bwd=True)``, every hook point's
+  gradient.
+
+All torch calls run under ``torch.inference_mode()``, except ``grad_all``'s.
 
 TransformerLens is optional and never installed by this script: it is skipped, with a note, when
 the interpreter running the script (whose workers run ``sys.executable``) cannot import
@@ -127,7 +135,7 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
 }
 SYSTEMS = ("ours", "hf", "tl")
 SYSTEM_LABELS = {"ours": "ours", "hf": "HF", "tl": "TL"}
-WORKLOADS = ("logits", "no_head", "cache_all", "cache_resid_post", "hook_pattern")
+WORKLOADS = ("logits", "no_head", "cache_all", "cache_resid_post", "hook_pattern", "grad_all")
 DEFAULT_SHAPES = "1x16,1x128,8x128,32x128"
 RESULT_MARKER = "BENCH-RESULT "
 WARMUP_SECONDS = 1.0
@@ -193,6 +201,31 @@ def _is_resid_post(name: str) -> bool:
     return name.endswith("hook_resid_post")
 
 
+def _grad_output(spec: dict, tokens: np.ndarray) -> np.ndarray:
+    """d metric / d logits of ``grad_all``: a seeded random projection of all logits."""
+    rng = np.random.default_rng(spec["seed"] + 1)
+    return rng.standard_normal((*tokens.shape, spec["vocab"])).astype(np.float32)
+
+
+def _torch_grad_call(model, forward, grad_output: np.ndarray):
+    """A call running ``forward()`` (returning ``(logits, tensors to keep the gradient of)``)
+    then the backward from ``grad_output``, with autograd on (the worker's inference mode off)."""
+    import torch
+
+    g = torch.from_numpy(grad_output)
+
+    def call():
+        with torch.inference_mode(False), torch.enable_grad():
+            model.zero_grad(set_to_none=True)
+            logits, kept = forward()
+            for tensor in kept:
+                tensor.retain_grad()
+            (logits * g).sum().backward()
+            return [tensor.grad for tensor in kept]
+
+    return call
+
+
 def _setup_ours(spec: dict, tokens: np.ndarray):
     """Loads hooked_encoder; returns ``(call, to_logits, version)``. Imports no torch."""
     import hooked_encoder
@@ -206,6 +239,7 @@ def _setup_ours(spec: dict, tokens: np.ndarray):
         "cache_all": lambda: model.run_with_cache(tokens),
         "cache_resid_post": lambda: model.run_with_cache(tokens, names_filter=_is_resid_post),
         "hook_pattern": lambda: model.run_with_hooks(tokens, fwd_hooks=[(hook, _identity_hook)]),
+        "grad_all": lambda: model.grad(tokens, grad_output=_grad_output(spec, tokens)),
     }
     return calls[spec["workload"]], np.asarray, hooked_encoder.__version__
 
@@ -232,6 +266,17 @@ def _setup_hf(spec: dict, tokens: np.ndarray):
         "cache_resid_post": lambda: model(input_ids=ids, output_hidden_states=True),
         "hook_pattern": lambda: model(input_ids=ids),
     }
+    if spec["workload"] == "grad_all":
+
+        def forward():
+            out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+            return out.logits, [*out.hidden_states, *out.attentions]
+
+        return (
+            _torch_grad_call(model, forward, _grad_output(spec, tokens)),
+            None,
+            (transformers.__version__),
+        )
     return calls[spec["workload"]], lambda out: out.logits.numpy(), transformers.__version__
 
 
@@ -293,6 +338,23 @@ def _setup_tl(spec: dict, tokens: np.ndarray):
         "cache_resid_post": lambda: model.run_with_cache(ids, names_filter=_is_resid_post),
         "hook_pattern": lambda: model.run_with_hooks(ids, fwd_hooks=[(hook, _identity_hook)]),
     }
+    if spec["workload"] == "grad_all":
+
+        def forward():
+            model.reset_hooks()
+            cache = model.add_caching_hooks(incl_bwd=True)
+            forward.cache = cache
+            return model(ids), []
+
+        grad_call = _torch_grad_call(model, forward, _grad_output(spec, tokens))
+
+        def call():
+            grad_call()
+            cache = forward.cache
+            model.reset_hooks()
+            return cache
+
+        return call, None, version
     return calls[spec["workload"]], lambda out: out.numpy(), version
 
 

@@ -51,8 +51,8 @@ def test_unknown_hook_names_raise_key_error_with_suggestions(model):
         model.run_with_hooks(TOKENS, fwd_hooks=[("blocks.0.attn.hook_patern", lambda x, hook: x)])
     with pytest.raises(KeyError, match="unknown hook point 'blocks.9.hook_resid_pre'"):
         model.add_hook("blocks.9.hook_resid_pre", lambda x, hook: x)
-    with pytest.raises(NotImplementedError, match="inference only"):
-        model.add_hook("hook_full_embed", lambda x, hook: x, dir="bwd")
+    with pytest.raises(ValueError, match="dir must be"):
+        model.add_hook("hook_full_embed", lambda x, hook: x, dir="sideways")
     assert all(not p.fwd_hooks for p in model.hook_dict.values())
 
 

@@ -8,7 +8,10 @@ pass in Rust (Candle).
 """
 
 # First: refuse a CPU the compiled core cannot run on, before loading it.
-from . import _cpu  # noqa: F401
+from . import (
+    _cpu,  # noqa: F401
+    metrics,
+)
 
 try:
     from . import _core
@@ -59,5 +62,6 @@ __all__ = [
     "get_act_name",
     "get_num_threads",
     "load_extraction",
+    "metrics",
     "set_num_threads",
 ]

@@ -30,6 +30,11 @@ class DeviceTensor:
     def __dlpack__(self, stream: int | None = None) -> object: ...
     def __dlpack_device__(self) -> tuple[int, int]: ...
 
+class GradTape:
+    """What a forward pass kept for one backward pass."""
+
+    def __init__(self) -> None: ...
+
 class Model:
     @staticmethod
     def load(config_json: str, paths: list[str], device: str) -> tuple[Model, list[str]]: ...
@@ -54,6 +59,15 @@ class Model:
         start_layer: int,
         stop_layer: int | None,
         output: str,
+        record: list[str],
+        dispatch: list[str],
+        dispatcher: Dispatcher | None,
+        tape: GradTape | None = None,
+    ) -> tuple[Activation, list[tuple[str, Activation]]]: ...
+    def backward(
+        self,
+        tape: GradTape,
+        grad_output: npt.NDArray[np.float32],
         record: list[str],
         dispatch: list[str],
         dispatcher: Dispatcher | None,

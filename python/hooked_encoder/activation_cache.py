@@ -191,6 +191,13 @@ class ActivationCache:
         self.has_batch_dim = has_batch_dim
 
     def _resolve(self, key: str | tuple) -> str:
+        # Gradients (run_with_cache(incl_bwd=True)) are cached as "{name}_grad": shorthand
+        # such as ("z_grad", 3) resolves the name, then adds the suffix back.
+        name = key if isinstance(key, str) else key[0] if isinstance(key, tuple) and key else None
+        if isinstance(name, str) and name.endswith("_grad") and key not in self.cache_dict:
+            base = name[: -len("_grad")]
+            rest = key[1:] if isinstance(key, tuple) else ()
+            return self._resolve((base, *rest) if rest else base) + "_grad"
         if isinstance(key, str):
             return key if key in self.cache_dict else get_act_name(key)
         if isinstance(key, tuple) and 1 <= len(key) <= 3 and isinstance(key[0], str):

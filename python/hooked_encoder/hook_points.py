@@ -37,6 +37,7 @@ class HookPoint:
         self.name = name
         self.ctx: dict[Any, Any] = {}
         self.fwd_hooks: list[_Registered] = []
+        self.bwd_hooks: list[_Registered] = []
 
     def __repr__(self) -> str:
         return f"HookPoint(name={self.name!r})"
@@ -57,15 +58,18 @@ class HookPoint:
         prepend: bool = False,
     ) -> None:
         """Registers ``hook`` to run whenever this point fires (after earlier hooks, unless
-        ``prepend``)."""
+        ``prepend``): in the forward pass (``dir="fwd"``, on the activation) or in a backward
+        pass (``dir="bwd"``, on the gradient arriving at this point; a returned array replaces
+        the gradient that flows on backwards)."""
         _check_direction(dir)
         if not callable(hook):
             raise TypeError(f"a hook must be callable, got {type(hook).__name__}")
         entry = _Registered(hook, is_permanent, level)
+        hooks = self.fwd_hooks if dir == "fwd" else self.bwd_hooks
         if prepend:
-            self.fwd_hooks.insert(0, entry)
+            hooks.insert(0, entry)
         else:
-            self.fwd_hooks.append(entry)
+            hooks.append(entry)
 
     def remove_hooks(
         self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None
@@ -73,13 +77,21 @@ class HookPoint:
         """Removes hooks: all non-permanent ones, or only those added at ``level``."""
         if dir not in ("fwd", "bwd", "both"):
             raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
-        self.fwd_hooks = [
-            h
-            for h in self.fwd_hooks
-            if not (
-                (including_permanent or not h.is_permanent) and (level is None or h.level == level)
-            )
-        ]
+
+        def kept(hooks: list[_Registered]) -> list[_Registered]:
+            return [
+                h
+                for h in hooks
+                if not (
+                    (including_permanent or not h.is_permanent)
+                    and (level is None or h.level == level)
+                )
+            ]
+
+        if dir in ("fwd", "both"):
+            self.fwd_hooks = kept(self.fwd_hooks)
+        if dir in ("bwd", "both"):
+            self.bwd_hooks = kept(self.bwd_hooks)
 
     def clear_context(self) -> None:
         """Empties ``ctx``."""
@@ -87,12 +99,8 @@ class HookPoint:
 
 
 def _check_direction(dir: str) -> None:
-    if dir == "bwd":
-        raise NotImplementedError(
-            "backward hooks need autograd, and hooked_encoder runs inference only"
-        )
-    if dir != "fwd":
-        raise ValueError(f"dir must be 'fwd', got {dir!r}")
+    if dir not in ("fwd", "bwd"):
+        raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
 
 
 def names_predicate(names_filter: NamesFilter) -> Callable[[str], bool]:

@@ -77,6 +77,37 @@ _RECORDING: contextvars.ContextVar[_Recording | None] = contextvars.ContextVar(
 )
 
 
+class _Backward:
+    """What a gradient-taking call (``run_with_cache(incl_bwd=True)``, ``run_with_hooks`` with
+    backward hooks, ``grad``) asks of the forward pass it wraps, and what that pass left."""
+
+    def __init__(self, names: list[str], metric: Any, grad_output: Any) -> None:
+        self.names = names
+        self.metric = metric
+        self.grad_output = grad_output
+        self.tape: Any = None
+        self.output: Any = None
+        self.as_torch = False
+        # Forward hooks run on torch tensors that require grad: name -> (input, output), so the
+        # backward pulls the gradient through each edit with torch.autograd.grad.
+        self.edits: dict[str, tuple[Any, Any]] = {}
+
+
+# The gradient-taking call in progress in this thread (or task), if any.
+_BACKWARD: contextvars.ContextVar[_Backward | None] = contextvars.ContextVar(
+    "hooked_encoder_backward", default=None
+)
+
+
+def _one_gradient_source(metric: Any, grad_output: Any) -> None:
+    if (metric is None) == (grad_output is None):
+        raise ValueError(
+            "a backward pass starts from the output: give either metric= (a function of the "
+            "output returning a scalar; needs torch) or grad_output= (d metric / d output, "
+            "an array of the output's shape)"
+        )
+
+
 class _Prepared:
     """Token ids, token types and mask as C-contiguous int64 ``[batch, pos]`` arrays, plus
     whether results should be torch tensors."""
@@ -620,19 +651,31 @@ class HookedEncoder:
         points ``run_with_cache`` asked for (if one is in progress; they go into its cache),
         ``dispatch`` the points with Python hooks."""
         recording = _RECORDING.get()
+        backward = _BACKWARD.get()
+        if backward is not None and backward.tape is not None:
+            backward = None  # a second pass inside one gradient call is not differentiated
         # A forward pass run from inside a hook records nothing into the outer cache.
         token = _RECORDING.set(None)
+        backward_token = _BACKWARD.set(None)
         try:
             dispatch = [name for name, point in self.hook_dict.items() if point.fwd_hooks]
-            dispatcher = functools.partial(self._dispatch, as_torch) if dispatch else None
+            dispatcher = functools.partial(self._dispatch, as_torch, backward) if dispatch else None
             record = recording.names if recording is not None else []
-            result, records = call(record, dispatch, dispatcher)
+            if backward is None:
+                result, records = call(record, dispatch, dispatcher)
+            else:
+                backward.tape, backward.as_torch = _core.GradTape(), as_torch
+                result, records = call(record, dispatch, dispatcher, backward.tape)
         finally:
             _RECORDING.reset(token)
+            _BACKWARD.reset(backward_token)
         convert = self._converter(as_torch)
         if recording is not None:
             recording.cache.update({name: convert(value) for name, value in records})
-        return convert(result)
+        output = convert(result)
+        if backward is not None:
+            backward.output = output
+        return output
 
     def _run(self, prepared: _Prepared, output: str, stop_at_layer: int | None = None) -> Any:
         """Runs from tokens: ``output`` is "logits", "residual" (no head) or "next_sentence"."""
@@ -658,21 +701,173 @@ class HookedEncoder:
         names = recording.names if recording is not None else ()
         check_fits(self.cfg, batch_pos[0], batch_pos[1], names, output)
 
-    def _dispatch(self, as_torch: bool, name: str, activation: np.ndarray) -> np.ndarray:
+    def _dispatch(
+        self, as_torch: bool, backward: _Backward | None, name: str, activation: np.ndarray
+    ) -> np.ndarray:
         """Called from Rust at a hooked point: runs the point's hook functions in order, each on
-        the previous one's result, and returns the activation the model continues with."""
+        the previous one's result, and returns the activation the model continues with.
+
+        In a forward pass that a backward pass will follow, torch users' hooks run on a tensor
+        that requires grad, and the graph of what they did is kept: the backward pulls the
+        gradient through it (``_dispatch_grad``), so an edit is part of the differentiated
+        function, as in TransformerLens."""
         point = self.hook_dict[name]
         shape = tuple(activation.shape)
         current: Any = self._converter(as_torch)(activation)
-        for registered in list(point.fwd_hooks):
-            returned = registered.fn(current, hook=point)
-            if returned is not None:
-                current = _check_replacement(name, returned, shape, self._model.dtype)
+        tracked = backward is not None and as_torch
+        if tracked:
+            torch = _torch()
+            leaf = current.detach().clone().requires_grad_(True)
+            context: Any = torch.enable_grad()
+            current = leaf.clone()  # hooks may edit in place; a leaf cannot be
+        else:
+            context = contextlib.nullcontext()
+        with context:
+            for registered in list(point.fwd_hooks):
+                returned = registered.fn(current, hook=point)
+                if returned is not None:
+                    current = _check_replacement(name, returned, shape, self._model.dtype)
+        if tracked and backward is not None:
+            backward.edits[name] = (leaf, current)
         # In-place edits of the array (or of the torch tensor sharing its memory) count too.
         # Rust takes float32 back and rounds it to the model's dtype.
         if _is_torch_tensor(current):
             current = current.detach().float().cpu().numpy()
         return np.ascontiguousarray(current)
+
+    def _dispatch_grad(self, backward: _Backward, name: str, grad: np.ndarray) -> np.ndarray:
+        """Called from Rust in a backward pass at a point with backward hooks or a forward
+        edit: runs the backward hooks, each on the gradient arriving at the point (torch's
+        ``grad_output``; the last one that returns an array replaces the gradient that flows
+        on), otherwise pulls the gradient through the forward hooks' edit."""
+        point = self.hook_dict[name]
+        shape = tuple(grad.shape)
+        arriving = self._converter(backward.as_torch)(grad)
+        replaced: Any = None
+        for registered in list(point.bwd_hooks):
+            returned = registered.fn(arriving, hook=point)
+            if returned is not None:
+                replaced = _check_replacement(name, returned, shape, "float32")
+        if replaced is None and name in backward.edits:
+            torch = _torch()
+            leaf, edited = backward.edits.pop(name)
+            if edited.requires_grad:
+                (through,) = torch.autograd.grad(
+                    edited, leaf, torch.as_tensor(grad), allow_unused=True
+                )
+            else:
+                through = None  # the hook replaced the activation with a constant
+            replaced = torch.zeros_like(leaf) if through is None else through
+        if replaced is None:
+            return grad
+        if _is_torch_tensor(replaced):
+            replaced = replaced.detach().float().cpu().numpy()
+        return np.ascontiguousarray(replaced, dtype=np.float32)
+
+    def _backward(self, backward: _Backward) -> tuple[Any, dict[str, Any]]:
+        """Runs the backward pass of the forward pass ``backward`` wrapped. Returns the
+        gradient where the forward started and ``{name: gradient}`` for ``backward.names``."""
+        if backward.tape is None:
+            raise ValueError("no forward pass ran, so there is nothing to differentiate")
+        output = backward.output
+        if backward.grad_output is not None:
+            grad = _float_array(backward.grad_output, "grad_output")
+        else:
+            try:
+                torch = _torch()
+            except ImportError as error:
+                raise ImportError(
+                    "metric= needs torch (torch differentiates the metric on the output); "
+                    "without it pass grad_output=, e.g. from hooked_encoder.metrics"
+                ) from error
+            out = (
+                torch.as_tensor(
+                    np.asarray(_to_numpy(output)) if not _is_torch_tensor(output) else output
+                )
+                .detach()
+                .float()
+                .requires_grad_(True)
+            )
+            with torch.enable_grad():
+                value = backward.metric(out)
+            if not _is_torch_tensor(value) or value.numel() != 1:
+                raise ValueError(
+                    "metric must return a scalar torch tensor computed from the output "
+                    f"(got {type(value).__name__})"
+                )
+            if not value.requires_grad:
+                raise ValueError("metric's result does not depend on the output")
+            (d_output,) = torch.autograd.grad(value.reshape(()), out, allow_unused=True)
+            grad = np.ascontiguousarray(
+                np.zeros(out.shape, np.float32) if d_output is None else d_output.numpy()
+            )
+        dispatch = [
+            name
+            for name, point in self.hook_dict.items()
+            if point.bwd_hooks or name in backward.edits
+        ]
+        dispatcher = functools.partial(self._dispatch_grad, backward) if dispatch else None
+        start, records = self._model.backward(
+            backward.tape, grad, backward.names, dispatch, dispatcher
+        )
+        convert = self._converter(backward.as_torch)
+        # In firing order, as a TransformerLens cache lists them.
+        order = {name: i for i, name in enumerate(self.hook_dict)}
+        grads = {name: convert(value) for name, value in records}
+        return convert(start), dict(sorted(grads.items(), key=lambda item: order[item[0]]))
+
+    def _with_backward(
+        self, names: list[str], metric: Any, grad_output: Any, run: Callable[[], Any]
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """Runs ``run()`` (a forward pass) keeping what a backward pass needs, then the backward
+        pass. Returns ``(run's result, the gradient where the forward started, the gradients at
+        names)``."""
+        _one_gradient_source(metric, grad_output)
+        if self._model.dtype != "float32":
+            raise ValueError(
+                f"gradients are computed in float32 only; this model is {self._model.dtype}: "
+                "use model.to('float32')"
+            )
+        if not self._model.device.startswith("cpu"):
+            raise NotImplementedError(
+                "gradients run on the CPU only in this version; use model.to('cpu')"
+            )
+        backward = _Backward(names, metric, grad_output)
+        token = _BACKWARD.set(backward)
+        try:
+            result = run()
+        finally:
+            _BACKWARD.reset(token)
+        start, grads = self._backward(backward)
+        return result, start, grads
+
+    def grad(
+        self,
+        input: Any,
+        metric: Callable[[Any], Any] | None = None,
+        grad_output: Any = None,
+        names: NamesFilter = None,
+        **forward_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Gradients of a metric of the output with respect to the activations at the hook
+        points ``names`` selects (all by default), as ``{name: gradient}`` (each the shape of
+        its activation), computed by the Rust backward pass.
+
+        The gradient starts at the output of ``forward(input, **forward_kwargs)`` (the logits,
+        or the last residual stream with ``return_type=None`` or ``stop_at_layer``): give
+        ``metric`` (a function of the output tensor returning a scalar; torch differentiates
+        it) or ``grad_output`` (d metric / d output, the output's shape; no torch needed, see
+        ``hooked_encoder.metrics``). Active forward hooks are part of the differentiated
+        function (exactly so for torch users; for NumPy users an edit counts as the identity),
+        and active backward hooks (``add_hook(name, fn, dir="bwd")``) see and may replace the
+        gradient at their point. Gradients are with respect to activations, never weights.
+        """
+        keep = names_predicate(names)
+        wanted = [name for name in self.hook_dict if keep(name)]
+        _, _, grads = self._with_backward(
+            wanted, metric, grad_output, lambda: self.forward(input, **forward_kwargs)
+        )
+        return grads
 
     def forward(
         self,
@@ -823,6 +1018,8 @@ class HookedEncoder:
         clear_contexts: bool = False,
         pos_slice: int | slice | None = None,
         return_cache_object: bool = True,
+        metric: Callable[[Any], Any] | None = None,
+        grad_output: Any = None,
         **model_kwargs: Any,
     ) -> tuple[Any, ActivationCache | dict[str, Any]]:
         """Runs the model and returns ``(output, cache)`` with the activation of every hook point
@@ -832,6 +1029,11 @@ class HookedEncoder:
         copy each. Hooks already added (e.g. by ``hooks()``) run first, so the cache holds what
         the rest of the model saw. ``pos_slice`` keeps only those positions (the query
         positions of attention patterns and scores).
+
+        With ``incl_bwd=True`` the cache also holds ``{name}_grad``, the gradient of a metric
+        with respect to each cached activation (``cache["z_grad", 3]`` works), from the Rust
+        backward pass: give ``metric`` (a function of the output returning a scalar; torch
+        differentiates it) or ``grad_output`` (d metric / d output). See ``grad``.
         """
         return self._cached_call(
             self.forward,
@@ -845,6 +1047,8 @@ class HookedEncoder:
             clear_contexts=clear_contexts,
             pos_slice=pos_slice,
             return_cache_object=return_cache_object,
+            metric=metric,
+            grad_output=grad_output,
         )
 
     def _cached_call(
@@ -861,18 +1065,27 @@ class HookedEncoder:
         clear_contexts: bool,
         pos_slice: int | slice | None,
         return_cache_object: bool,
+        metric: Callable[[Any], Any] | None = None,
+        grad_output: Any = None,
     ) -> tuple[Any, ActivationCache | dict[str, Any]]:
         """Calls ``fn(*args, **kwargs)`` (a forward pass) with the points ``names_filter`` selects
-        recorded, and returns ``(its output, the cache)``."""
-        if incl_bwd:
-            raise NotImplementedError("incl_bwd needs autograd; hooked_encoder runs inference only")
+        recorded, and returns ``(its output, the cache)``; with ``incl_bwd``, then runs the
+        backward pass and adds the gradients at those points as ``{name}_grad``."""
+        if not incl_bwd and (metric is not None or grad_output is not None):
+            raise ValueError("metric= and grad_output= need incl_bwd=True")
         if device not in (None, "cpu"):
             raise ValueError(f"cached activations are returned on the CPU, not {device!r}")
         keep = names_predicate(names_filter)
         recording = _Recording([name for name in self.hook_dict if keep(name)])
         token = _RECORDING.set(recording)
+        grads: dict[str, Any] = {}
         try:
-            output = fn(*args, **kwargs)
+            if incl_bwd:
+                output, _, grads = self._with_backward(
+                    recording.names, metric, grad_output, lambda: fn(*args, **kwargs)
+                )
+            else:
+                output = fn(*args, **kwargs)
         finally:
             _RECORDING.reset(token)
             if reset_hooks_end:
@@ -880,6 +1093,7 @@ class HookedEncoder:
                     clear_contexts, including_permanent=False, level=self.context_level
                 )
         cache = recording.cache
+        cache.update({f"{name}_grad": value for name, value in grads.items()})
         if pos_slice is not None:
             cache = {
                 name: _slice_positions(name, value, pos_slice) for name, value in cache.items()
@@ -955,14 +1169,15 @@ class HookedEncoder:
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
     ) -> Iterator[HookedEncoder]:
-        """A context in which ``fwd_hooks`` are active; on exit they are removed (only the
-        ones this context added)."""
-        if bwd_hooks:
-            _check_direction("bwd")
+        """A context in which ``fwd_hooks`` and ``bwd_hooks`` are active; on exit they are
+        removed (only the ones this context added). Backward hooks run in the backward passes
+        of ``grad``, ``run_with_cache(incl_bwd=True)`` and ``run_with_hooks(metric=...)``."""
         self.context_level += 1
         try:
             for name, fn in fwd_hooks:
                 self.add_hook(name, fn, level=self.context_level)
+            for name, fn in bwd_hooks:
+                self.add_hook(name, fn, dir="bwd", level=self.context_level)
             yield self
         finally:
             if reset_hooks_end:
@@ -978,11 +1193,22 @@ class HookedEncoder:
         bwd_hooks: FwdHooks = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
+        metric: Callable[[Any], Any] | None = None,
+        grad_output: Any = None,
         **model_kwargs: Any,
     ) -> Any:
-        """Runs ``forward`` with ``fwd_hooks`` (a list of ``(name or predicate, fn)``) active."""
+        """Runs ``forward`` with ``fwd_hooks`` (a list of ``(name or predicate, fn)``) active.
+
+        ``bwd_hooks`` run in a backward pass from ``metric`` or ``grad_output`` (see ``grad``)
+        that follows the forward pass: each gets the gradient arriving at its point and may
+        return a replacement that flows on backwards."""
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
-            return self.forward(*model_args, **model_kwargs)
+            if not bwd_hooks and metric is None and grad_output is None:
+                return self.forward(*model_args, **model_kwargs)
+            output, _, _ = self._with_backward(
+                [], metric, grad_output, lambda: self.forward(*model_args, **model_kwargs)
+            )
+            return output
 
     # ------------------------------------------------------------------ embeddings
 

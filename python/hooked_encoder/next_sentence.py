@@ -7,7 +7,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .activation_cache import ActivationCache
-from .hook_points import NamesFilter
+from .hook_points import NamesFilter, names_predicate
 from .hooked_encoder import HookedEncoder
 
 _PREDICTIONS = ("The sentences are sequential", "The sentences are NOT sequential")
@@ -76,6 +76,23 @@ class BertNextSentencePrediction:
 
     __call__ = forward
 
+    def grad(
+        self,
+        input: list[str] | Any,
+        metric: Any = None,
+        grad_output: Any = None,
+        names: NamesFilter = None,
+        **forward_kwargs: Any,
+    ) -> dict[str, Any]:
+        """Gradients of a metric of the NSP logits ``[batch, 2]`` with respect to the hook
+        points ``names`` selects, as ``HookedEncoder.grad`` (``metric`` or ``grad_output``)."""
+        keep = names_predicate(names)
+        wanted = [name for name in self.model.hook_dict if keep(name)]
+        _, _, grads = self.model._with_backward(
+            wanted, metric, grad_output, lambda: self.forward(input, **forward_kwargs)
+        )
+        return grads
+
     def run_with_cache(
         self,
         *model_args: Any,
@@ -94,6 +111,8 @@ class BertNextSentencePrediction:
             "reset_hooks_end": True,
             "clear_contexts": False,
             "pos_slice": None,
+            "metric": None,
+            "grad_output": None,
         }
         unexpected = sorted(set(kwargs) - set(options))
         if unexpected:

@@ -283,6 +283,20 @@ pub trait Hooks {
     fn interrupted(&self) -> bool {
         false
     }
+
+    /// Whether this caller wants to see the gradient at `point` in a backward pass
+    /// ([`crate::HookedBert::backward`]). Unrequested points cost one call, as in the forward.
+    #[inline]
+    fn wants_grad(&self, _point: HookPoint) -> bool {
+        false
+    }
+
+    /// Sees the gradient flowing into `point` (d metric / d activation, the activation's shape);
+    /// returns it, or a replacement that then flows on backwards (TransformerLens's
+    /// `add_hook(name, fn, dir="bwd")`).
+    fn call_grad(&mut self, _point: HookPoint, grad: Tensor) -> Result<Tensor> {
+        Ok(grad)
+    }
 }
 
 /// No hooks at all: the plain forward pass.

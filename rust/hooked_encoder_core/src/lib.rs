@@ -23,5 +23,5 @@ mod weights;
 pub use config::{Activation, AttentionDir, BertConfig};
 pub use error::{Error, Result};
 pub use hooks::{BlockHook, HookPoint, HookSet, Hooks, NoHooks, RecordingHooks};
-pub use model::{ForwardInput, HookedBert, Output, Part, Start};
+pub use model::{ForwardInput, HookedBert, Output, Part, Start, Tape};
 pub use weights::{TensorSource, WeightFiles, WeightMap};

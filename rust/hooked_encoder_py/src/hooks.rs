@@ -36,6 +36,9 @@ pub struct PyHooks {
     /// `name` in order and returns the final activation (see `HookedEncoder._dispatch`).
     dispatcher: Option<Py<PyAny>>,
     pub records: Vec<(HookPoint, Tensor)>,
+    /// Whether these hooks serve a backward pass: then `record` and `python` name the points
+    /// whose *gradients* are recorded or dispatched, and no activation is.
+    backward: bool,
 }
 
 impl PyHooks {
@@ -46,7 +49,37 @@ impl PyHooks {
             python,
             dispatcher,
             records: Vec::new(),
+            backward: false,
         }
+    }
+
+    /// Hooks for a backward pass: gradients at `record` come back, and those at `python` go
+    /// through `dispatcher(name, grad)`, which returns the gradient to continue with.
+    pub fn for_backward(record: HookSet, python: HookSet, dispatcher: Option<Py<PyAny>>) -> Self {
+        Self {
+            backward: true,
+            ..Self::new(record, python, dispatcher)
+        }
+    }
+
+    /// Dispatches `value` at `point` to Python if asked to, then records it if asked to.
+    fn pass(&mut self, point: HookPoint, value: Tensor) -> hooked_encoder_core::Result<Tensor> {
+        // Forward: user hooks run first, so a cache records what the rest of the model actually
+        // sees (TransformerLens adds its caching hooks after the user's). Backward: a cache
+        // records the gradient arriving at the point (torch hands every backward hook the
+        // same grad_output), before a user's hook replaces it.
+        if self.backward && self.record.contains(point) {
+            self.records.push((point, value.clone()));
+        }
+        let value = if self.python.contains(point) {
+            self.dispatch(point, value)?
+        } else {
+            value
+        };
+        if !self.backward && self.record.contains(point) {
+            self.records.push((point, value.clone()));
+        }
+        Ok(value)
     }
 
     fn dispatch(
@@ -104,7 +137,7 @@ impl PyHooks {
 impl Hooks for PyHooks {
     #[inline]
     fn wants(&self, point: HookPoint) -> bool {
-        self.record.contains(point) || self.python.contains(point)
+        !self.backward && (self.record.contains(point) || self.python.contains(point))
     }
 
     fn call(
@@ -112,20 +145,19 @@ impl Hooks for PyHooks {
         point: HookPoint,
         activation: Tensor,
     ) -> hooked_encoder_core::Result<Tensor> {
-        // User hooks run first, so a cache records what the rest of the model actually sees
-        // (TransformerLens adds its caching hooks after the user's).
-        let activation = if self.python.contains(point) {
-            self.dispatch(point, activation)?
-        } else {
-            activation
-        };
-        if self.record.contains(point) {
-            self.records.push((point, activation.clone()));
-        }
-        Ok(activation)
+        self.pass(point, activation)
     }
 
     fn interrupted(&self) -> bool {
         self.interrupt.load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn wants_grad(&self, point: HookPoint) -> bool {
+        self.backward && (self.record.contains(point) || self.python.contains(point))
+    }
+
+    fn call_grad(&mut self, point: HookPoint, grad: Tensor) -> hooked_encoder_core::Result<Tensor> {
+        self.pass(point, grad)
     }
 }

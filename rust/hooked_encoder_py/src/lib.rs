@@ -24,7 +24,7 @@ mod _core {
     #[pymodule_export]
     use crate::errors::{CheckpointError, HookedEncoderError};
     #[pymodule_export]
-    use crate::model::Model;
+    use crate::model::{GradTape, Model};
     #[pymodule_export]
     use crate::threads::{get_num_threads, set_num_threads};
 

@@ -2,12 +2,12 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use hooked_encoder_core::{
-    BertConfig, ForwardInput, HookPoint, HookSet, HookedBert, Output, Part, Start, WeightFiles,
-    WeightMap,
+    BertConfig, ForwardInput, HookPoint, HookSet, HookedBert, Output, Part, Start, Tape,
+    WeightFiles, WeightMap,
 };
 use numpy::{PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyError, PyValueError};
@@ -20,6 +20,23 @@ use crate::hooks::PyHooks;
 
 /// `forward`'s result: the output array and the recorded `(name, array)` pairs.
 type ForwardResult<'py> = (Bound<'py, PyAny>, Vec<(String, Bound<'py, PyAny>)>);
+
+/// What a forward pass kept for one backward pass (`Model.forward(..., tape=GradTape())`,
+/// then `Model.backward(tape, ...)`), freed as the backward passes each block.
+#[pyclass(module = "hooked_encoder._core", frozen)]
+pub struct GradTape {
+    inner: Arc<Mutex<Option<Tape>>>,
+}
+
+#[pymethods]
+impl GradTape {
+    #[new]
+    fn new() -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(None)),
+        }
+    }
+}
 
 /// A BERT encoder with hook points (the engine behind `hooked_encoder.HookedEncoder`).
 #[pyclass(module = "hooked_encoder._core", frozen)]
@@ -240,7 +257,8 @@ impl Model {
     /// `record` names the hook points whose activations come back (in firing order);
     /// `dispatch` names those whose activations go through `dispatcher(name, array)`, which
     /// returns the activation to continue with.
-    #[pyo3(signature = (tokens, residual, token_type_ids, attention_mask, start_layer, stop_layer, output, record, dispatch, dispatcher))]
+    /// With `tape`, the pass also keeps what `backward` needs, in `tape`.
+    #[pyo3(signature = (tokens, residual, token_type_ids, attention_mask, start_layer, stop_layer, output, record, dispatch, dispatcher, tape=None))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -255,12 +273,28 @@ impl Model {
         record: Vec<String>,
         dispatch: Vec<String>,
         dispatcher: Option<Py<PyAny>>,
+        tape: Option<PyRef<'py, GradTape>>,
     ) -> PyResult<ForwardResult<'py>> {
         let output = match output {
             "logits" => Output::Logits,
             "residual" => Output::Residual,
             "next_sentence" => Output::NextSentence,
             other => return Err(PyValueError::new_err(format!("unknown output {other:?}"))),
+        };
+        let tape = tape.map(|t| Arc::clone(&t.inner));
+        // Runs the model, keeping a tape when one was asked for.
+        let run = move |model: &HookedBert,
+                        start: Start<'_>,
+                        hooks: &mut PyHooks|
+              -> hooked_encoder_core::Result<Tensor> {
+            match &tape {
+                None => model.run(start, stop_layer, output, hooks),
+                Some(slot) => {
+                    let (out, kept) = model.run_for_backward(start, stop_layer, output, hooks)?;
+                    *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);
+                    Ok(out)
+                }
+            }
         };
         let attention_mask = attention_mask.as_ref().map(rows);
         let hooks = self.hooks(&record, &dispatch, dispatcher)?;
@@ -286,7 +320,7 @@ impl Model {
                         token_type_ids: token_type_ids.as_deref(),
                         attention_mask: attention_mask.as_deref(),
                     };
-                    model.run(Start::Tokens(input), stop_layer, output, hooks)
+                    run(model, Start::Tokens(input), hooks)
                 })
             }
             (None, Some(residual)) => {
@@ -300,13 +334,52 @@ impl Model {
                         layer: start_layer,
                         attention_mask: attention_mask.as_deref(),
                     };
-                    model.run(start, stop_layer, output, hooks)
+                    run(model, start, hooks)
                 })
             }
             _ => Err(PyValueError::new_err(
                 "give either tokens or a residual-stream input",
             )),
         }
+    }
+
+    /// The backward pass of the forward pass that filled `tape`, from `grad_output` (d metric /
+    /// d output). `record` names the hook points whose gradients come back (in backward
+    /// order); `dispatch` those whose gradients go through `dispatcher(name, grad)`. Returns
+    /// the gradient where the forward started (the summed embeddings, or the residual stream
+    /// entering `start_layer`) and the recorded `(name, gradient)` pairs.
+    #[pyo3(signature = (tape, grad_output, record, dispatch, dispatcher))]
+    fn backward<'py>(
+        &self,
+        py: Python<'py>,
+        tape: PyRef<'py, GradTape>,
+        grad_output: PyReadonlyArrayDyn<'py, f32>,
+        record: Vec<String>,
+        dispatch: Vec<String>,
+        dispatcher: Option<Py<PyAny>>,
+    ) -> PyResult<ForwardResult<'py>> {
+        let kept = tape
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| {
+                PyValueError::new_err(
+                    "this tape holds no forward pass (or its backward already ran)",
+                )
+            })?;
+        let grad =
+            tensor_from_numpy(&grad_output, &Device::Cpu).map_err(|e| to_py_err(e.into()))?;
+        let hooks = PyHooks::for_backward(
+            self.hook_set(&record)?,
+            self.hook_set(&dispatch)?,
+            dispatcher,
+        );
+        let positions = grad_output.shape().iter().take(2).product();
+        self.run_hooked(py, hooks, positions, move |model, hooks| {
+            let grad = grad.to_device(model.device())?;
+            model.backward(kept, &grad, hooks)
+        })
     }
 
     /// Runs one head ("mlm_head", "unembed", "pooler" or "nsp_head") on `x`.

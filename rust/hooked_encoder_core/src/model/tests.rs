@@ -8,10 +8,14 @@ fn config(n_layers: usize) -> BertConfig {
 
 fn model(cfg: BertConfig) -> HookedBert {
     // A larger init than BERT's 0.02 so that every part of the network moves the output.
+    scaled_model(cfg, 20.0)
+}
+
+fn scaled_model(cfg: BertConfig, scale: f64) -> HookedBert {
     let mut weights = WeightMap::random(&cfg, 3, &Device::Cpu).unwrap();
     for name in weights.names() {
         let t = weights.load_f32(&name, &Device::Cpu).unwrap();
-        weights.insert(name, (t * 20.0).unwrap());
+        weights.insert(name, (t * scale).unwrap());
     }
     let (model, unused) = HookedBert::load(cfg, &weights, &Device::Cpu).unwrap();
     assert!(unused.is_empty(), "{unused:?}");
@@ -504,4 +508,218 @@ fn an_interrupted_pass_stops_between_blocks() {
     assert!(model
         .forward(&input(), Output::Logits, &mut NoHooks)
         .is_ok());
+}
+
+/// Deterministic values in [-1, 1) of the given shape (a fixed linear congruential sequence).
+fn pseudo_random(dims: &[usize], seed: u64) -> Tensor {
+    let n: usize = dims.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}
+
+/// Records the gradient at every hook point; zeroes the one at `zero`, if any.
+#[derive(Default)]
+struct GradRecorder {
+    grads: Vec<(HookPoint, Tensor)>,
+    zero: Option<HookPoint>,
+}
+
+impl Hooks for GradRecorder {
+    fn wants(&self, _: HookPoint) -> bool {
+        false
+    }
+    fn call(&mut self, _: HookPoint, activation: Tensor) -> Result<Tensor> {
+        Ok(activation)
+    }
+    fn wants_grad(&self, _: HookPoint) -> bool {
+        true
+    }
+    fn call_grad(&mut self, point: HookPoint, grad: Tensor) -> Result<Tensor> {
+        self.grads.push((point, grad.clone()));
+        if self.zero == Some(point) {
+            return Ok(grad.zeros_like()?);
+        }
+        Ok(grad)
+    }
+}
+
+const TYPES: [i64; 8] = [0, 0, 1, 1, 0, 1, 1, 0];
+
+fn typed_input() -> ForwardInput<'static> {
+    ForwardInput {
+        token_type_ids: Some(&TYPES),
+        ..input()
+    }
+}
+
+/// `Σ output ⊙ r` in float64, with `delta` added to the activation at `point`.
+fn projected(
+    model: &HookedBert,
+    output: Output,
+    r: &Tensor,
+    point: HookPoint,
+    delta: &Tensor,
+) -> f64 {
+    let delta = delta.clone();
+    let mut hooks = Replace(point, move |a: Tensor| (a + &delta).unwrap());
+    let out = model.forward(&typed_input(), output, &mut hooks).unwrap();
+    values(&out)
+        .iter()
+        .zip(values(r))
+        .map(|(o, r)| *o as f64 * r as f64)
+        .sum()
+}
+
+#[test]
+fn every_hook_points_gradient_matches_finite_differences() {
+    let mut all_optional = config(2);
+    all_optional.use_attn_result = true;
+    all_optional.use_split_qkv_input = true;
+    all_optional.use_hook_mlp_in = true;
+    for cfg in [config(2), all_optional] {
+        // Weights 5x BERT's init: every part matters, yet the model is smooth enough for
+        // finite differences in float32.
+        let model = scaled_model(cfg.clone(), 5.0);
+        for output in [Output::Logits, Output::NextSentence, Output::Residual] {
+            let (out, tape) = model
+                .run_for_backward(Start::Tokens(typed_input()), None, output, &mut NoHooks)
+                .unwrap();
+            let r = pseudo_random(out.dims(), 7);
+            let mut recorder = GradRecorder::default();
+            model.backward(tape, &r, &mut recorder).unwrap();
+            // Every hook point this output fires reports one gradient.
+            let (_, records) = record_all(&model, &typed_input());
+            let fired = records
+                .iter()
+                .filter(|(p, _)| match output {
+                    Output::Logits => !matches!(p, HookPoint::PoolerOut | HookPoint::NspOut),
+                    Output::NextSentence => !matches!(
+                        p,
+                        HookPoint::MlmLnScale
+                            | HookPoint::MlmLnNormalized
+                            | HookPoint::UnembedIn
+                            | HookPoint::UnembedOut
+                    ),
+                    Output::Residual => !matches!(
+                        p,
+                        HookPoint::MlmLnScale
+                            | HookPoint::MlmLnNormalized
+                            | HookPoint::UnembedIn
+                            | HookPoint::UnembedOut
+                            | HookPoint::PoolerOut
+                            | HookPoint::NspOut
+                    ),
+                })
+                .count()
+                + usize::from(output == Output::NextSentence) * 2;
+            assert_eq!(recorder.grads.len(), fired, "{output:?}");
+            for (i, (point, grad)) in recorder.grads.iter().enumerate() {
+                let u = pseudo_random(grad.dims(), 100 + i as u64);
+                // Central differences at steps h and h/2, combined (Richardson) to cancel the
+                // h² error term: the ×20 weights make the model strongly curved.
+                let central = |h: f64| {
+                    let step = (&u * h).unwrap();
+                    let plus = projected(&model, output, &r, *point, &step);
+                    let minus = projected(&model, output, &r, *point, &step.neg().unwrap());
+                    (plus - minus) / (2.0 * h)
+                };
+                let numeric = (4.0 * central(5e-3) - central(1e-2)) / 3.0;
+                let analytic: f64 = values(grad)
+                    .iter()
+                    .zip(values(&u))
+                    .map(|(g, u)| *g as f64 * u as f64)
+                    .sum();
+                let tol = 2e-3 * (1.0 + analytic.abs().max(numeric.abs()));
+                assert!(
+                    (numeric - analytic).abs() <= tol,
+                    "{output:?} {}: finite difference {numeric}, backward {analytic}",
+                    point.name()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_backward_hook_replacement_flows_upstream() {
+    let model = model(config(1));
+    let run = |zero: Option<HookPoint>| {
+        let (out, tape) = model
+            .run_for_backward(Start::Tokens(input()), None, Output::Logits, &mut NoHooks)
+            .unwrap();
+        let mut recorder = GradRecorder {
+            zero,
+            ..Default::default()
+        };
+        model
+            .backward(tape, &pseudo_random(out.dims(), 3), &mut recorder)
+            .unwrap();
+        recorder.grads
+    };
+    let z = HookPoint::Block(0, BlockHook::Z);
+    let grads = run(Some(z));
+    // With no gradient through z, attention passes nothing back: the block input's gradient is
+    // the residual connection's alone.
+    let resid_mid = get(&grads, HookPoint::Block(0, BlockHook::ResidMid));
+    let resid_pre = get(&grads, HookPoint::Block(0, BlockHook::ResidPre));
+    assert!(max_abs_diff(&resid_mid, &resid_pre) == 0.0);
+    let unhooked = get(&run(None), HookPoint::Block(0, BlockHook::ResidPre));
+    assert!(max_abs_diff(&unhooked, &resid_pre) > 1e-3);
+}
+
+#[test]
+fn backward_refuses_a_misshaped_gradient_and_half_precision() {
+    let model = model(config(1));
+    let (_, tape) = model
+        .run_for_backward(Start::Tokens(input()), None, Output::Logits, &mut NoHooks)
+        .unwrap();
+    let err = model
+        .backward(tape, &pseudo_random(&[2, 4], 1), &mut NoHooks)
+        .unwrap_err();
+    assert!(err.to_string().contains("grad_output"), "{err}");
+    let half = model.to(&Device::Cpu, DType::F16).unwrap();
+    let err = half
+        .run_for_backward(Start::Tokens(input()), None, Output::Logits, &mut NoHooks)
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("float32"), "{err}");
+}
+
+#[test]
+fn backward_from_a_middle_layer_gives_the_residual_gradient() {
+    let model = model(config(2));
+    let (_, records) = record_all(&model, &input());
+    let x = get(&records, HookPoint::Block(1, BlockHook::ResidPre));
+    let start = Start::Residual {
+        x,
+        layer: 1,
+        attention_mask: Some(&MASK),
+    };
+    let (out, tape) = model
+        .run_for_backward(start, None, Output::Logits, &mut NoHooks)
+        .unwrap();
+    let r = pseudo_random(out.dims(), 5);
+    let mut from_middle = GradRecorder::default();
+    let d_start = model.backward(tape, &r, &mut from_middle).unwrap();
+    let (_, tape) = model
+        .run_for_backward(Start::Tokens(input()), None, Output::Logits, &mut NoHooks)
+        .unwrap();
+    let mut full = GradRecorder::default();
+    model.backward(tape, &r, &mut full).unwrap();
+    let point = HookPoint::Block(1, BlockHook::ResidPre);
+    assert!(max_abs_diff(&d_start, &get(&full.grads, point)) < 1e-6);
+    assert!(from_middle
+        .grads
+        .iter()
+        .all(|(p, _)| !matches!(p, HookPoint::Block(0, _) | HookPoint::Embed)));
 }

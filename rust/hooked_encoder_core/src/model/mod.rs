@@ -13,6 +13,24 @@ use crate::hooks::{BlockHook, HookPoint, Hooks};
 use crate::kernels::{self, AttentionShape, Heads, KeyMask};
 use crate::{cpu, cuda, Activation, AttentionDir, BertConfig, Error, Result, TensorSource};
 
+mod activation;
+mod attention;
+mod backward;
+mod block;
+mod embed;
+mod heads;
+mod layer_norm;
+mod linear;
+
+use activation::{act_backward, apply_act};
+use attention::{head_weights, missing_head_weights, HeadWeights, Mask, Qkv};
+use backward::missing_saved;
+pub use backward::Tape;
+use block::Block;
+use heads::MlmHead;
+use layer_norm::LayerNorm;
+use linear::Linear;
+
 /// How far the forward pass goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
@@ -68,83 +86,6 @@ pub struct ForwardInput<'a> {
     pub token_type_ids: Option<&'a [i64]>,
     /// 1 where a position may be attended to, 0 for padding; all ones when absent.
     pub attention_mask: Option<&'a [i64]>,
-}
-
-/// A dense layer `y = x Wᵀ + b` with `W` stored `[out, in]` as in Hugging Face.
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-impl Linear {
-    /// Applies the layer, then `act` if given, to the last dimension of `x`.
-    fn forward(&self, x: &Tensor, act: Option<Activation>) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let d_in = dims[dims.len() - 1];
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x = x.reshape((rows, d_in))?;
-        let y = if rows <= kernels::FEW_ROWS && cpu::kernels_on(x.device(), x.dtype()) {
-            let (x, n) = (x.contiguous()?, self.weight.dim(0)?);
-            let (xs, ws) = (cpu::view(&x)?, cpu::view(&self.weight)?);
-            cpu::tensor(
-                kernels::few_rows_matmul(xs.slice(), rows, ws.slice(), n, d_in),
-                &[rows, n],
-            )?
-        } else {
-            x.matmul(&self.weight.t()?)?
-        };
-        let y = if cpu::kernels_on(y.device(), y.dtype()) {
-            // The matmul result is ours alone: add the bias (and activate) in place, one pass.
-            cpu::bias_act_inplace(&y, &self.bias, act)?;
-            y
-        } else if cuda::kernels_on(&y) {
-            cuda::bias_act_inplace(&y, &self.bias, act)?;
-            y
-        } else {
-            let y = y.broadcast_add(&self.bias)?;
-            match act {
-                Some(act) => apply_act(act, &y)?,
-                None => y,
-            }
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().unwrap_or(&mut 0) = self.weight.dim(0)?;
-        Ok(y.reshape(out_dims)?)
-    }
-}
-
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-}
-
-/// Per-head projection weights, needed only by `use_split_qkv_input` (where every head has its
-/// own input) and `use_attn_result` (where every head's output is exposed).
-struct HeadWeights {
-    /// `[n_heads, d_model, d_head]` each, TransformerLens's `W_Q`/`W_K`/`W_V` layout.
-    w_qkv: [Tensor; 3],
-    /// `[n_heads, d_head]` each.
-    b_qkv: [Tensor; 3],
-    /// `[n_heads, d_head, d_model]`, TransformerLens's `W_O` layout.
-    w_o: Tensor,
-}
-
-struct Block {
-    /// Query, key and value projections stacked: weight `[3 * n_heads * d_head, d_model]`.
-    qkv: Linear,
-    attn_out: Linear,
-    ln1: LayerNorm,
-    mlp_in: Linear,
-    mlp_out: Linear,
-    ln2: LayerNorm,
-    heads: Option<HeadWeights>,
-}
-
-struct MlmHead {
-    dense: Linear,
-    ln: LayerNorm,
-    /// The unembedding `[d_vocab, d_model]` and its bias.
-    decoder: Linear,
 }
 
 /// A BERT encoder with hook points.
@@ -613,57 +554,6 @@ impl HookedBert {
         }
     }
 
-    /// Runs one head on its own input (TransformerLens's `model.mlm_head(x)`, `model.unembed(x)`,
-    /// `model.pooler(x)`, `model.nsp_head(x)`), with its hooks.
-    pub fn apply(&self, part: Part, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let (needs, what) = match part {
-            Part::MlmHead | Part::Unembed => (Output::Logits, "[batch, pos, d_model]"),
-            Part::Pooler => (Output::NextSentence, "[batch, pos, d_model]"),
-            Part::NspHead => (Output::NextSentence, "[batch, d_model]"),
-        };
-        self.check_head(needs)?;
-        let rank = if part == Part::NspHead { 2 } else { 3 };
-        if x.rank() != rank || x.dims().last() != Some(&self.cfg.d_model) || !x.dtype().is_float() {
-            return Err(Error::Input(format!(
-                "{part:?} takes a floating-point {what} input, got {:?} {:?}",
-                x.dims(),
-                x.dtype()
-            )));
-        }
-        let x = self.own(&x)?;
-        match (part, &self.mlm_head, &self.pooler, &self.nsp_head) {
-            (Part::MlmHead, Some(head), _, _) => {
-                let x = head.dense.forward(&x, Some(self.cfg.act_fn))?;
-                self.layer_norm(
-                    &x,
-                    &head.ln,
-                    HookPoint::MlmLnScale,
-                    HookPoint::MlmLnNormalized,
-                    hooks,
-                )
-            }
-            (Part::Unembed, Some(head), _, _) => {
-                let x = hook(hooks, HookPoint::UnembedIn, x)?;
-                let logits = head.decoder.forward(&x, None)?;
-                hook(hooks, HookPoint::UnembedOut, logits)
-            }
-            (Part::Pooler, _, Some(pooler), _) => {
-                let first = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
-                hook(
-                    hooks,
-                    HookPoint::PoolerOut,
-                    pooler.forward(&first, None)?.tanh()?,
-                )
-            }
-            (Part::NspHead, _, _, Some(nsp_head)) => hook(
-                hooks,
-                HookPoint::NspOut,
-                nsp_head.forward(&x.contiguous()?, None)?,
-            ),
-            _ => Err(missing_head_weights()),
-        }
-    }
-
     /// Runs block `layer`'s attention alone on separate query, key and value inputs
     /// (`[batch, pos, d_model]` each; TransformerLens's `model.blocks[layer].attn(q, k, v)`).
     pub fn attention_component(
@@ -865,489 +755,6 @@ impl HookedBert {
             may_empty_rows,
         })
     }
-
-    fn embed(&self, input: &ForwardInput<'_>, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let (b, p, d) = (input.batch, input.pos, self.cfg.d_model);
-        let ids = |values: &[i64]| -> Result<Tensor> {
-            let values: Vec<u32> = values.iter().map(|v| *v as u32).collect();
-            Ok(Tensor::from_vec(values, b * p, &self.device)?)
-        };
-        let embed = self
-            .word_embeddings
-            .index_select(&ids(input.tokens)?, 0)?
-            .reshape((b, p, d))?;
-        let embed = hook(hooks, HookPoint::Embed, embed)?;
-        // Positions are 0..pos in every row, with no offset for padding (right padding only).
-        let pos_embed = self
-            .position_embeddings
-            .narrow(0, 0, p)?
-            .unsqueeze(0)?
-            .broadcast_as((b, p, d))?;
-        let pos_embed = hook(hooks, HookPoint::PosEmbed, pos_embed)?;
-        let token_type_embed = match input.token_type_ids {
-            Some(types) => self
-                .token_type_embeddings
-                .index_select(&ids(types)?, 0)?
-                .reshape((b, p, d))?,
-            None => self
-                .token_type_embeddings
-                .narrow(0, 0, 1)?
-                .unsqueeze(0)?
-                .broadcast_as((b, p, d))?,
-        };
-        let token_type_embed = hook(hooks, HookPoint::TokenTypeEmbed, token_type_embed)?;
-        let sum = ((embed + pos_embed)? + token_type_embed)?;
-        let x = self.layer_norm(
-            &sum,
-            &self.embed_ln,
-            HookPoint::EmbedLnScale,
-            HookPoint::EmbedLnNormalized,
-            hooks,
-        )?;
-        hook(hooks, HookPoint::FullEmbed, x)
-    }
-
-    /// TransformerLens's `LayerNorm`: centre, divide by `sqrt(mean(x²) + eps)` (hooked as
-    /// `hook_scale`), hook the result as `hook_normalized`, then apply the affine map. Two
-    /// passes over the data, so near-constant rows do not lose precision.
-    fn layer_norm(
-        &self,
-        x: &Tensor,
-        ln: &LayerNorm,
-        scale_point: HookPoint,
-        normalized_point: HookPoint,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor> {
-        let hooked = wants(hooks, scale_point) || wants(hooks, normalized_point);
-        if !self.uses_cpu_kernels() {
-            if cuda::kernels_on(x) && !hooked {
-                if let Some(out) = cuda::layer_norm(x, &ln.weight, &ln.bias, self.cfg.eps)? {
-                    return Ok(out);
-                }
-            }
-            return self.layer_norm_generic(x, ln, scale_point, normalized_point, hooks);
-        }
-        let x = x.contiguous()?;
-        let dims = x.dims().to_vec();
-        let (weight, bias) = (cpu::view(&ln.weight)?, cpu::view(&ln.bias)?);
-        let eps = self.cfg.eps as f32;
-        if !hooked {
-            let out =
-                kernels::layer_norm(cpu::view(&x)?.slice(), weight.slice(), bias.slice(), eps);
-            return cpu::tensor(out, &dims);
-        }
-        let (scale, normalized) =
-            kernels::layer_norm_parts(cpu::view(&x)?.slice(), self.cfg.d_model, eps);
-        let mut scale_dims = dims.clone();
-        *scale_dims.last_mut().unwrap_or(&mut 0) = 1;
-        let scale = cpu::tensor(scale, &scale_dims)?;
-        let original_scale = scale.id();
-        let scale = hook(hooks, scale_point, scale)?;
-        let normalized = if scale.id() == original_scale {
-            cpu::tensor(normalized, &dims)?
-        } else {
-            // A hook replaced the scale: divide by the new one.
-            x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?
-                .broadcast_div(&scale)?
-        };
-        let normalized = hook(hooks, normalized_point, normalized)?.contiguous()?;
-        let out = kernels::affine(
-            cpu::view(&normalized)?.slice(),
-            weight.slice(),
-            bias.slice(),
-        );
-        cpu::tensor(out, &dims)
-    }
-
-    /// [`Self::layer_norm`] in plain Candle ops, for devices without our kernels.
-    fn layer_norm_generic(
-        &self,
-        x: &Tensor,
-        ln: &LayerNorm,
-        scale_point: HookPoint,
-        normalized_point: HookPoint,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor> {
-        // Statistics in float32 whatever the model's dtype (PyTorch's LayerNorm does the same
-        // for half precision); the hooked values are stored in the model's dtype.
-        let x = x.to_dtype(DType::F32)?;
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let scale = centred
-            .sqr()?
-            .mean_keepdim(D::Minus1)?
-            .affine(1.0, self.cfg.eps)?
-            .sqrt()?;
-        let scale = hook(hooks, scale_point, scale.to_dtype(self.dtype)?)?;
-        let normalized = centred.broadcast_div(&scale.to_dtype(DType::F32)?)?;
-        let normalized = hook(hooks, normalized_point, normalized.to_dtype(self.dtype)?)?;
-        Ok(normalized
-            .broadcast_mul(&ln.weight)?
-            .broadcast_add(&ln.bias)?)
-    }
-
-    /// One post-LN block, as TransformerLens's `BertBlock`.
-    fn block(
-        &self,
-        layer: usize,
-        block: &Block,
-        x: Tensor,
-        mask: &Mask,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor> {
-        let at = |kind| HookPoint::Block(layer, kind);
-        let resid_pre = hook(hooks, at(BlockHook::ResidPre), x)?;
-        let attn_out = self.attention(layer, block, &resid_pre, mask, hooks)?;
-        let attn_out = hook(hooks, at(BlockHook::AttnOut), attn_out)?;
-        let resid_mid = hook(hooks, at(BlockHook::ResidMid), add(&resid_pre, &attn_out)?)?;
-        let mlp_in = if self.cfg.use_hook_mlp_in {
-            hook(hooks, at(BlockHook::MlpIn), resid_mid)?
-        } else {
-            resid_mid
-        };
-        let normalized_mid = self.layer_norm(
-            &mlp_in,
-            &block.ln1,
-            at(BlockHook::Ln1Scale),
-            at(BlockHook::Ln1Normalized),
-            hooks,
-        )?;
-        let post = if wants(hooks, at(BlockHook::MlpPre)) {
-            let pre = block.mlp_in.forward(&normalized_mid, None)?;
-            let pre = hook(hooks, at(BlockHook::MlpPre), pre)?;
-            apply_act(self.cfg.act_fn, &pre)?
-        } else {
-            block
-                .mlp_in
-                .forward(&normalized_mid, Some(self.cfg.act_fn))?
-        };
-        let post = hook(hooks, at(BlockHook::MlpPost), post)?;
-        let mlp_out = block.mlp_out.forward(&post, None)?;
-        let mlp_out = hook(hooks, at(BlockHook::MlpOut), mlp_out)?;
-        let resid_post = hook(
-            hooks,
-            at(BlockHook::ResidPost),
-            add(&normalized_mid, &mlp_out)?,
-        )?;
-        let normalized = self.layer_norm(
-            &resid_post,
-            &block.ln2,
-            at(BlockHook::Ln2Scale),
-            at(BlockHook::Ln2Normalized),
-            hooks,
-        )?;
-        hook(hooks, at(BlockHook::NormalizedResidPost), normalized)
-    }
-
-    /// Multi-head attention, as TransformerLens's `AbstractAttention` (with an additive key
-    /// mask), on a block's input. Returns the output including `b_O`.
-    fn attention(
-        &self,
-        layer: usize,
-        block: &Block,
-        resid_pre: &Tensor,
-        mask: &Mask,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor> {
-        let qkv = if self.cfg.use_split_qkv_input {
-            Qkv::Separate(self.split_qkv(layer, block, resid_pre, hooks)?)
-        } else {
-            Qkv::Fused(block.qkv.forward(resid_pre, None)?)
-        };
-        self.attention_from(layer, block, qkv, mask, hooks)
-    }
-
-    /// With `use_split_qkv_input`: every head gets its own copy of the input (hooked as
-    /// `hook_q_input` ...), projected by its own slice of the weights. Returns q, k, v.
-    fn split_qkv(
-        &self,
-        layer: usize,
-        block: &Block,
-        resid_pre: &Tensor,
-        hooks: &mut dyn Hooks,
-    ) -> Result<[Tensor; 3]> {
-        let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p, _) = resid_pre.dims3()?;
-        let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
-        let per_head =
-            resid_pre
-                .unsqueeze(2)?
-                .broadcast_as((b, p, self.cfg.n_heads, self.cfg.d_model))?;
-        let kinds = [BlockHook::QInput, BlockHook::KInput, BlockHook::VInput];
-        let mut out = Vec::with_capacity(3);
-        for (i, kind) in kinds.into_iter().enumerate() {
-            let input = hook(hooks, at(kind), per_head.clone())?;
-            out.push(per_head_projection(
-                &input,
-                &heads.w_qkv[i],
-                &heads.b_qkv[i],
-            )?);
-        }
-        let [q, k, v]: [Tensor; 3] = out.try_into().map_err(|_| missing_head_weights())?;
-        Ok([q, k, v])
-    }
-
-    /// Attention from projected queries, keys and values: hooks on q, k, v, the scores, the
-    /// pattern and z, then the output projection.
-    fn attention_from(
-        &self,
-        layer: usize,
-        block: &Block,
-        qkv: Qkv,
-        mask: &Mask,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor> {
-        let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
-        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
-        let z = if self.uses_cpu_kernels() {
-            self.attention_z_cpu(layer, qkv, mask, hooks)?
-        } else {
-            self.attention_z_generic(layer, qkv, mask, hooks)?
-        };
-        let z = hook(hooks, at(BlockHook::Z), z)?;
-        if self.cfg.use_attn_result {
-            let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
-            // result[b, p, h] = z[b, p, h] @ W_O[h], without b_O.
-            let z_heads = z.permute((2, 0, 1, 3))?.reshape((h, b * p, dh))?;
-            let result = z_heads
-                .matmul(&heads.w_o)?
-                .reshape((h, b, p, self.cfg.d_model))?
-                .permute((1, 2, 0, 3))?
-                .contiguous()?;
-            let result = hook(hooks, at(BlockHook::Result), result)?;
-            Ok(result.sum(2)?.broadcast_add(&block.attn_out.bias)?)
-        } else {
-            block.attn_out.forward(&z.reshape((b, p, h * dh))?, None)
-        }
-    }
-
-    /// q, k and v as `[batch, pos, heads, d_head]` tensors, each passed through its hook.
-    fn hooked_qkv(&self, layer: usize, qkv: Qkv, hooks: &mut dyn Hooks) -> Result<[Tensor; 3]> {
-        let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
-        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
-        let parts = match qkv {
-            Qkv::Fused(fused) => {
-                let a = h * dh;
-                let part = |i: usize| -> Result<Tensor> {
-                    Ok(fused
-                        .narrow(2, i * a, a)?
-                        .contiguous()?
-                        .reshape((b, p, h, dh))?)
-                };
-                [part(0)?, part(1)?, part(2)?]
-            }
-            Qkv::Separate(parts) => parts,
-        };
-        let [q, k, v] = parts;
-        Ok([
-            hook(hooks, at(BlockHook::Q), q)?.contiguous()?,
-            hook(hooks, at(BlockHook::K), k)?.contiguous()?,
-            hook(hooks, at(BlockHook::V), v)?.contiguous()?,
-        ])
-    }
-
-    /// Attention up to `z` with the CPU kernels. Unhooked, each head runs scores, mask, softmax
-    /// and `@ v` in one task without materialising its scores; q, k and v are read straight out
-    /// of the fused projection unless a hook wants them as tensors of their own.
-    fn attention_z_cpu(
-        &self,
-        layer: usize,
-        qkv: Qkv,
-        mask: &Mask,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor> {
-        let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
-        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
-        let a = h * dh;
-        let shape = AttentionShape {
-            batch: b,
-            pos: p,
-            heads: h,
-            d_head: dh,
-        };
-        let scale = 1.0 / (dh as f32).sqrt();
-        let key_mask = KeyMask {
-            padding: mask.padding.as_deref(),
-            causal: mask.causal,
-        };
-        let kinds = [BlockHook::Q, BlockHook::K, BlockHook::V];
-        let sources: Vec<Tensor> = match qkv {
-            Qkv::Fused(fused) if !kinds.iter().any(|kind| wants(hooks, at(*kind))) => {
-                vec![fused.contiguous()?]
-            }
-            qkv => self.hooked_qkv(layer, qkv, hooks)?.to_vec(),
-        };
-        let views = sources.iter().map(cpu::view).collect::<Result<Vec<_>>>()?;
-        let [q, k, v]: [Heads<'_>; 3] = match views.as_slice() {
-            [fused] => [0, 1, 2].map(|i| Heads {
-                data: &fused.slice()[i * a..],
-                row_stride: 3 * a,
-            }),
-            separate => [0, 1, 2].map(|i| Heads {
-                data: separate[i].slice(),
-                row_stride: a,
-            }),
-        };
-
-        let z = if wants(hooks, at(BlockHook::AttnScores)) || wants(hooks, at(BlockHook::Pattern)) {
-            let scores = kernels::attention_scores(q, k, shape, scale, key_mask);
-            let scores = hook(
-                hooks,
-                at(BlockHook::AttnScores),
-                cpu::tensor(scores, &[b, h, p, p])?,
-            )?;
-            let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
-            kernels::softmax_rows_inplace(&mut pattern, p);
-            let pattern = hook(
-                hooks,
-                at(BlockHook::Pattern),
-                cpu::tensor(pattern, &[b, h, p, p])?,
-            )?;
-            kernels::attention_z(cpu::view(&pattern.contiguous()?)?.slice(), v, shape)
-        } else {
-            kernels::attention_fused(q, k, v, shape, scale, key_mask)
-        };
-        cpu::tensor(z, &[b, p, h, dh])
-    }
-
-    /// Attention up to `z` in plain Candle ops (other devices, and `use_split_qkv_input`).
-    fn attention_z_generic(
-        &self,
-        layer: usize,
-        qkv: Qkv,
-        mask: &Mask,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor> {
-        let at = |kind| HookPoint::Block(layer, kind);
-        let p = qkv.dims()?.1;
-        let dh = self.cfg.d_head;
-        let [q, k, v] = self.hooked_qkv(layer, qkv, hooks)?;
-        let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
-        let (q, k, v) = (heads_first(&q)?, heads_first(&k)?, heads_first(&v)?);
-        let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
-        let scores = match &mask.additive {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
-        let pattern = if cpu::kernels_on(scores.device(), scores.dtype()) {
-            let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
-            kernels::softmax_rows_inplace(&mut pattern, p);
-            cpu::tensor(pattern, scores.dims())?
-        } else {
-            // In float32 whatever the model's dtype, as PyTorch's softmax computes half inputs.
-            let pattern = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?;
-            // A row whose every key is masked is all -inf, and its softmax is 0/0.
-            // TransformerLens turns those NaNs into 0 (such a query attends to nothing).
-            // (A hook on the scores may have masked whole rows itself.)
-            let pattern = if mask.may_empty_rows || wants(hooks, at(BlockHook::AttnScores)) {
-                pattern
-                    .ne(&pattern)?
-                    .where_cond(&pattern.zeros_like()?, &pattern)?
-            } else {
-                pattern
-            };
-            pattern.to_dtype(scores.dtype())?
-        };
-        let pattern = hook(hooks, at(BlockHook::Pattern), pattern)?;
-        Ok(pattern.matmul(&v)?.transpose(1, 2)?.contiguous()?) // [b, p, h, dh]
-    }
-}
-
-/// Projected queries, keys and values.
-enum Qkv {
-    /// One `[batch, pos, 3 * n_heads * d_head]` tensor from the fused projection.
-    Fused(Tensor),
-    /// q, k and v as `[batch, pos, n_heads, d_head]` tensors.
-    Separate([Tensor; 3]),
-}
-
-impl Qkv {
-    /// `(batch, pos)`.
-    fn dims(&self) -> Result<(usize, usize)> {
-        let t = match self {
-            Qkv::Fused(t) => t,
-            Qkv::Separate([q, _, _]) => q,
-        };
-        Ok((t.dim(0)?, t.dim(1)?))
-    }
-}
-
-/// The attention mask of one forward pass.
-struct Mask {
-    /// `[batch, pos]`: 0 for keys that may be attended to, -inf for padding.
-    padding: Option<Vec<f32>>,
-    /// Whether the model is causal.
-    causal: bool,
-    /// Padding and causality as one additive tensor `[batch or 1, 1, pos or 1, pos]`, built
-    /// only for devices without our CPU kernels.
-    additive: Option<Tensor>,
-    /// Whether some query may have every key masked (its softmax is then 0/0). False lets the
-    /// portable path skip the NaN clean-up, two full passes over the pattern on a GPU.
-    may_empty_rows: bool,
-}
-
-/// `a + b` for tensors of one shape.
-fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    if cpu::kernels_on(a.device(), a.dtype()) && a.dims() == b.dims() {
-        let (a_c, b_c) = (a.contiguous()?, b.contiguous()?);
-        let sum = kernels::add(cpu::view(&a_c)?.slice(), cpu::view(&b_c)?.slice());
-        return cpu::tensor(sum, a.dims());
-    }
-    Ok((a + b)?)
-}
-
-fn missing_head_weights() -> Error {
-    Error::Config("per-head weights were not prepared for this config".into())
-}
-
-/// Splits the stacked Hugging Face projections into TransformerLens's per-head layout.
-fn head_weights(cfg: &BertConfig, qkv: [&Linear; 3], out: &Linear) -> Result<HeadWeights> {
-    let (h, dh, d) = (cfg.n_heads, cfg.d_head, cfg.d_model);
-    let w = |l: &Linear| -> Result<Tensor> {
-        // [h*dh, d] -> [h, dh, d] -> [h, d, dh]
-        Ok(l.weight
-            .reshape((h, dh, d))?
-            .transpose(1, 2)?
-            .contiguous()?)
-    };
-    let b = |l: &Linear| -> Result<Tensor> { Ok(l.bias.reshape((h, dh))?) };
-    Ok(HeadWeights {
-        w_qkv: [w(qkv[0])?, w(qkv[1])?, w(qkv[2])?],
-        b_qkv: [b(qkv[0])?, b(qkv[1])?, b(qkv[2])?],
-        // [d, h*dh] -> [d, h, dh] -> [h, dh, d]
-        w_o: out
-            .weight
-            .reshape((d, h, dh))?
-            .permute((1, 2, 0))?
-            .contiguous()?,
-    })
-}
-
-/// `x[b, p, h] @ w[h] + bias[h]` for `x: [b, p, h, d_model]`, `w: [h, d_model, d_head]`.
-fn per_head_projection(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
-    let (b, p, h, d) = x.dims4()?;
-    let dh = w.dim(2)?;
-    let x = x
-        .permute((2, 0, 1, 3))?
-        .contiguous()?
-        .reshape((h, b * p, d))?;
-    let y = x.matmul(w)?.reshape((h, b, p, dh))?.permute((1, 2, 0, 3))?;
-    Ok(y.broadcast_add(bias)?.contiguous()?)
-}
-
-fn apply_act(act: Activation, x: &Tensor) -> Result<Tensor> {
-    if cpu::kernels_on(x.device(), x.dtype()) {
-        let x = x.contiguous()?;
-        return cpu::tensor(kernels::activation(cpu::view(&x)?.slice(), act), x.dims());
-    }
-    Ok(match act {
-        Activation::Gelu => x.gelu_erf()?,
-        Activation::GeluTanh => x.gelu()?,
-        Activation::Relu => x.relu()?,
-    })
 }
 
 /// Whether `hooks` want `point`. The `hookless` feature compiles every hook point out, to
@@ -1369,7 +776,30 @@ fn hook(hooks: &mut dyn Hooks, point: HookPoint, activation: Tensor) -> Result<T
         activation.device().clone(),
     );
     let out = hooks.call(point, activation)?;
-    if out.shape() != &shape || out.dtype() != dtype || !out.device().same_device(&device) {
+    check_replacement(point, &shape, dtype, &device, out)
+}
+
+/// Shows the gradient at `point` to `hooks` if they want it, and checks any replacement: the
+/// backward pass's counterpart of [`hook`].
+#[inline]
+fn grad_hook(hooks: &mut dyn Hooks, point: HookPoint, grad: Tensor) -> Result<Tensor> {
+    if !hooks.wants_grad(point) {
+        return Ok(grad);
+    }
+    let (shape, dtype, device) = (grad.shape().clone(), grad.dtype(), grad.device().clone());
+    let out = hooks.call_grad(point, grad)?;
+    check_replacement(point, &shape, dtype, &device, out)
+}
+
+/// Refuses a hook's replacement whose shape, dtype or device differs from the original's.
+fn check_replacement(
+    point: HookPoint,
+    shape: &candle_core::Shape,
+    dtype: DType,
+    device: &Device,
+    out: Tensor,
+) -> Result<Tensor> {
+    if out.shape() != shape || out.dtype() != dtype || !out.device().same_device(device) {
         return Err(Error::HookReplacement {
             name: point.name(),
             expected: format!("{:?} {dtype:?}", shape.dims()),

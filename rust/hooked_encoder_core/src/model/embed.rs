@@ -1,0 +1,77 @@
+//! The embeddings (token, position, token type) and their LayerNorm: forward and backward.
+
+use super::*;
+
+impl HookedBert {
+    pub(super) fn embed(&self, input: &ForwardInput<'_>, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let (b, p, d) = (input.batch, input.pos, self.cfg.d_model);
+        let ids = |values: &[i64]| -> Result<Tensor> {
+            let values: Vec<u32> = values.iter().map(|v| *v as u32).collect();
+            Ok(Tensor::from_vec(values, b * p, &self.device)?)
+        };
+        let embed = self
+            .word_embeddings
+            .index_select(&ids(input.tokens)?, 0)?
+            .reshape((b, p, d))?;
+        let embed = hook(hooks, HookPoint::Embed, embed)?;
+        // Positions are 0..pos in every row, with no offset for padding (right padding only).
+        let pos_embed = self
+            .position_embeddings
+            .narrow(0, 0, p)?
+            .unsqueeze(0)?
+            .broadcast_as((b, p, d))?;
+        let pos_embed = hook(hooks, HookPoint::PosEmbed, pos_embed)?;
+        let token_type_embed = match input.token_type_ids {
+            Some(types) => self
+                .token_type_embeddings
+                .index_select(&ids(types)?, 0)?
+                .reshape((b, p, d))?,
+            None => self
+                .token_type_embeddings
+                .narrow(0, 0, 1)?
+                .unsqueeze(0)?
+                .broadcast_as((b, p, d))?,
+        };
+        let token_type_embed = hook(hooks, HookPoint::TokenTypeEmbed, token_type_embed)?;
+        let sum = ((embed + pos_embed)? + token_type_embed)?;
+        let x = self.layer_norm(
+            &sum,
+            &self.embed_ln,
+            HookPoint::EmbedLnScale,
+            HookPoint::EmbedLnNormalized,
+            hooks,
+        )?;
+        hook(hooks, HookPoint::FullEmbed, x)
+    }
+}
+
+impl HookedBert {
+    /// The gradient to the summed embeddings from the gradient `d_out` of `hook_full_embed`.
+    /// The three embeddings are summed, so `hook_embed`, `hook_pos_embed` and
+    /// `hook_token_type_embed` each get that same gradient (a replacement returned by one of
+    /// their backward hooks stops there: embedding tables get no gradient here).
+    pub(super) fn embed_backward(
+        &self,
+        d_out: Tensor,
+        tape: &mut Tape,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let d_full = grad_hook(hooks, HookPoint::FullEmbed, d_out)?;
+        let d_sum = self.layer_norm_backward(
+            &d_full,
+            &self.embed_ln,
+            HookPoint::EmbedLnScale,
+            HookPoint::EmbedLnNormalized,
+            tape,
+            hooks,
+        )?;
+        for point in [
+            HookPoint::TokenTypeEmbed,
+            HookPoint::PosEmbed,
+            HookPoint::Embed,
+        ] {
+            grad_hook(hooks, point, d_sum.clone())?;
+        }
+        Ok(d_sum)
+    }
+}

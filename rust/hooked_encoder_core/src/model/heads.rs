@@ -1,0 +1,122 @@
+//! The heads after the last block (MLM head, unembedding, pooler, NSP head): forward and
+//! backward.
+
+use super::*;
+
+pub(super) struct MlmHead {
+    pub(super) dense: Linear,
+    pub(super) ln: LayerNorm,
+    /// The unembedding `[d_vocab, d_model]` and its bias.
+    pub(super) decoder: Linear,
+}
+
+impl HookedBert {
+    /// Runs one head on its own input (TransformerLens's `model.mlm_head(x)`, `model.unembed(x)`,
+    /// `model.pooler(x)`, `model.nsp_head(x)`), with its hooks.
+    pub fn apply(&self, part: Part, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
+        let (needs, what) = match part {
+            Part::MlmHead | Part::Unembed => (Output::Logits, "[batch, pos, d_model]"),
+            Part::Pooler => (Output::NextSentence, "[batch, pos, d_model]"),
+            Part::NspHead => (Output::NextSentence, "[batch, d_model]"),
+        };
+        self.check_head(needs)?;
+        let rank = if part == Part::NspHead { 2 } else { 3 };
+        if x.rank() != rank || x.dims().last() != Some(&self.cfg.d_model) || !x.dtype().is_float() {
+            return Err(Error::Input(format!(
+                "{part:?} takes a floating-point {what} input, got {:?} {:?}",
+                x.dims(),
+                x.dtype()
+            )));
+        }
+        let x = self.own(&x)?;
+        match (part, &self.mlm_head, &self.pooler, &self.nsp_head) {
+            (Part::MlmHead, Some(head), _, _) => {
+                let x = head.dense.forward(&x, Some(self.cfg.act_fn))?;
+                self.layer_norm(
+                    &x,
+                    &head.ln,
+                    HookPoint::MlmLnScale,
+                    HookPoint::MlmLnNormalized,
+                    hooks,
+                )
+            }
+            (Part::Unembed, Some(head), _, _) => {
+                let x = hook(hooks, HookPoint::UnembedIn, x)?;
+                let logits = head.decoder.forward(&x, None)?;
+                hook(hooks, HookPoint::UnembedOut, logits)
+            }
+            (Part::Pooler, _, Some(pooler), _) => {
+                let first = x.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?;
+                hook(
+                    hooks,
+                    HookPoint::PoolerOut,
+                    pooler.forward(&first, None)?.tanh()?,
+                )
+            }
+            (Part::NspHead, _, _, Some(nsp_head)) => hook(
+                hooks,
+                HookPoint::NspOut,
+                nsp_head.forward(&x.contiguous()?, None)?,
+            ),
+            _ => Err(missing_head_weights()),
+        }
+    }
+}
+
+impl HookedBert {
+    /// The gradient to the last residual stream (the heads' input, `[batch, pos, d_model]`)
+    /// from the gradient `d_out` of `output`.
+    pub(super) fn head_backward(
+        &self,
+        output: Output,
+        d_out: Tensor,
+        tape: &mut Tape,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        match (output, &self.mlm_head, &self.pooler, &self.nsp_head) {
+            (Output::Residual, _, _, _) => Ok(d_out),
+            (Output::Logits, Some(head), _, _) => {
+                let d_logits = grad_hook(hooks, HookPoint::UnembedOut, d_out)?;
+                let d_in = grad_hook(
+                    hooks,
+                    HookPoint::UnembedIn,
+                    head.decoder.backward(&d_logits)?,
+                )?;
+                let d_act = self.layer_norm_backward(
+                    &d_in,
+                    &head.ln,
+                    HookPoint::MlmLnScale,
+                    HookPoint::MlmLnNormalized,
+                    tape,
+                    hooks,
+                )?;
+                // The dense layer's pre-activation has no hook point: recompute it (one
+                // d_model x d_model matmul) rather than keep it.
+                let x = tape
+                    .head_input
+                    .take()
+                    .ok_or_else(|| missing_saved("the head input"))?;
+                let pre = head.dense.forward(&x, None)?;
+                head.dense
+                    .backward(&act_backward(self.cfg.act_fn, &pre, &d_act)?)
+            }
+            (Output::NextSentence, _, Some(pooler), Some(nsp_head)) => {
+                let d_logits = grad_hook(hooks, HookPoint::NspOut, d_out)?;
+                let d_pooled =
+                    grad_hook(hooks, HookPoint::PoolerOut, nsp_head.backward(&d_logits)?)?;
+                // pooled = tanh(dense(x[:, 0])): tanh' = 1 - tanh².
+                let pooled = tape.take(HookPoint::PoolerOut)?.before;
+                let d_first = pooler.backward(&(d_pooled * (1.0 - pooled.sqr()?)?)?)?;
+                let (b, d) = d_first.dims2()?;
+                let p = tape.pos;
+                let d_first = d_first.unsqueeze(1)?;
+                if p == 1 {
+                    return Ok(d_first);
+                }
+                let rest = Tensor::zeros((b, p - 1, d), d_first.dtype(), d_first.device())?;
+                Ok(Tensor::cat(&[&d_first, &rest], 1)?)
+            }
+            _ => Err(missing_head_weights()),
+        }
+    }
+}
