@@ -133,8 +133,23 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
         type_vocab_size=2,
     ),
 }
-SYSTEMS = ("ours", "hf", "tl")
-SYSTEM_LABELS = {"ours": "ours", "hf": "HF", "tl": "TL"}
+SYSTEMS = ("ours", "hf", "hf_sdpa", "ort", "ort_fused", "tl")
+SYSTEM_LABELS = {
+    "ours": "ours",
+    "hf": "HF",
+    "hf_sdpa": "HF sdpa",
+    "ort": "ORT",
+    "ort_fused": "ORT fused",
+    "tl": "TL",
+}
+# Systems that only run some workloads: HF with sdpa attention and ONNX Runtime have no
+# hook points and no attention probabilities to return.
+SYSTEM_WORKLOADS = {
+    "hf_sdpa": ("logits", "no_head"),
+    "ort": ("logits", "no_head"),
+    "ort_fused": ("logits", "no_head"),
+}
+TORCH_SYSTEMS = ("hf", "hf_sdpa", "tl")
 WORKLOADS = ("logits", "no_head", "cache_all", "cache_resid_post", "hook_pattern", "grad_all")
 DEFAULT_SHAPES = "1x16,1x128,8x128,32x128"
 RESULT_MARKER = "BENCH-RESULT "
@@ -244,13 +259,13 @@ def _setup_ours(spec: dict, tokens: np.ndarray):
     return calls[spec["workload"]], np.asarray, hooked_encoder.__version__
 
 
-def _setup_hf(spec: dict, tokens: np.ndarray):
+def _setup_hf(spec: dict, tokens: np.ndarray, attention: str = "eager"):
     """Loads transformers' BertForMaskedLM; returns ``(call, to_logits, version)``."""
     import torch
     import transformers
 
     model = transformers.BertForMaskedLM.from_pretrained(
-        spec["checkpoint"], attn_implementation="eager", dtype=torch.float32
+        spec["checkpoint"], attn_implementation=attention, dtype=torch.float32
     ).eval()
     _touch_weights(model)
     ids = torch.from_numpy(tokens)
@@ -358,7 +373,45 @@ def _setup_tl(spec: dict, tokens: np.ndarray):
     return calls[spec["workload"]], lambda out: out.numpy(), version
 
 
-SETUPS = {"ours": _setup_ours, "hf": _setup_hf, "tl": _setup_tl}
+def _setup_hf_sdpa(spec: dict, tokens: np.ndarray):
+    """transformers' BertForMaskedLM with PyTorch's scaled_dot_product_attention."""
+    return _setup_hf(spec, tokens, attention="sdpa")
+
+
+def _setup_ort(spec: dict, tokens: np.ndarray, fused: bool = False):
+    """An ONNX Runtime session (CPU provider, every graph optimisation, ``threads`` intra-op
+    threads, one inter-op thread) on the model exported by ``build_onnx``; ``fused``: the
+    export after ``onnxruntime.transformers``' BERT fusions. Returns ``(call, to_logits,
+    version)``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    path = onnx_paths(Path(spec["checkpoint"]))[(spec["workload"], fused)]
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    feeds = {
+        "input_ids": tokens,
+        "attention_mask": np.ones_like(tokens),
+        "token_type_ids": np.zeros_like(tokens),
+    }
+    feeds = {i.name: feeds[i.name] for i in session.get_inputs()}
+    return (lambda: session.run(None, feeds)), (lambda out: out[0]), ort.__version__
+
+
+def _setup_ort_fused(spec: dict, tokens: np.ndarray):
+    return _setup_ort(spec, tokens, fused=True)
+
+
+SETUPS = {
+    "ours": _setup_ours,
+    "hf": _setup_hf,
+    "hf_sdpa": _setup_hf_sdpa,
+    "ort": _setup_ort,
+    "ort_fused": _setup_ort_fused,
+    "tl": _setup_tl,
+}
 
 
 def _output_size(obj: Any) -> tuple[int, int]:
@@ -410,7 +463,7 @@ def worker(spec: dict) -> dict:
     phase = "load"
     try:
         tokens = _tokens(spec["seed"], spec["batch"], spec["pos"], spec["vocab"])
-        if spec["system"] != "ours":
+        if spec["system"] in TORCH_SYSTEMS:
             import torch
 
             torch.set_num_threads(spec["threads"])
@@ -492,6 +545,98 @@ def build_checkpoint(model_shape: str, seed: int) -> None:
     (partial / "bench_spec.json").write_text(json.dumps(spec, indent=1) + "\n")
     shutil.rmtree(path, ignore_errors=True)
     partial.rename(path)
+
+
+def onnx_paths(checkpoint: Path) -> dict[tuple[str, bool], Path]:
+    """Where the ONNX exports of a checkpoint live: (workload, fused) -> path."""
+    return {
+        (workload, fused): checkpoint / "onnx" / f"{workload}{'-fused' if fused else ''}.onnx"
+        for workload in ("logits", "no_head")
+        for fused in (False, True)
+    }
+
+
+def ensure_onnx(checkpoint: Path) -> None:
+    """The ONNX exports of the checkpoint, built (in their own process) when missing."""
+    if not all(path.is_file() for path in onnx_paths(checkpoint).values()):
+        log(f"exporting {checkpoint} to ONNX")
+        command = [sys.executable, str(Path(__file__).resolve()), "--build-onnx", str(checkpoint)]
+        subprocess.run(command, check=True)
+
+
+def build_onnx(checkpoint: Path) -> None:
+    """Exports the checkpoint to ONNX, offline: ``logits`` (the MLM logits) and ``no_head``
+    (the encoder's last hidden state), with inputs ``input_ids``, ``attention_mask`` and
+    ``token_type_ids`` and dynamic batch and sequence axes, by torch's TorchScript exporter
+    (opset 17; its graphs are the ones ``onnxruntime.transformers``' BERT fusions recognise:
+    EmbedLayerNormalization, Attention, BiasGelu, SkipLayerNormalization). Then writes each
+    again after those fusions (``-fused``)."""
+    import torch
+    import transformers
+    from onnxruntime.transformers import optimizer
+
+    model = transformers.BertForMaskedLM.from_pretrained(
+        checkpoint, attn_implementation="eager", dtype=torch.float32
+    ).eval()
+
+    class Export(torch.nn.Module):
+        def __init__(self, workload: str):
+            super().__init__()
+            self.model, self.workload = model, workload
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            inputs = dict(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+            )
+            if self.workload == "logits":
+                return self.model(**inputs).logits
+            return self.model.bert(**inputs).last_hidden_state
+
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    ids = torch.ones((2, 8), dtype=torch.int64)
+    paths = onnx_paths(checkpoint)
+    paths[("logits", False)].parent.mkdir(exist_ok=True)
+    for workload in ("logits", "no_head"):
+        plain, fused = paths[(workload, False)], paths[(workload, True)]
+        # eval() on the wrapper too: the exporter restores the wrapper's mode recursively.
+        torch.onnx.export(
+            Export(workload).eval(),
+            (ids, ids, torch.zeros_like(ids)),
+            str(plain),
+            input_names=names,
+            output_names=["output"],
+            dynamic_axes={name: {0: "batch", 1: "pos"} for name in [*names, "output"]},
+            opset_version=17,
+            dynamo=False,
+        )
+        config = model.config
+        optimized = optimizer.optimize_model(
+            str(plain),
+            model_type="bert",
+            num_heads=config.num_attention_heads,
+            hidden_size=config.hidden_size,
+        )
+        fusions = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        log(f"{fused.name}: fusions {fusions}")
+        optimized.save_model_to_file(str(fused))
+
+
+def ort_unavailable() -> str | None:
+    """Why ONNX Runtime cannot run here, or None (checked without importing anything)."""
+    missing = [name for name in ("onnxruntime", "onnx") if importlib.util.find_spec(name) is None]
+    if missing:
+        return f"{' and '.join(missing)} not installed for {sys.executable}"
+    return None
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def log(message: str) -> None:
@@ -624,7 +769,7 @@ def markdown_table(report: dict) -> str:
         if system != "ours" and "ours" in systems:
             header.append(f"{SYSTEM_LABELS[system]}/ours")
     header += [f"{SYSTEM_LABELS[s]} peak RSS MiB (+run)" for s in systems]
-    diff_columns = [s for s in ("ours", "tl") if s in systems and "hf" in systems]
+    diff_columns = [s for s in systems if s != "hf" and "hf" in systems]
     header += [f"max abs diff {SYSTEM_LABELS[s]} vs HF" for s in diff_columns]
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for workload in report["workloads"]:
@@ -661,8 +806,10 @@ def header_lines(report: dict) -> list[str]:
         f"seeded random weights (seed {meta['seed']})",
         "",
         f"{meta['date']} | threads: {meta['threads']} | CPU: {meta['cpu']} "
-        f"({meta['cpu_count']} logical CPUs, load average {meta['load_average_at_start']} at "
-        f"start) | {versions} | python {meta['python']} | commit {meta['commit']}",
+        f"({meta['cpu_count']} logical CPUs, AVX2 {meta.get('avx2', '?')}, AVX-512 "
+        f"{meta.get('avx512', '?')}, load average {meta['load_average_at_start']} at start, "
+        f"{meta.get('load_average_at_end')} at the end) | {versions} | python {meta['python']} "
+        f"| commit {meta['commit']}",
         "",
     ]
 
@@ -688,6 +835,14 @@ def notes(report: dict) -> list[str]:
         "- no_head: HF runs model.bert (encoder only); TransformerLens computes the head anyway.",
         "- max abs diff: logits of the same tokens against HF eager float32.",
     ]
+    if any(s in report["systems"] for s in SYSTEM_WORKLOADS):
+        lines.append(
+            "- HF sdpa and ONNX Runtime (ORT) run logits and no_head only. ORT: the same "
+            "checkpoint exported by torch.onnx (TorchScript exporter, opset 17), CPU provider, "
+            "ORT_ENABLE_ALL, intra-op threads = threads, 1 inter-op thread; ORT fused: that "
+            "export after onnxruntime.transformers' BERT fusions (optimize_model, model_type "
+            "bert)."
+        )
     if any(_cell(cell) for cell in report["cells"].get("tl", {}).values()):
         lines.append(
             "- TL: HookedEncoder built offline from the checkpoint's config, with weights "
@@ -760,7 +915,7 @@ def main(argv: list[str] | None = None) -> int:
         "--systems",
         type=lambda text: parse_choices(text, SYSTEMS),
         default=list(SYSTEMS),
-        help="comma-separated subset of ours,hf,tl (all)",
+        help=f"comma-separated subset of {','.join(SYSTEMS)} (all)",
     )
     parser.add_argument(
         "--workloads",
@@ -785,10 +940,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", type=Path, metavar="OLD.json", help="an earlier --json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--build-checkpoint", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--build-onnx", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.build_checkpoint:
         build_checkpoint(args.model_shape, args.seed)
+        return 0
+    if args.build_onnx:
+        build_onnx(args.build_onnx)
         return 0
     if args.worker:
         result = worker(json.loads(args.worker))
@@ -810,6 +969,14 @@ def main(argv: list[str] | None = None) -> int:
     skipped: dict[str, str] = {}
     if "tl" in args.systems and (reason := tl_unavailable()):
         skipped["tl"] = reason
+    for system in ("ort", "ort_fused"):
+        if system in args.systems and (reason := ort_unavailable()):
+            skipped[system] = reason
+    if any(s in args.systems and s not in skipped for s in ("ort", "ort_fused")):
+        ensure_onnx(checkpoint)
+    for system, reason in skipped.items():
+        log(f"skipping {SYSTEM_LABELS[system]}: {reason}")
+    flags = cpu_flags()
     report: dict[str, Any] = {
         "meta": {
             "date": now.isoformat(timespec="seconds"),
@@ -821,12 +988,22 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
+            "avx2": "yes" if "avx2" in flags else "no",
+            "avx512": "yes" if "avx512f" in flags else "no",
             "load_average_at_start": load_average(),
             "python": platform.python_version(),
             "commit": git_commit(),
             "versions": {
                 name: version
-                for name in ("hooked-encoder", "torch", "transformers", "transformer-lens")
+                for name in (
+                    "hooked-encoder",
+                    "torch",
+                    "transformers",
+                    "transformer-lens",
+                    "onnxruntime",
+                    "onnx",
+                    "numpy",
+                )
                 if (version := version_of(name))
             },
             "repeats": args.repeats,
@@ -849,7 +1026,7 @@ def main(argv: list[str] | None = None) -> int:
             saved: dict[str, Path] = {}
             for workload in args.workloads:
                 for system in args.systems:
-                    if system in skipped:
+                    if system in skipped or workload not in SYSTEM_WORKLOADS.get(system, WORKLOADS):
                         continue
                     key = f"{workload}/{batch}x{pos}"
                     spec = {
@@ -887,8 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
                             # It cannot load: its other cells would fail the same way.
                             skipped[system] = "could not load; its remaining cells were not run"
             if "hf" in saved:
-                for system in ("ours", "tl"):
-                    if system in saved:
+                for system in saved:
+                    if system != "hf":
                         diff, scale = max_abs_diff(saved[system], saved["hf"])
                         report["logit_diffs"][f"{system}/{batch}x{pos}"] = {
                             "max_abs_diff": diff,
@@ -897,6 +1074,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in saved.values():
                 path.unlink(missing_ok=True)
     report["meta"]["total_s"] = time.perf_counter() - run_started
+    report["meta"]["load_average_at_end"] = load_average()
 
     output = [*header_lines(report), markdown_table(report), *notes(report)]
     if old is not None:
