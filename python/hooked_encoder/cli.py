@@ -247,17 +247,20 @@ def _parser() -> argparse.ArgumentParser:
         )
         return p
 
+    def with_corpus(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--input",
+            required=True,
+            help="text file (one per line), .jsonl, .csv, .parquet, or - for standard input",
+        )
+        p.add_argument(
+            "--text-field", default="text", help="field holding the text (JSONL/CSV/Parquet)"
+        )
+
     p = with_model(commands.add_parser("extract", help="extract activations of many texts"))
+    with_corpus(p)
     p.add_argument("--hooks", nargs="+", required=True, help="hook names or glob patterns")
-    p.add_argument(
-        "--input",
-        required=True,
-        help="text file (one per line), .jsonl, .csv, .parquet, or - for standard input",
-    )
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument(
-        "--text-field", default="text", help="field holding the text (JSONL/CSV/Parquet)"
-    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--pooling", choices=["mean", "cls", "max"])
     p.add_argument("--threads", type=int, help="threads (with --engine ray: per worker)")
@@ -275,15 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_extract)
 
     p = with_model(commands.add_parser("encode", help="sentence embeddings, as encode()"))
-    p.add_argument(
-        "--input",
-        required=True,
-        help="text file (one per line), .jsonl, .csv, .parquet, or - for standard input",
-    )
+    with_corpus(p)
     p.add_argument("--out", required=True, help="embeddings.npy or embeddings.parquet")
-    p.add_argument(
-        "--text-field", default="text", help="field holding the text (JSONL/CSV/Parquet)"
-    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--normalize", action="store_true", help="unit-length embeddings")
     p.add_argument("--threads", type=int)
