@@ -36,20 +36,29 @@ class Checkpoint:
         """The Hugging Face model's MLM logits for ``[batch, pos]`` arrays."""
         optional = lambda a: None if a is None else torch.tensor(a)  # noqa: E731
         with torch.no_grad():
-            return self.hf(
+            out = self.hf(
                 torch.tensor(tokens),
                 token_type_ids=optional(types),
                 attention_mask=optional(mask),
-            ).prediction_logits.numpy()
+            )
+        return (out.prediction_logits if hasattr(out, "prediction_logits") else out.logits).numpy()
 
     def batch(self, seed: int = 0, batch: int = 3, pos: int = 7):
-        """Token ids, two token types, and a right-padding mask with rows of different
-        lengths (the last row is full, the first has three tokens)."""
+        """Token ids, two token types (zeros for a model with one), and a right-padding mask
+        with rows of different lengths (the last row is full, the first has three tokens).
+        RoBERTa-family rows hold their padding token where the mask is 0 (their positions are
+        numbered around it)."""
         rng = np.random.default_rng(seed)
         tokens = rng.integers(0, self.config.vocab_size, size=(batch, pos))
         lengths = np.linspace(3, pos, batch).round().astype(int)
         mask = (np.arange(pos)[None, :] < lengths[:, None]).astype(np.int64)
         types = (np.arange(pos)[None, :] >= (lengths[:, None] // 2)).astype(np.int64) * mask
+        if self.config.type_vocab_size == 1:
+            types = np.zeros_like(types)
+        if self.config.model_type != "bert":
+            pad = self.config.pad_token_id
+            tokens = np.where(tokens == pad, pad + 1, tokens)  # padding only where masked
+            tokens[mask == 0] = pad
         return tokens, types, mask
 
 
@@ -70,9 +79,10 @@ def randomize(model):
     hidden = model.config.hidden_size
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "LayerNorm.weight" in name:
+            norm = "layernorm" in name.lower() or "layer_norm" in name
+            if norm and name.endswith("weight"):
                 param.copy_(1 + 0.2 * torch.randn_like(param))
-            elif name.endswith("bias") or "LayerNorm" in name:
+            elif name.endswith("bias") or norm:
                 param.copy_(0.1 * torch.randn_like(param))
             else:
                 param.copy_(0.3 * torch.randn_like(param) / hidden**0.25)
@@ -104,6 +114,56 @@ def make_checkpoint(
     model = randomize(getattr(transformers, arch)(config))
     model.save_pretrained(directory, safe_serialization=True)
     return Checkpoint(directory, model, config)
+
+
+# Hugging Face model_type -> (masked-LM class, base class) of the RoBERTa family.
+ROBERTA_FAMILY = {
+    "roberta": ("RobertaForMaskedLM", "RobertaModel"),
+    "xlm-roberta": ("XLMRobertaForMaskedLM", "XLMRobertaModel"),
+    "camembert": ("CamembertForMaskedLM", "CamembertModel"),
+}
+
+
+def make_roberta_checkpoint(
+    directory: Path,
+    model_type: str = "roberta",
+    shape: str = "small",
+    base: bool = False,
+    seed: int = 0,
+    **config_overrides,
+) -> Checkpoint:
+    """A tiny RoBERTa-family checkpoint (masked LM, or the base model with its pooler) with the
+    family's usual one token type and padding id 1; its position table has two extra rows,
+    as roberta-base's 514 for 512 tokens."""
+    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
+    config = transformers.AutoConfig.for_model(
+        model_type,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        max_position_embeddings=positions + 2,
+        type_vocab_size=1,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        attn_implementation="eager",
+        **config_overrides,
+    )
+    torch.manual_seed(seed)
+    masked_lm, base_model = ROBERTA_FAMILY[model_type]
+    model = randomize(getattr(transformers, base_model if base else masked_lm)(config))
+    model.save_pretrained(directory, safe_serialization=True)
+    return Checkpoint(directory, model, config)
+
+
+@pytest.fixture(scope="session", params=sorted(ROBERTA_FAMILY))
+def roberta_checkpoint(request, tmp_path_factory) -> Checkpoint:
+    """A tiny masked-LM checkpoint of each RoBERTa-family model_type (the wide shape)."""
+    return make_roberta_checkpoint(
+        tmp_path_factory.mktemp(request.param), request.param, "wide", seed=11
+    )
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_parity import hf_run
 
 from conftest import ATOL, RTOL
 from hooked_encoder import HookedEncoder, cuda_available
+from test_parity import hf_run
 
 
 def close(ours, theirs, atol=ATOL):

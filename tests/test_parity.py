@@ -68,7 +68,7 @@ def hf_run(ck, tokens, types, mask, model=None):
 
         return fn
 
-    bert = model.bert if hasattr(model, "bert") else model
+    bert = model.base_model  # BertModel or RobertaModel (the same layers)
     emb = bert.embeddings
     handles += [
         emb.word_embeddings.register_forward_hook(keep("word")),
@@ -90,11 +90,17 @@ def hf_run(ck, tokens, types, mask, model=None):
             layer.output.dense.register_forward_hook(keep(f"{i}.mlp_out")),
             layer.output.LayerNorm.register_forward_hook(keep(f"{i}.resid_post", True)),
         ]
-    if hasattr(model, "cls"):
-        transform = model.cls.predictions.transform
+    head_ln = (
+        model.cls.predictions.transform.LayerNorm
+        if hasattr(model, "cls")
+        else model.lm_head.layer_norm
+        if hasattr(model, "lm_head")
+        else None
+    )
+    if head_ln is not None:
         handles += [
-            transform.LayerNorm.register_forward_hook(keep("mlm_ln_in", True)),
-            transform.register_forward_hook(keep("unembed_in")),
+            head_ln.register_forward_hook(keep("mlm_ln_in", True)),
+            head_ln.register_forward_hook(keep("unembed_in")),
         ]
     try:
         with torch.no_grad():
@@ -111,12 +117,17 @@ def hf_run(ck, tokens, types, mask, model=None):
     return out, {k: v.numpy() for k, v in captured.items()}
 
 
-def layer_norm_parts(x):
+def layer_norm_parts(x, eps=1e-12):
     """TransformerLens's LayerNorm hooks, re-derived in float64."""
     x = x.astype(np.float64)
     centred = x - x.mean(-1, keepdims=True)
-    scale = np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-12)
+    scale = np.sqrt((centred**2).mean(-1, keepdims=True) + eps)
     return scale, centred / scale
+
+
+def logits_of(out):
+    """MLM logits of a Hugging Face output (``BertForPreTraining`` names them differently)."""
+    return out.prediction_logits if hasattr(out, "prediction_logits") else out.logits
 
 
 def test_logits_and_hidden_states_match_hugging_face(any_checkpoint):
@@ -144,7 +155,13 @@ def test_cache_keys_are_the_reference_names_in_firing_order(checkpoint, model):
 
 
 def test_every_hook_matches_an_independent_computation(checkpoint, model):
-    ck = checkpoint
+    check_every_hook(checkpoint, model)
+
+
+def check_every_hook(ck, model):
+    """Every hook point of ``model`` against Hugging Face's model ``ck.hf`` (captured with torch
+    hooks) or, where HF has no tensor, a float64 re-derivation from the ones it has."""
+    eps = ck.config.layer_norm_eps
     tokens, types, mask = ck.batch(seed=2)
     out, hf = hf_run(ck, tokens, types, mask)
     _, c = model.run_with_cache(tokens, token_type_ids=types, one_zero_attention_mask=mask)
@@ -154,7 +171,7 @@ def test_every_hook_matches_an_independent_computation(checkpoint, model):
     close(c["embed.hook_embed"], hf["word"])
     close(c["embed.hook_pos_embed"], np.broadcast_to(hf["pos"], c["embed.hook_pos_embed"].shape))
     close(c["embed.hook_token_type_embed"], hf["type"])
-    scale, normalized = layer_norm_parts(hf["embed_ln_in"])
+    scale, normalized = layer_norm_parts(hf["embed_ln_in"], eps)
     close(c["embed.ln.hook_scale"], scale, rtol=1e-5)
     close(c["embed.ln.hook_normalized"], normalized, atol=1e-4)
 
@@ -176,22 +193,22 @@ def test_every_hook_matches_an_independent_computation(checkpoint, model):
         close(c["z", i], (c["pattern", i].astype(np.float64) @ v).transpose(0, 2, 1, 3), atol=1e-5)
         close(c["attn_out", i], hf[f"{i}.attn_out"])
         close(c["resid_mid", i], hf[f"{i}.resid_mid"])
-        scale, normalized = layer_norm_parts(hf[f"{i}.resid_mid"])
+        scale, normalized = layer_norm_parts(hf[f"{i}.resid_mid"], eps)
         close(c["scale", i, "ln1"], scale, rtol=1e-5)
         close(c["normalized", i, "ln1"], normalized, atol=1e-4)
         close(c["pre", i], hf[f"{i}.pre"])
         close(c["post", i], hf[f"{i}.post"])
         close(c["mlp_out", i], hf[f"{i}.mlp_out"])
         close(c["resid_post", i], hf[f"{i}.resid_post"])
-        scale, normalized = layer_norm_parts(hf[f"{i}.resid_post"])
+        scale, normalized = layer_norm_parts(hf[f"{i}.resid_post"], eps)
         close(c["scale", i, "ln2"], scale, rtol=1e-5)
         close(c["normalized", i, "ln2"], normalized, atol=1e-4)
         close(c["normalized_resid_post", i], out.hidden_states[i + 1])
-    scale, normalized = layer_norm_parts(hf["mlm_ln_in"])
+    scale, normalized = layer_norm_parts(hf["mlm_ln_in"], eps)
     close(c["mlm_head.ln.hook_scale"], scale, rtol=1e-5)
     close(c["mlm_head.ln.hook_normalized"], normalized, atol=1e-4)
     close(c["unembed.hook_in"], hf["unembed_in"])
-    close(c["unembed.hook_out"], out.prediction_logits)
+    close(c["unembed.hook_out"], logits_of(out))
 
 
 def test_without_a_mask_padding_is_attended_to(checkpoint, model):

@@ -31,6 +31,17 @@ _ACTIVATIONS = {
     "relu": "relu",
 }
 
+# Hugging Face `model_type` -> the core's family (rust/hooked_encoder_core/src/family.rs says
+# what each family changes). RoBERTa, XLM-RoBERTa and CamemBERT differ only in tokenizer.
+FAMILIES = {
+    "bert": "bert",
+    "roberta": "roberta",
+    "xlm-roberta": "roberta",
+    "camembert": "roberta",
+}
+# The architecture assumed when config.json names none.
+_DEFAULT_ARCHITECTURE = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
+
 # The Rust core's largest accepted size (MAX_DIM in rust/hooked_encoder_core/src/config.rs).
 _MAX_DIM = 1 << 24
 
@@ -75,6 +86,11 @@ class HookedEncoderConfig:
     model_name: str = "custom"
     tokenizer_name: str | None = None
     original_architecture: str = "BertForMaskedLM"
+    # Hugging Face's model_type: which family of encoders (see FAMILIES).
+    model_type: str = "bert"
+    # The padding token's id, which RoBERTa-family models also use to number positions (their
+    # position table has n_ctx + padding_idx + 1 rows). None for BERT.
+    padding_idx: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_heads == -1 and isinstance(self.d_model, int) and isinstance(self.d_head, int):
@@ -114,6 +130,20 @@ class HookedEncoderConfig:
             raise ValueError(
                 f"attention_dir must be 'bidirectional' or 'causal', got {self.attention_dir!r}"
             )
+        if self.model_type not in FAMILIES:
+            raise ValueError(
+                f"model_type {self.model_type!r} is not supported; supported: {sorted(FAMILIES)}"
+            )
+        if self.family == "roberta":
+            if isinstance(self.padding_idx, bool) or not isinstance(self.padding_idx, int):
+                raise TypeError(
+                    f"model_type {self.model_type!r} needs padding_idx (an int, the padding "
+                    f"token's id), got {self.padding_idx!r}"
+                )
+            if not 0 <= self.padding_idx < self.d_vocab:
+                raise ValueError(
+                    f"padding_idx {self.padding_idx} is not a token id (d_vocab is {self.d_vocab})"
+                )
         dtype = str(self.dtype).removeprefix("torch.")  # torch.float16 works too
         if dtype not in DTYPE_ALIASES:
             raise ValueError(
@@ -121,6 +151,11 @@ class HookedEncoderConfig:
             )
         # One spelling per dtype from here on (the Rust model and torch use these names).
         self.dtype = DTYPE_ALIASES[dtype]
+
+    @property
+    def family(self) -> str:
+        """The core's family for :attr:`model_type`: ``"bert"`` or ``"roberta"``."""
+        return FAMILIES[self.model_type]
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> HookedEncoderConfig:
@@ -140,7 +175,8 @@ class HookedEncoderConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], model_name: str = "custom") -> HookedEncoderConfig:
-        """Converts a Hugging Face BERT ``config.json`` (as a dict), as TransformerLens does."""
+        """Converts a Hugging Face ``config.json`` (as a dict) of a supported ``model_type``
+        (BERT as TransformerLens does; RoBERTa, XLM-RoBERTa and CamemBERT alike)."""
         required = (
             "hidden_size",
             "num_attention_heads",
@@ -153,10 +189,11 @@ class HookedEncoderConfig:
         if missing:
             raise ValueError(f"config.json is missing {missing}")
         model_type = hf.get("model_type", "bert")
-        if model_type != "bert":
+        if model_type not in FAMILIES:
             raise ValueError(
-                f"model_type {model_type!r} is not BERT; only BERT models are supported"
+                f"model_type {model_type!r} is not supported; supported: {sorted(FAMILIES)}"
             )
+        family = FAMILIES[model_type]
         position_type = hf.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(
@@ -195,7 +232,27 @@ class HookedEncoderConfig:
             raise ValueError(
                 f"hidden_act {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}"
             )
-        architectures = hf.get("architectures") or ["BertForMaskedLM"]
+        n_ctx, padding_idx = hf["max_position_embeddings"], None
+        if family == "roberta":
+            # Positions start after the padding row: max_position_embeddings - padding_idx - 1
+            # tokens fit (514 rows -> 512 tokens for roberta-base).
+            padding_idx = hf.get("pad_token_id", 1)
+            if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+                raise TypeError(
+                    f"config.json field pad_token_id must be an int, got {padding_idx!r}"
+                )
+            if not 0 <= padding_idx < hf["vocab_size"]:
+                raise ValueError(
+                    f"config.json field pad_token_id ({padding_idx}) is not a token id "
+                    f"(vocab_size is {hf['vocab_size']})"
+                )
+            n_ctx -= padding_idx + 1
+            if n_ctx <= 0:
+                raise ValueError(
+                    f"config.json field max_position_embeddings ({hf['max_position_embeddings']}) "
+                    f"leaves no positions after pad_token_id ({padding_idx}) + 1"
+                )
+        architectures = hf.get("architectures") or [_DEFAULT_ARCHITECTURE[family]]
         # A non-list here used to fail as "KeyError: 0" or "'int' object is not subscriptable".
         if not isinstance(architectures, list):
             raise TypeError(
@@ -207,7 +264,7 @@ class HookedEncoderConfig:
             n_heads=heads,
             d_mlp=hf["intermediate_size"],
             n_layers=hf["num_hidden_layers"],
-            n_ctx=hf["max_position_embeddings"],
+            n_ctx=n_ctx,
             d_vocab=hf["vocab_size"],
             eps=eps,
             act_fn=act,
@@ -215,6 +272,8 @@ class HookedEncoderConfig:
             model_name=model_name,
             tokenizer_name=model_name,
             original_architecture=str(architectures[0]),
+            model_type=model_type,
+            padding_idx=padding_idx,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,5 +298,11 @@ class HookedEncoderConfig:
                 "use_attn_result": self.use_attn_result,
                 "use_split_qkv_input": self.use_split_qkv_input,
                 "use_hook_mlp_in": self.use_hook_mlp_in,
+                "family": self.family,
+                "positions": (
+                    {"kind": "from_ids", "padding_idx": self.padding_idx}
+                    if self.family == "roberta"
+                    else {"kind": "absolute"}
+                ),
             }
         )

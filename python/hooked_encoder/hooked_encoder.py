@@ -177,6 +177,8 @@ class HookedEncoder:
             if tokenizer is None
             else (tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer))
         )
+        if self.tokenizer is not None:
+            self.tokenizer.adapt_to(cfg.n_token_types, cfg.padding_idx)
         if _core_model is None:
             seed = cfg.seed if cfg.seed is not None else random.getrandbits(63)
             _core_model = _core.Model.random(cfg._core_json(), seed, cfg.device)
@@ -295,14 +297,15 @@ class HookedEncoder:
         over the sender's state, and a worker adds its own."""
         from safetensors.numpy import save
 
-        weights = save(dict(self._model.named_weights()))
+        weights = save(dict(self._model.named_weights(checkpoint=True)))
         tokenizer = self.tokenizer.raw if self.tokenizer is not None else None
         return _unpickle, (self.cfg, tokenizer, self.output_format, weights)
 
     def __repr__(self) -> str:
         c = self.cfg
         return (
-            f"HookedEncoder({c.model_name!r}, n_layers={c.n_layers}, d_model={c.d_model}, "
+            f"HookedEncoder({c.model_name!r}, {c.original_architecture}, "
+            f"n_layers={c.n_layers}, d_model={c.d_model}, "
             f"n_heads={c.n_heads}, d_vocab={c.d_vocab}, device={self._model.device!r})"
         )
 

@@ -21,6 +21,9 @@ class Tokenizer:
         import tokenizers
 
         self.raw = tokenizer
+        # Whether token type ids are passed on; models with one token type (RoBERTa's family)
+        # get zeros, as transformers' tokenizers for them return none.
+        self.segments = True
         self._fast = isinstance(tokenizer, tokenizers.Tokenizer)
         if not self._fast and not callable(tokenizer):
             raise TypeError(
@@ -31,10 +34,20 @@ class Tokenizer:
             # A tokenizer.json may carry fixed padding/truncation (all-MiniLM-L6-v2's pads every
             # input to 128); transformers resets those per call, and so do we.
             padding = tokenizer.padding or {}
-            self._pad_id = padding.get("pad_id", tokenizer.token_to_id("[PAD]") or 0)
-            self._pad_token = padding.get("pad_token", "[PAD]")
+            pad = _first_known(tokenizer, _PAD_TOKENS) or "[PAD]"
+            self._pad_id = padding.get("pad_id", tokenizer.token_to_id(pad) or 0)
+            self._pad_token = padding.get("pad_token", pad)
             tokenizer.no_padding()
             tokenizer.no_truncation()
+
+    def adapt_to(self, n_token_types: int, padding_idx: int | None) -> None:
+        """Pads with the model's padding token (RoBERTa numbers positions around it) and drops
+        token types a model with a single one cannot take."""
+        self.segments = n_token_types > 1
+        if padding_idx is not None and self._fast:
+            token = self.raw.id_to_token(padding_idx)
+            if token is not None:
+                self._pad_id, self._pad_token = padding_idx, token
 
     @classmethod
     def from_directory(cls, directory: Path) -> Tokenizer | None:
@@ -57,9 +70,11 @@ class Tokenizer:
 
     @property
     def mask_token_id(self) -> int | None:
-        """The id of ``[MASK]``, if the vocabulary has one."""
+        """The id of the mask token (BERT's ``[MASK]``, RoBERTa's ``<mask>``), if the vocabulary
+        has one."""
         if self._fast:
-            return self.raw.token_to_id("[MASK]")
+            mask = _first_known(self.raw, _MASK_TOKENS)
+            return None if mask is None else self.raw.token_to_id(mask)
         return getattr(self.raw, "mask_token_id", None)
 
     def ids_to_tokens(self, ids: list[int]) -> list[str]:
@@ -88,7 +103,7 @@ class Tokenizer:
                 return_tensors="np",
             )
             ids = np.asarray(out["input_ids"], dtype=np.int64)
-            types = out.get("token_type_ids")
+            types = out.get("token_type_ids") if self.segments else None
             mask = out.get("attention_mask")
             return (
                 ids,
@@ -106,8 +121,21 @@ class Tokenizer:
         finally:
             tok.no_padding()
             tok.no_truncation()
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        types = np.array([e.type_ids for e in encodings], dtype=np.int64)
         return (
-            np.array([e.ids for e in encodings], dtype=np.int64),
-            np.array([e.type_ids for e in encodings], dtype=np.int64),
+            ids,
+            types if self.segments else np.zeros_like(ids),
             np.array([e.attention_mask for e in encodings], dtype=np.int64),
         )
+
+
+# Special tokens by role, BERT's spelling first, then RoBERTa's (a tokenizer.json names its
+# special tokens but not their roles).
+_PAD_TOKENS = ("[PAD]", "<pad>")
+_MASK_TOKENS = ("[MASK]", "<mask>")
+
+
+def _first_known(tokenizer: Any, candidates: tuple[str, ...]) -> str | None:
+    """The first of ``candidates`` in the vocabulary of a ``tokenizers.Tokenizer``."""
+    return next((t for t in candidates if tokenizer.token_to_id(t) is not None), None)

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Error, Result};
+use crate::{Error, Family, Positions, Result};
 
 /// The activation function of the MLP (and of the MLM head's transform, as in Hugging Face).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +43,8 @@ pub struct BertConfig {
     pub d_mlp: usize,
     /// Number of transformer blocks.
     pub n_layers: usize,
-    /// Maximum sequence length (rows of the position embedding).
+    /// Maximum sequence length. The position-embedding table has
+    /// [`BertConfig::position_rows`] rows (more than `n_ctx` for RoBERTa's offset positions).
     pub n_ctx: usize,
     /// Vocabulary size.
     pub d_vocab: usize,
@@ -64,6 +65,12 @@ pub struct BertConfig {
     /// Expose the MLP sub-block input as `hook_mlp_in`.
     #[serde(default)]
     pub use_hook_mlp_in: bool,
+    /// Which encoder family the weights come from (how they are named; see [`Family`]).
+    #[serde(default)]
+    pub family: Family,
+    /// How each token's position-embedding row is chosen.
+    #[serde(default)]
+    pub positions: Positions,
 }
 
 /// Sizes above this are refused as nonsense rather than attempted (a config from an untrusted
@@ -103,6 +110,17 @@ impl BertConfig {
                 self.d_head * self.n_heads
             )));
         }
+        if let Positions::FromIds { padding_idx } = self.positions {
+            if padding_idx >= self.d_vocab {
+                return Err(Error::Config(format!(
+                    "padding_idx {padding_idx} is not a token id (d_vocab is {})",
+                    self.d_vocab
+                )));
+            }
+            if self.position_rows() > MAX_DIM {
+                return Err(Error::Config("n_ctx + padding_idx is too large".into()));
+            }
+        }
         if !(self.eps.is_finite() && self.eps > 0.0) {
             return Err(Error::Config(format!(
                 "eps must be a positive finite number, got {}",
@@ -129,6 +147,8 @@ impl BertConfig {
             use_attn_result: false,
             use_split_qkv_input: false,
             use_hook_mlp_in: false,
+            family: Family::Bert,
+            positions: Positions::Absolute,
         }
     }
 
@@ -145,6 +165,11 @@ impl BertConfig {
             d_vocab: 13,
             ..Self::bert_base()
         }
+    }
+
+    /// Rows of the position-embedding table.
+    pub fn position_rows(&self) -> usize {
+        self.positions.table_rows(self.n_ctx)
     }
 
     /// Width of all heads side by side, `n_heads * d_head`.

@@ -15,6 +15,7 @@ mod config;
 mod cpu;
 mod cuda;
 mod error;
+mod family;
 mod hooks;
 mod kernels;
 mod model;
@@ -22,6 +23,7 @@ mod weights;
 
 pub use config::{Activation, AttentionDir, BertConfig};
 pub use error::{Error, Result};
+pub use family::{Family, Positions};
 pub use hooks::{BlockHook, HookPoint, HookSet, Hooks, NoHooks, RecordingHooks};
 pub use model::{ForwardInput, HookedBert, Output, Part, Start, Tape};
 pub use weights::{TensorSource, WeightFiles, WeightMap};

@@ -152,21 +152,29 @@ impl WeightMap {
         self.tensors.insert(name.into(), tensor);
     }
 
-    /// Freshly initialised weights for `cfg`, named as a Hugging Face `BertForPreTraining`
-    /// checkpoint: matrices and embeddings drawn from N(0, 0.02²) (Hugging Face's
+    /// Freshly initialised weights for `cfg`, named as a Hugging Face checkpoint of its family
+    /// (`BertForPreTraining` for BERT, `RobertaForMaskedLM` plus pooler for RoBERTa): matrices and embeddings drawn from N(0, 0.02²) (Hugging Face's
     /// `initializer_range`), biases 0, LayerNorm weights 1. The same `seed` gives the same
     /// weights on every platform.
     pub fn random(cfg: &BertConfig, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = SplitMix64(seed);
         let mut map = Self::new();
+        // Weights are described by their canonical (BERT) names; the family renames them, and
+        // leaves out what it does not have (draws are made all the same, so that the same seed
+        // gives the same encoder weights in every family).
+        let family = cfg.family;
         let mut normal = |name: String, shape: &[usize], map: &mut Self| -> Result<()> {
             let n: usize = shape.iter().product();
             let values: Vec<f32> = (0..n).map(|_| 0.02 * rng.next_normal() as f32).collect();
-            map.insert(name, Tensor::from_vec(values, shape, device)?);
+            if let Some(name) = family.checkpoint_name(&name) {
+                map.insert(name, Tensor::from_vec(values, shape, device)?);
+            }
             Ok(())
         };
         let constant = |name: String, len: usize, value: f32, map: &mut Self| -> Result<()> {
-            map.insert(name, Tensor::full(value, len, device)?);
+            if let Some(name) = family.checkpoint_name(&name) {
+                map.insert(name, Tensor::full(value, len, device)?);
+            }
             Ok(())
         };
         let (d, a, m) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
@@ -182,7 +190,7 @@ impl WeightMap {
         )?;
         normal(
             format!("{e}.position_embeddings.weight"),
-            &[cfg.n_ctx, d],
+            &[cfg.position_rows(), d],
             &mut map,
         )?;
         normal(

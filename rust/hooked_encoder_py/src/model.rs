@@ -211,11 +211,22 @@ impl Model {
         Ok((model.into(), unused))
     }
 
-    /// Every weight as `(name, array)`, named and laid out as in a Hugging Face
-    /// `BertForPreTraining` checkpoint. The arrays share the model's memory.
-    fn named_weights<'py>(&self, py: Python<'py>) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
-        self.inner
-            .named_weights()
+    /// Every weight as `(name, array)`, laid out as in Hugging Face and named as in a
+    /// `BertForPreTraining` checkpoint whatever the family (the names the TransformerLens
+    /// conversion reads), or with `checkpoint=True` as a checkpoint of the model's family
+    /// names it (what `load` reads back). The arrays share the model's memory.
+    #[pyo3(signature = (checkpoint = false))]
+    fn named_weights<'py>(
+        &self,
+        py: Python<'py>,
+        checkpoint: bool,
+    ) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
+        let weights = if checkpoint {
+            self.inner.checkpoint_weights()
+        } else {
+            self.inner.named_weights()
+        };
+        weights
             .map_err(to_py_err)?
             .into_iter()
             .map(|(name, tensor)| Ok((name, tensor_to_numpy(py, tensor)?)))

@@ -1,4 +1,5 @@
 //! The embeddings (token, position, token type) and their LayerNorm: forward and backward.
+//! Which position row each token uses is the family's ([`Positions`]).
 
 use super::*;
 
@@ -14,12 +15,21 @@ impl HookedBert {
             .index_select(&ids(input.tokens)?, 0)?
             .reshape((b, p, d))?;
         let embed = hook(hooks, HookPoint::Embed, embed)?;
-        // Positions are 0..pos in every row, with no offset for padding (right padding only).
-        let pos_embed = self
-            .position_embeddings
-            .narrow(0, 0, p)?
-            .unsqueeze(0)?
-            .broadcast_as((b, p, d))?;
+        let pos_embed = match self.cfg.positions {
+            // Positions are 0..pos in every row, with no offset for padding (right padding
+            // only): one slice of the table, broadcast over the batch.
+            Positions::Absolute => self
+                .position_embeddings
+                .narrow(0, 0, p)?
+                .unsqueeze(0)?
+                .broadcast_as((b, p, d))?,
+            positions => {
+                let rows = positions.ids(input.tokens, p);
+                self.position_embeddings
+                    .index_select(&Tensor::from_vec(rows, b * p, &self.device)?, 0)?
+                    .reshape((b, p, d))?
+            }
+        };
         let pos_embed = hook(hooks, HookPoint::PosEmbed, pos_embed)?;
         let token_type_embed = match input.token_type_ids {
             Some(types) => self

@@ -11,6 +11,11 @@ pub(super) struct MlmHead {
 }
 
 impl HookedBert {
+    /// The activation inside the MLM head (the family's; see [`Family::mlm_head_act`]).
+    fn mlm_head_act(&self) -> Activation {
+        self.cfg.family.mlm_head_act(self.cfg.act_fn)
+    }
+
     /// Runs one head on its own input (TransformerLens's `model.mlm_head(x)`, `model.unembed(x)`,
     /// `model.pooler(x)`, `model.nsp_head(x)`), with its hooks.
     pub fn apply(&self, part: Part, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
@@ -31,7 +36,7 @@ impl HookedBert {
         let x = self.own(&x)?;
         match (part, &self.mlm_head, &self.pooler, &self.nsp_head) {
             (Part::MlmHead, Some(head), _, _) => {
-                let x = head.dense.forward(&x, Some(self.cfg.act_fn))?;
+                let x = head.dense.forward(&x, Some(self.mlm_head_act()))?;
                 self.layer_norm(
                     &x,
                     &head.ln,
@@ -98,7 +103,7 @@ impl HookedBert {
                     .ok_or_else(|| missing_saved("the head input"))?;
                 let pre = head.dense.forward(&x, None)?;
                 head.dense
-                    .backward(&act_backward(self.cfg.act_fn, &pre, &d_act)?)
+                    .backward(&act_backward(self.mlm_head_act(), &pre, &d_act)?)
             }
             (Output::NextSentence, _, Some(pooler), Some(nsp_head)) => {
                 let d_logits = grad_hook(hooks, HookPoint::NspOut, d_out)?;

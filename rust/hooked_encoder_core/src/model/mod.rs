@@ -11,7 +11,9 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::hooks::{BlockHook, HookPoint, Hooks};
 use crate::kernels::{self, AttentionShape, Heads, KeyMask};
-use crate::{cpu, cuda, Activation, AttentionDir, BertConfig, Error, Result, TensorSource};
+use crate::{
+    cpu, cuda, Activation, AttentionDir, BertConfig, Error, Family, Positions, Result, TensorSource,
+};
 
 mod activation;
 mod attention;
@@ -110,38 +112,69 @@ pub struct HookedBert {
 /// Tensor names that checkpoints carry but that are not weights.
 const KNOWN_BUFFERS: [&str; 2] = ["embeddings.position_ids", "embeddings.token_type_ids"];
 
-/// Looks up Hugging Face names in a [`TensorSource`], checking every shape, and remembers what
-/// it used so that leftovers can be reported.
+/// Looks up weights by their canonical (BERT) names in a [`TensorSource`] that names them as
+/// the config's [`Family`] does, checking every shape, and remembers what it used so that
+/// leftovers can be reported.
 struct Loader<'a> {
     source: &'a dyn TensorSource,
-    /// `"bert."` for `BertForPreTraining`/`BertForMaskedLM` checkpoints, `""` for `BertModel`.
-    prefix: &'static str,
+    family: Family,
+    /// Whether encoder weights carry the family's prefix (`bert.`/`roberta.`, as in
+    /// `...ForMaskedLM` checkpoints) or none (`BertModel`/`RobertaModel`).
+    prefixed: bool,
     device: &'a Device,
     used: BTreeSet<String>,
 }
 
 impl<'a> Loader<'a> {
-    fn new(source: &'a dyn TensorSource, device: &'a Device) -> Result<Self> {
-        let prefix = if source.contains("bert.embeddings.word_embeddings.weight") {
-            "bert."
-        } else if source.contains("embeddings.word_embeddings.weight") {
-            ""
+    fn new(source: &'a dyn TensorSource, family: Family, device: &'a Device) -> Result<Self> {
+        let word = "embeddings.word_embeddings.weight";
+        let prefixed_word = family
+            .checkpoint_name(&format!("bert.{word}"))
+            .unwrap_or_default();
+        let prefixed = if source.contains(&prefixed_word) {
+            true
+        } else if source.contains(word) {
+            false
         } else {
             let names = source.names();
             let sample: Vec<&String> = names.iter().take(5).collect();
             return Err(Error::Checkpoint(format!(
-                "{} holds no BERT weights: expected \"embeddings.word_embeddings.weight\" \
-                 (optionally under \"bert.\"), found {} tensors such as {sample:?}",
+                "{} holds no {} weights: expected {word:?} (optionally as {prefixed_word:?}), \
+                 found {} tensors such as {sample:?}",
                 source.describe(),
+                family.name(),
                 names.len()
             )));
         };
         Ok(Self {
             source,
-            prefix,
+            family,
+            prefixed,
             device,
             used: BTreeSet::new(),
         })
+    }
+
+    /// The checkpoint's name for a canonical top-level (head) weight, if the family has it.
+    fn head_name(&self, canonical: &str) -> Option<String> {
+        self.family.checkpoint_name(canonical)
+    }
+
+    /// Whether the checkpoint holds the canonical top-level (head) weight.
+    fn has_head(&self, canonical: &str) -> bool {
+        self.head_name(canonical)
+            .is_some_and(|name| self.source.contains(&name))
+    }
+
+    /// The checkpoint's name for a canonical encoder weight (given without `bert.`).
+    fn encoder_name(&self, name: &str) -> String {
+        if self.prefixed {
+            self.family
+                .checkpoint_name(&format!("bert.{name}"))
+                .unwrap_or_else(|| name.to_string())
+        } else {
+            name.to_string()
+        }
     }
 
     /// Loads the first of `names` that exists, checking its shape.
@@ -166,17 +199,21 @@ impl<'a> Loader<'a> {
 
     /// An encoder weight (under the checkpoint's prefix).
     fn encoder(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.first_of(&[format!("{}{name}", self.prefix)], shape)
+        self.first_of(&[self.encoder_name(name)], shape)
+    }
+
+    /// The checkpoint's name for a weight: an encoder weight (without `bert.`) or, with
+    /// `top_level`, a head weight (canonical name).
+    fn name(&self, name: &str, top_level: bool) -> String {
+        if top_level {
+            self.head_name(name).unwrap_or_else(|| name.to_string())
+        } else {
+            self.encoder_name(name)
+        }
     }
 
     fn linear(&mut self, name: &str, d_out: usize, d_in: usize, top_level: bool) -> Result<Linear> {
-        let full = |suffix: &str| {
-            if top_level {
-                format!("{name}.{suffix}")
-            } else {
-                format!("{}{name}.{suffix}", self.prefix)
-            }
-        };
+        let full = |suffix: &str| self.name(&format!("{name}.{suffix}"), top_level);
         let (w, b) = (full("weight"), full("bias"));
         Ok(Linear {
             weight: self.first_of(&[w], &[d_out, d_in])?,
@@ -187,12 +224,11 @@ impl<'a> Loader<'a> {
     /// A LayerNorm, under its current (`weight`/`bias`) or original TensorFlow
     /// (`gamma`/`beta`) names.
     fn layer_norm(&mut self, name: &str, d: usize, top_level: bool) -> Result<LayerNorm> {
-        let prefix = if top_level { "" } else { self.prefix };
-        let names =
-            |a: &str, b: &str| [format!("{prefix}{name}.{a}"), format!("{prefix}{name}.{b}")];
+        let [weight, gamma, bias, beta] = ["weight", "gamma", "bias", "beta"]
+            .map(|part| self.name(&format!("{name}.{part}"), top_level));
         Ok(LayerNorm {
-            weight: self.first_of(&names("weight", "gamma"), &[d])?,
-            bias: self.first_of(&names("bias", "beta"), &[d])?,
+            weight: self.first_of(&[weight, gamma], &[d])?,
+            bias: self.first_of(&[bias, beta], &[d])?,
         })
     }
 
@@ -217,12 +253,14 @@ impl HookedBert {
         device: &Device,
     ) -> Result<(Self, Vec<String>)> {
         cfg.validate()?;
-        let mut loader = Loader::new(source, device)?;
+        let mut loader = Loader::new(source, cfg.family, device)?;
         let (d, a, m) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
         let word_embeddings =
             loader.encoder("embeddings.word_embeddings.weight", &[cfg.d_vocab, d])?;
-        let position_embeddings =
-            loader.encoder("embeddings.position_embeddings.weight", &[cfg.n_ctx, d])?;
+        let position_embeddings = loader.encoder(
+            "embeddings.position_embeddings.weight",
+            &[cfg.position_rows(), d],
+        )?;
         let token_type_embeddings = loader.encoder(
             "embeddings.token_type_embeddings.weight",
             &[cfg.n_token_types, d],
@@ -253,28 +291,23 @@ impl HookedBert {
             });
         }
 
-        let mlm_head = if source.contains("cls.predictions.transform.dense.weight") {
+        let mlm_head = if loader.has_head("cls.predictions.transform.dense.weight") {
             let dense = loader.linear("cls.predictions.transform.dense", d, d, true)?;
             let ln = loader.layer_norm("cls.predictions.transform.LayerNorm", d, true)?;
             // Hugging Face ties the decoder to the word embeddings and often omits it on save.
-            let weight = if source.contains("cls.predictions.decoder.weight") {
-                loader.first_of(
-                    &["cls.predictions.decoder.weight".into()],
-                    &[cfg.d_vocab, d],
-                )?
+            let weight = if loader.has_head("cls.predictions.decoder.weight") {
+                let name = loader.name("cls.predictions.decoder.weight", true);
+                loader.first_of(&[name], &[cfg.d_vocab, d])?
             } else {
                 word_embeddings.clone()
             };
-            let bias = loader.first_of(
-                &[
-                    "cls.predictions.decoder.bias".into(),
-                    "cls.predictions.bias".into(),
-                ],
-                &[cfg.d_vocab],
-            )?;
+            let bias_names = [
+                loader.name("cls.predictions.decoder.bias", true),
+                loader.name("cls.predictions.bias", true),
+            ];
+            let bias = loader.first_of(&bias_names, &[cfg.d_vocab])?;
             // Both bias names hold the same tied parameter when both are present.
-            loader.used.insert("cls.predictions.bias".into());
-            loader.used.insert("cls.predictions.decoder.bias".into());
+            loader.used.extend(bias_names);
             Some(MlmHead {
                 dense,
                 ln,
@@ -283,13 +316,12 @@ impl HookedBert {
         } else {
             None
         };
-        let pooler_name = format!("{}pooler.dense.weight", loader.prefix);
         let pooler = source
-            .contains(&pooler_name)
+            .contains(&loader.encoder_name("pooler.dense.weight"))
             .then(|| loader.linear("pooler.dense", d, d, false))
             .transpose()?;
-        let nsp_head = source
-            .contains("cls.seq_relationship.weight")
+        let nsp_head = loader
+            .has_head("cls.seq_relationship.weight")
             .then(|| loader.linear("cls.seq_relationship", 2, d, true))
             .transpose()?;
         let unused = loader.unused();
@@ -309,8 +341,20 @@ impl HookedBert {
         Ok((model, unused))
     }
 
-    /// Every weight, under the names of a Hugging Face `BertForPreTraining` checkpoint (the MLM
-    /// head, pooler and NSP head only when the model has them), in Hugging Face's layout.
+    /// Every weight under its name in a checkpoint of the model's family (`roberta.*` and
+    /// `lm_head.*` for RoBERTa), in Hugging Face's layout: what [`Self::load`] reads back.
+    pub fn checkpoint_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let family = self.cfg.family;
+        Ok(self
+            .named_weights()?
+            .into_iter()
+            .filter_map(|(name, t)| family.checkpoint_name(&name).map(|name| (name, t)))
+            .collect())
+    }
+
+    /// Every weight under its canonical name, that of a Hugging Face `BertForPreTraining`
+    /// checkpoint whatever the family (the MLM head, pooler and NSP head only when the model
+    /// has them), in Hugging Face's layout.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out: Vec<(String, Tensor)> = Vec::new();
         let mut linear = |name: String, l: &Linear| {
@@ -594,16 +638,23 @@ impl HookedBert {
 
     /// Refuses an output whose head the checkpoint lacks.
     fn check_head(&self, output: Output) -> Result<()> {
-        let missing = |what: &str| Err(Error::MissingHead(what.into()));
+        let missing = |what: String| Err(Error::MissingHead(what));
+        let family = self.cfg.family;
         match output {
-            Output::Logits if self.mlm_head.is_none() => missing(
-                "this checkpoint has no MLM head (no cls.predictions.* weights), so it cannot \
-                 produce logits; use return_type=None or encoder_output() for its hidden states",
-            ),
+            Output::Logits if self.mlm_head.is_none() => missing(format!(
+                "this checkpoint has no MLM head (no {} weights), so it cannot produce logits; \
+                 use return_type=None or encoder_output() for its hidden states",
+                family.mlm_head_weights()
+            )),
+            Output::NextSentence if family != Family::Bert => missing(format!(
+                "{} models have no next-sentence head",
+                family.name()
+            )),
             Output::NextSentence if self.pooler.is_none() || self.nsp_head.is_none() => missing(
                 "this checkpoint has no pooler and NSP head (bert.pooler.dense.*, \
-                 cls.seq_relationship.*), so it cannot predict the next sentence; they come \
-                 with BertForPreTraining checkpoints",
+                     cls.seq_relationship.*), so it cannot predict the next sentence; they come \
+                     with BertForPreTraining checkpoints"
+                    .into(),
             ),
             _ => Ok(()),
         }

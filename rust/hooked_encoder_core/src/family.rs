@@ -1,0 +1,180 @@
+//! The encoder families the core runs, and everything that tells one family from another.
+//!
+//! The model is written once, with BERT's names for its weights ("canonical" names, e.g.
+//! `bert.encoder.layer.0.attention.self.query.weight`). A family says:
+//! * how its checkpoints name those weights ([`Family::checkpoint_name`]);
+//! * how position ids are found ([`Positions`]);
+//! * which activation its MLM head uses ([`Family::mlm_head_act`]).
+//!
+//! | family    | Hugging Face `model_type`            | positions            | MLM head        |
+//! |-----------|--------------------------------------|----------------------|-----------------|
+//! | `Bert`    | `bert`                               | `0..pos`             | `cls.predictions` |
+//! | `Roberta` | `roberta`, `xlm-roberta`, `camembert`| from ids, after pad  | `lm_head`, exact GELU |
+
+use serde::{Deserialize, Serialize};
+
+use crate::Activation;
+
+/// A family of encoders sharing BERT's post-LayerNorm block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Family {
+    /// BERT (`BertForPreTraining`, `BertForMaskedLM`, `BertModel`).
+    #[default]
+    Bert,
+    /// RoBERTa, XLM-RoBERTa and CamemBERT: BERT's layers under `roberta.*`, an `lm_head.*`
+    /// MLM head and no next-sentence head.
+    Roberta,
+}
+
+/// How the row of the position-embedding table is chosen for each token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Positions {
+    /// Position `i` uses row `i`, whatever the token: BERT.
+    #[default]
+    Absolute,
+    /// RoBERTa's `create_position_ids_from_input_ids`: the non-padding tokens of a row are
+    /// numbered `padding_idx + 1, padding_idx + 2, ...` in order, and every padding token (id
+    /// `padding_idx`, wherever it sits) uses row `padding_idx`. The table therefore has
+    /// `n_ctx + padding_idx + 1` rows.
+    FromIds {
+        /// The padding token's id, which is also the padding row of the table.
+        padding_idx: usize,
+    },
+}
+
+impl Positions {
+    /// Rows of the position-embedding table for a context of `n_ctx` tokens.
+    pub fn table_rows(self, n_ctx: usize) -> usize {
+        match self {
+            Positions::Absolute => n_ctx,
+            Positions::FromIds { padding_idx } => n_ctx + padding_idx + 1,
+        }
+    }
+
+    /// The table row of every token of `tokens` (`[batch, pos]`, row-major).
+    pub fn ids(self, tokens: &[i64], pos: usize) -> Vec<u32> {
+        match self {
+            Positions::Absolute => (0..tokens.len()).map(|i| (i % pos) as u32).collect(),
+            Positions::FromIds { padding_idx } => {
+                let pad = padding_idx as i64;
+                let mut out = Vec::with_capacity(tokens.len());
+                for row in tokens.chunks(pos) {
+                    let mut seen = 0;
+                    for &token in row {
+                        if token == pad {
+                            out.push(padding_idx as u32);
+                        } else {
+                            seen += 1;
+                            out.push((padding_idx + seen) as u32);
+                        }
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+impl Family {
+    /// The family's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Bert => "BERT",
+            Family::Roberta => "RoBERTa",
+        }
+    }
+
+    /// The name a checkpoint of this family gives the weight that BERT calls `canonical`, or
+    /// `None` when the family has no such weight (RoBERTa has no next-sentence head).
+    pub fn checkpoint_name(self, canonical: &str) -> Option<String> {
+        match self {
+            Family::Bert => Some(canonical.to_string()),
+            Family::Roberta => {
+                if let Some(rest) = canonical.strip_prefix("bert.") {
+                    return Some(format!("roberta.{rest}"));
+                }
+                const HEAD: [(&str, &str); 4] = [
+                    ("cls.predictions.transform.dense.", "lm_head.dense."),
+                    (
+                        "cls.predictions.transform.LayerNorm.",
+                        "lm_head.layer_norm.",
+                    ),
+                    ("cls.predictions.decoder.", "lm_head.decoder."),
+                    ("cls.predictions.bias", "lm_head.bias"),
+                ];
+                for (bert, roberta) in HEAD {
+                    if let Some(rest) = canonical.strip_prefix(bert) {
+                        return Some(format!("{roberta}{rest}"));
+                    }
+                }
+                if canonical.starts_with("cls.") {
+                    None
+                } else {
+                    Some(canonical.to_string())
+                }
+            }
+        }
+    }
+
+    /// The MLM head's weights as a checkpoint names them, for messages.
+    pub fn mlm_head_weights(self) -> &'static str {
+        match self {
+            Family::Bert => "cls.predictions.*",
+            Family::Roberta => "lm_head.*",
+        }
+    }
+
+    /// The activation between the MLM head's dense layer and its LayerNorm: BERT uses the
+    /// config's `hidden_act`; RoBERTa's `lm_head` always applies exact GELU.
+    pub fn mlm_head_act(self, act_fn: Activation) -> Activation {
+        match self {
+            Family::Bert => act_fn,
+            Family::Roberta => Activation::Gelu,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roberta_positions_count_non_padding_tokens_after_the_padding_row() {
+        // Two rows of 5 with padding id 1: right padding, and a pad in the middle, which
+        // Hugging Face also skips when numbering.
+        let tokens = [0, 7, 8, 2, 1, 0, 1, 9, 2, 1];
+        let ids = Positions::FromIds { padding_idx: 1 }.ids(&tokens, 5);
+        assert_eq!(ids, [2, 3, 4, 5, 1, 2, 1, 3, 4, 1]);
+        assert_eq!(
+            Positions::Absolute.ids(&tokens, 5),
+            [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
+        );
+        assert_eq!(Positions::FromIds { padding_idx: 1 }.table_rows(512), 514);
+    }
+
+    #[test]
+    fn roberta_names_its_weights_as_hugging_face_does() {
+        let name = |n: &str| Family::Roberta.checkpoint_name(n);
+        assert_eq!(
+            name("bert.encoder.layer.3.attention.self.query.weight").as_deref(),
+            Some("roberta.encoder.layer.3.attention.self.query.weight")
+        );
+        assert_eq!(
+            name("cls.predictions.transform.LayerNorm.weight").as_deref(),
+            Some("lm_head.layer_norm.weight")
+        );
+        assert_eq!(
+            name("cls.predictions.bias").as_deref(),
+            Some("lm_head.bias")
+        );
+        assert_eq!(name("cls.seq_relationship.weight"), None);
+        assert_eq!(
+            Family::Bert
+                .checkpoint_name("cls.predictions.bias")
+                .as_deref(),
+            Some("cls.predictions.bias")
+        );
+    }
+}

@@ -1,0 +1,243 @@
+"""Encoder families beyond BERT: RoBERTa, XLM-RoBERTa and CamemBERT (one family in the core),
+each against Hugging Face ``transformers``' own class for it on the same tiny random weights."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import WORDS, assert_half_parity, make_roberta_checkpoint
+from hooked_encoder import HookedEncoder, HookedEncoderConfig
+from test_parity import check_every_hook, close, hf_run
+
+
+def reference_positions(tokens: np.ndarray, pad: int) -> np.ndarray:
+    """RoBERTa's position ids, re-derived from its definition: non-padding tokens numbered
+    ``pad + 1, pad + 2, ...``, padding tokens ``pad``."""
+    real = tokens != pad
+    return np.cumsum(real, axis=1) * real + pad
+
+
+@pytest.fixture(scope="module")
+def roberta_model(roberta_checkpoint):
+    return HookedEncoder.from_pretrained(roberta_checkpoint.path)
+
+
+def test_logits_and_hidden_states_match_hugging_face(roberta_checkpoint, roberta_model):
+    ck, model = roberta_checkpoint, roberta_model
+    assert model.cfg.model_type == ck.config.model_type
+    assert model.cfg.original_architecture == type(ck.hf).__name__
+    # The two rows before the first position (padding_idx + 1) are not context.
+    assert model.cfg.n_ctx == ck.config.max_position_embeddings - 2
+    tokens, types, mask = ck.batch(seed=1, batch=4, pos=model.cfg.n_ctx)
+    out, _ = hf_run(ck, tokens, types, mask)
+    logits, cache = model.run_with_cache(tokens, one_zero_attention_mask=mask)
+    close(logits, out.logits)
+    close(cache["hook_full_embed"], out.hidden_states[0])
+    for i in range(ck.config.num_hidden_layers):
+        close(cache["normalized_resid_post", i], out.hidden_states[i + 1])
+    close(model.encoder_output(tokens, None, mask), out.hidden_states[-1])
+
+
+def test_every_hook_matches_hugging_face(roberta_checkpoint, roberta_model):
+    check_every_hook(roberta_checkpoint, roberta_model)
+
+
+def test_positions_are_numbered_from_the_ids_as_hugging_face_does(
+    roberta_checkpoint, roberta_model
+):
+    """Padding tokens use the padding row wherever they are, and the tokens after a padding
+    token in the middle of a row keep counting from where the row left off."""
+    ck, model = roberta_checkpoint, roberta_model
+    pad = ck.config.pad_token_id
+    tokens = np.array([[0, 7, 8, 9, 2, pad, pad], [0, 7, pad, 8, 9, 10, 2]])
+    positions = reference_positions(tokens, pad)
+    assert positions.tolist()[1] == [2, 3, 1, 4, 5, 6, 7]
+    _, cache = model.run_with_cache(tokens, names_filter="embed.hook_pos_embed")
+    close(cache["embed.hook_pos_embed"], model.W_pos[positions], atol=0, rtol=0)
+    with torch.no_grad():
+        hf = ck.hf(torch.tensor(tokens)).logits.numpy()
+    close(model(tokens), hf)
+
+
+def test_a_zeroed_head_matches_the_same_edit_inside_hugging_face(roberta_checkpoint, roberta_model):
+    ck, model = roberta_checkpoint, roberta_model
+    layer, head = 1, 2
+    d_head = ck.config.hidden_size // ck.config.num_attention_heads
+    tokens, _, mask = ck.batch(seed=3)
+
+    def zero_head(z, hook):
+        z[:, :, head] = 0
+        return z
+
+    ours = model.run_with_hooks(
+        tokens,
+        one_zero_attention_mask=mask,
+        fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero_head)],
+    )
+
+    def zero_columns(module, args):  # the input of the output projection is z, heads side by side
+        z = args[0].clone()
+        z[..., head * d_head : (head + 1) * d_head] = 0
+        return (z,)
+
+    dense = ck.hf.base_model.encoder.layer[layer].attention.output.dense
+    handle = dense.register_forward_pre_hook(zero_columns)
+    try:
+        with torch.no_grad():
+            theirs = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+    finally:
+        handle.remove()
+    close(ours, theirs)
+    assert np.abs(ours - model(tokens, one_zero_attention_mask=mask)).max() > 1e-3
+
+
+def test_gradients_match_torch_autograd(roberta_checkpoint, roberta_model):
+    """The backward through the family's MLM head (exact GELU whatever hidden_act says) and
+    every block, against torch autograd on Hugging Face's model."""
+    ck, model = roberta_checkpoint, roberta_model
+    tokens, _, mask = ck.batch(seed=4)
+    projection = np.random.default_rng(0).normal(size=(*tokens.shape, ck.config.vocab_size))
+    projection = projection.astype(np.float32)
+    names = ["embed.hook_embed", "blocks.1.hook_resid_pre", "blocks.0.attn.hook_pattern"]
+    grads = model.grad(tokens, grad_output=projection, names=names, one_zero_attention_mask=mask)
+
+    kept = {}
+
+    def keep(name):
+        def fn(module, args, output):
+            tensor = output[0] if isinstance(output, tuple) else output
+            tensor.retain_grad()
+            kept[name] = tensor
+
+        return fn
+
+    hf = ck.hf
+    handle = hf.base_model.embeddings.word_embeddings.register_forward_hook(keep("embed"))
+    try:
+        out = hf(
+            torch.tensor(tokens),
+            attention_mask=torch.tensor(mask),
+            output_hidden_states=True,
+            output_attentions=True,
+        )
+    finally:
+        handle.remove()
+    out.hidden_states[1].retain_grad()
+    out.attentions[0].retain_grad()
+    (out.logits * torch.tensor(projection)).sum().backward()
+    hf.zero_grad(set_to_none=True)
+    tol = {"atol": 1e-5, "rtol": 1e-4}
+    close(grads["embed.hook_embed"], kept["embed"].grad.numpy(), **tol)
+    close(grads["blocks.1.hook_resid_pre"], out.hidden_states[1].grad.numpy(), **tol)
+    close(grads["blocks.0.attn.hook_pattern"], out.attentions[0].grad.numpy(), **tol)
+
+
+def test_the_base_model_loads_with_its_pooler_and_without_a_head(tmp_path):
+    ck = make_roberta_checkpoint(tmp_path, "xlm-roberta", base=True, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tensor, the pooler's too, is used
+        model = HookedEncoder.from_pretrained(tmp_path)
+    assert not model.has_mlm_head
+    tokens, _, mask = ck.batch(seed=6)
+    with torch.no_grad():
+        out = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask))
+    close(model.encoder_output(tokens, None, mask), out.last_hidden_state)
+    with pytest.raises(Exception, match="no MLM head .*lm_head"):
+        model(tokens)
+
+
+def test_pickling_and_half_precision(roberta_checkpoint, roberta_model):
+    ck, model = roberta_checkpoint, roberta_model
+    tokens, _, mask = ck.batch(seed=7)
+    again = pickle.loads(pickle.dumps(model))
+    assert again.cfg == model.cfg
+    np.testing.assert_array_equal(again(tokens), model(tokens))
+    half = HookedEncoder.from_pretrained(ck.path, dtype="bfloat16")
+    with torch.no_grad():
+        hf32 = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+        hf_half = (
+            ck.hf.to(torch.bfloat16)(torch.tensor(tokens), attention_mask=torch.tensor(mask))
+            .logits.float()
+            .numpy()
+        )
+        ck.hf.to(torch.float32)
+    ours = half(tokens, one_zero_attention_mask=mask)
+    assert_half_parity(np.asarray(ours, dtype=np.float32), hf_half, hf32, "bfloat16")
+
+
+def write_roberta_tokenizer(directory, vocab_size: int) -> list[str]:
+    """A word-level tokenizer with RoBERTa's special tokens (ids 0-4: ``<s> <pad> </s> <unk>
+    <mask>``) and its ``<s> A </s>`` template; returns the vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", "<mask>", *WORDS]
+    vocab += [f"w{i}" for i in range(vocab_size - len(vocab))]
+    tokenizer = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer.add_special_tokens(vocab[:5])
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return vocab
+
+
+def test_text_input_uses_the_family_s_special_tokens(tmp_path):
+    ck = make_roberta_checkpoint(tmp_path, "roberta", seed=8)
+    vocab = write_roberta_tokenizer(tmp_path, ck.config.vocab_size)
+    model = HookedEncoder.from_pretrained(tmp_path)
+    texts = ["the cat <mask> on the mat", "a dog"]
+    tokens, types, mask = model.to_tokens(texts)
+    ids = [vocab.index(w) for w in ["<s>", "the", "cat", "<mask>", "on", "the", "mat", "</s>"]]
+    assert tokens[0].tolist() == ids
+    # Padded with <pad> (id 1, the padding row of the position table), not [PAD]'s usual 0.
+    assert tokens[1].tolist() == [0, vocab.index("a"), vocab.index("dog"), 2, 1, 1, 1, 1]
+    assert model.tokenizer.mask_token_id == 4
+    np.testing.assert_array_equal(mask, tokens != 1)
+    np.testing.assert_array_equal(types, 0)  # one token type
+    with torch.no_grad():
+        hf = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+    close(model(texts), hf)
+    predicted = model(texts[:1], return_type="predictions")
+    assert predicted == vocab[int(hf[0, 3].argmax())]
+
+
+def test_a_config_built_by_hand_is_a_roberta_model_with_fresh_weights():
+    cfg = HookedEncoderConfig(
+        d_model=16,
+        d_head=8,
+        n_layers=1,
+        n_ctx=6,
+        d_vocab=20,
+        n_token_types=1,
+        model_type="xlm-roberta",
+        padding_idx=1,
+        seed=0,
+    )
+    model = HookedEncoder(cfg)
+    assert model.W_pos.shape == (6 + 2, 16)  # n_ctx + padding_idx + 1 rows
+    assert "nsp_head.W" not in model.state_dict()
+    assert model(np.array([[0, 5, 6, 7, 8, 2]])).shape == (1, 6, 20)
+    with pytest.raises(ValueError, match="sequence length 7 is longer"):
+        model(np.array([[0, 5, 6, 7, 8, 9, 2]]))
+    with pytest.raises(TypeError, match="needs padding_idx"):
+        HookedEncoderConfig(
+            d_model=16, d_head=8, n_layers=1, n_ctx=6, d_vocab=20, model_type="roberta"
+        )
+
+
+def test_unknown_model_types_are_refused_naming_the_supported_ones(tmp_path, checkpoint):
+    config = json.loads((checkpoint.path / "config.json").read_text())
+    for name in ("config.json", "model.safetensors"):
+        (tmp_path / name).write_bytes((checkpoint.path / name).read_bytes())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "deberta-v2"}))
+    with pytest.raises(ValueError, match=r"'deberta-v2' is not supported; supported: .*'roberta'"):
+        HookedEncoder.from_pretrained(tmp_path)
+    # BERT weights under a RoBERTa config are not silently loaded.
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))
+    with pytest.raises(Exception, match="holds no RoBERTa weights"):
+        HookedEncoder.from_pretrained(tmp_path)
