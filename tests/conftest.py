@@ -53,7 +53,7 @@ class Checkpoint:
         lengths = np.linspace(3, pos, batch).round().astype(int)
         mask = (np.arange(pos)[None, :] < lengths[:, None]).astype(np.int64)
         types = (np.arange(pos)[None, :] >= (lengths[:, None] // 2)).astype(np.int64) * mask
-        if self.config.type_vocab_size == 1:
+        if getattr(self.config, "type_vocab_size", 0) <= 1:  # DistilBERT has none
             types = np.zeros_like(types)
         if self.config.model_type != "bert":
             pad = self.config.pad_token_id
@@ -158,12 +158,36 @@ def make_roberta_checkpoint(
     return Checkpoint(directory, model, config)
 
 
-@pytest.fixture(scope="session", params=sorted(ROBERTA_FAMILY))
-def roberta_checkpoint(request, tmp_path_factory) -> Checkpoint:
-    """A tiny masked-LM checkpoint of each RoBERTa-family model_type (the wide shape)."""
-    return make_roberta_checkpoint(
-        tmp_path_factory.mktemp(request.param), request.param, "wide", seed=11
+def make_distilbert_checkpoint(
+    directory: Path, shape: str = "small", base: bool = False, seed: int = 0, **overrides
+) -> Checkpoint:
+    """A tiny DistilBERT checkpoint (``DistilBertForMaskedLM``, or ``DistilBertModel``)."""
+    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
+    config = transformers.DistilBertConfig(
+        vocab_size=vocab,
+        dim=hidden,
+        n_heads=heads,
+        n_layers=layers,
+        hidden_dim=inter,
+        max_position_embeddings=positions,
+        activation="gelu",
+        attn_implementation="eager",
+        **overrides,
     )
+    torch.manual_seed(seed)
+    cls = transformers.DistilBertModel if base else transformers.DistilBertForMaskedLM
+    model = randomize(cls(config))
+    model.save_pretrained(directory, safe_serialization=True)
+    return Checkpoint(directory, model, config)
+
+
+@pytest.fixture(scope="session", params=[*sorted(ROBERTA_FAMILY), "distilbert"])
+def family_checkpoint(request, tmp_path_factory) -> Checkpoint:
+    """A tiny masked-LM checkpoint (the wide shape) of each model_type beyond BERT."""
+    directory = tmp_path_factory.mktemp(request.param)
+    if request.param == "distilbert":
+        return make_distilbert_checkpoint(directory, "wide", seed=11)
+    return make_roberta_checkpoint(directory, request.param, "wide", seed=11)
 
 
 @pytest.fixture(scope="session")

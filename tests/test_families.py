@@ -1,5 +1,6 @@
-"""Encoder families beyond BERT: RoBERTa, XLM-RoBERTa and CamemBERT (one family in the core),
-each against Hugging Face ``transformers``' own class for it on the same tiny random weights."""
+"""Encoder families beyond BERT: RoBERTa, XLM-RoBERTa and CamemBERT (one family in the core)
+and DistilBERT, each against Hugging Face ``transformers``' own class for it on the same tiny
+random weights."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import WORDS, assert_half_parity, make_roberta_checkpoint
+from conftest import (
+    WORDS,
+    assert_half_parity,
+    make_distilbert_checkpoint,
+    make_roberta_checkpoint,
+)
 from hooked_encoder import HookedEncoder, HookedEncoderConfig
-from test_parity import check_every_hook, close, hf_run
+from test_parity import check_every_hook, close, hf_modules, hf_run
 
 
 def reference_positions(tokens: np.ndarray, pad: int) -> np.ndarray:
@@ -24,16 +30,19 @@ def reference_positions(tokens: np.ndarray, pad: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def roberta_model(roberta_checkpoint):
-    return HookedEncoder.from_pretrained(roberta_checkpoint.path)
+def family_model(family_checkpoint):
+    return HookedEncoder.from_pretrained(family_checkpoint.path)
 
 
-def test_logits_and_hidden_states_match_hugging_face(roberta_checkpoint, roberta_model):
-    ck, model = roberta_checkpoint, roberta_model
+def test_logits_and_hidden_states_match_hugging_face(family_checkpoint, family_model):
+    ck, model = family_checkpoint, family_model
     assert model.cfg.model_type == ck.config.model_type
     assert model.cfg.original_architecture == type(ck.hf).__name__
-    # The two rows before the first position (padding_idx + 1) are not context.
-    assert model.cfg.n_ctx == ck.config.max_position_embeddings - 2
+    if model.cfg.family == "roberta":
+        # The two rows before the first position (padding_idx + 1) are not context.
+        assert model.cfg.n_ctx == ck.config.max_position_embeddings - 2
+    else:
+        assert model.cfg.n_ctx == ck.config.max_position_embeddings
     tokens, types, mask = ck.batch(seed=1, batch=4, pos=model.cfg.n_ctx)
     out, _ = hf_run(ck, tokens, types, mask)
     logits, cache = model.run_with_cache(tokens, one_zero_attention_mask=mask)
@@ -44,16 +53,15 @@ def test_logits_and_hidden_states_match_hugging_face(roberta_checkpoint, roberta
     close(model.encoder_output(tokens, None, mask), out.hidden_states[-1])
 
 
-def test_every_hook_matches_hugging_face(roberta_checkpoint, roberta_model):
-    check_every_hook(roberta_checkpoint, roberta_model)
+def test_every_hook_matches_hugging_face(family_checkpoint, family_model):
+    check_every_hook(family_checkpoint, family_model)
 
 
-def test_positions_are_numbered_from_the_ids_as_hugging_face_does(
-    roberta_checkpoint, roberta_model
-):
+def test_positions_are_numbered_from_the_ids_as_hugging_face_does(tmp_path):
     """Padding tokens use the padding row wherever they are, and the tokens after a padding
     token in the middle of a row keep counting from where the row left off."""
-    ck, model = roberta_checkpoint, roberta_model
+    ck = make_roberta_checkpoint(tmp_path, "roberta", seed=9)
+    model = HookedEncoder.from_pretrained(tmp_path)
     pad = ck.config.pad_token_id
     tokens = np.array([[0, 7, 8, 9, 2, pad, pad], [0, 7, pad, 8, 9, 10, 2]])
     positions = reference_positions(tokens, pad)
@@ -65,8 +73,8 @@ def test_positions_are_numbered_from_the_ids_as_hugging_face_does(
     close(model(tokens), hf)
 
 
-def test_a_zeroed_head_matches_the_same_edit_inside_hugging_face(roberta_checkpoint, roberta_model):
-    ck, model = roberta_checkpoint, roberta_model
+def test_a_zeroed_head_matches_the_same_edit_inside_hugging_face(family_checkpoint, family_model):
+    ck, model = family_checkpoint, family_model
     layer, head = 1, 2
     d_head = ck.config.hidden_size // ck.config.num_attention_heads
     tokens, _, mask = ck.batch(seed=3)
@@ -86,8 +94,8 @@ def test_a_zeroed_head_matches_the_same_edit_inside_hugging_face(roberta_checkpo
         z[..., head * d_head : (head + 1) * d_head] = 0
         return (z,)
 
-    dense = ck.hf.base_model.encoder.layer[layer].attention.output.dense
-    handle = dense.register_forward_pre_hook(zero_columns)
+    output_projection, _ = hf_modules(ck.hf)[f"{layer}.z"]  # its input is z
+    handle = output_projection.register_forward_pre_hook(zero_columns)
     try:
         with torch.no_grad():
             theirs = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
@@ -97,10 +105,10 @@ def test_a_zeroed_head_matches_the_same_edit_inside_hugging_face(roberta_checkpo
     assert np.abs(ours - model(tokens, one_zero_attention_mask=mask)).max() > 1e-3
 
 
-def test_gradients_match_torch_autograd(roberta_checkpoint, roberta_model):
-    """The backward through the family's MLM head (exact GELU whatever hidden_act says) and
-    every block, against torch autograd on Hugging Face's model."""
-    ck, model = roberta_checkpoint, roberta_model
+def test_gradients_match_torch_autograd(family_checkpoint, family_model):
+    """The backward through the family's MLM head (RoBERTa's: exact GELU whatever hidden_act
+    says) and every block, against torch autograd on Hugging Face's model."""
+    ck, model = family_checkpoint, family_model
     tokens, _, mask = ck.batch(seed=4)
     projection = np.random.default_rng(0).normal(size=(*tokens.shape, ck.config.vocab_size))
     projection = projection.astype(np.float32)
@@ -138,8 +146,13 @@ def test_gradients_match_torch_autograd(roberta_checkpoint, roberta_model):
     close(grads["blocks.0.attn.hook_pattern"], out.attentions[0].grad.numpy(), **tol)
 
 
-def test_the_base_model_loads_with_its_pooler_and_without_a_head(tmp_path):
-    ck = make_roberta_checkpoint(tmp_path, "xlm-roberta", base=True, seed=5)
+@pytest.mark.parametrize("model_type", ["xlm-roberta", "distilbert"])
+def test_the_base_model_loads_with_its_pooler_and_without_a_head(tmp_path, model_type):
+    ck = (
+        make_distilbert_checkpoint(tmp_path, base=True, seed=5)
+        if model_type == "distilbert"
+        else make_roberta_checkpoint(tmp_path, model_type, base=True, seed=5)
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every tensor, the pooler's too, is used
         model = HookedEncoder.from_pretrained(tmp_path)
@@ -148,12 +161,12 @@ def test_the_base_model_loads_with_its_pooler_and_without_a_head(tmp_path):
     with torch.no_grad():
         out = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask))
     close(model.encoder_output(tokens, None, mask), out.last_hidden_state)
-    with pytest.raises(Exception, match="no MLM head .*lm_head"):
+    with pytest.raises(ValueError, match="no MLM head .*(lm_head|vocab_projector)"):
         model(tokens)
 
 
-def test_pickling_and_half_precision(roberta_checkpoint, roberta_model):
-    ck, model = roberta_checkpoint, roberta_model
+def test_pickling_and_half_precision(family_checkpoint, family_model):
+    ck, model = family_checkpoint, family_model
     tokens, _, mask = ck.batch(seed=7)
     again = pickle.loads(pickle.dumps(model))
     assert again.cfg == model.cfg
@@ -241,3 +254,23 @@ def test_unknown_model_types_are_refused_naming_the_supported_ones(tmp_path, che
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "roberta"}))
     with pytest.raises(Exception, match="holds no RoBERTa weights"):
         HookedEncoder.from_pretrained(tmp_path)
+
+
+def test_distilbert_has_no_token_types(tmp_path):
+    ck = make_distilbert_checkpoint(tmp_path, seed=12)
+    model = HookedEncoder.from_pretrained(tmp_path)
+    assert model.cfg.n_token_types == 0
+    assert "embed.hook_token_type_embed" not in model.hook_dict
+    assert "embed.token_type_embed.W_token_type" not in model.state_dict()
+    tokens, _, mask = ck.batch(seed=13)
+    zeros = np.zeros_like(tokens)
+    # All-zero type ids, as a tokenizer gives, change nothing; others are refused.
+    np.testing.assert_array_equal(model(tokens, token_type_ids=zeros), model(tokens))
+    with pytest.raises(ValueError, match="no token types"):
+        model(tokens, token_type_ids=zeros + 1)
+    _, cache = model.run_with_cache(tokens, one_zero_attention_mask=mask)
+    stack, labels = cache.decompose_resid(layer=0, return_labels=True)
+    assert labels == ["embed", "pos_embed"]
+    close(stack.sum(0), cache["embed.hook_embed"] + cache["embed.hook_pos_embed"])
+    with pytest.raises(ValueError, match="n_token_types must be 0"):
+        HookedEncoder(dict(model.cfg.to_dict(), n_token_types=2))

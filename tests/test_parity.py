@@ -56,6 +56,63 @@ def close(ours, theirs, atol=ATOL, rtol=RTOL):
     np.testing.assert_allclose(ours, np.asarray(theirs), atol=atol, rtol=rtol)
 
 
+def has_token_types(hf_model) -> bool:
+    return hasattr(hf_model.base_model.embeddings, "token_type_embeddings")
+
+
+def hf_modules(model) -> dict[str, tuple[torch.nn.Module, bool]]:
+    """The modules of a Hugging Face model whose output (or, with True, input) is each
+    intermediate: BERT and RoBERTa share module names; DistilBERT has its own."""
+    base, out = model.base_model, {}
+    emb = base.embeddings
+    out["word"] = (emb.word_embeddings, False)
+    out["pos"] = (emb.position_embeddings, False)
+    if has_token_types(model):
+        out["type"] = (emb.token_type_embeddings, False)
+    out["embed_ln_in"] = (emb.LayerNorm, True)
+    if hasattr(base, "transformer"):  # DistilBERT
+        for i, layer in enumerate(base.transformer.layer):
+            att, ffn = layer.attention, layer.ffn
+            out |= {
+                f"{i}.q": (att.q_lin, False),
+                f"{i}.k": (att.k_lin, False),
+                f"{i}.v": (att.v_lin, False),
+                f"{i}.attn_out": (att.out_lin, False),
+                f"{i}.z": (att.out_lin, True),
+                f"{i}.resid_mid": (layer.sa_layer_norm, True),
+                f"{i}.pre": (ffn.lin1, False),
+                f"{i}.post": (ffn.lin2, True),
+                f"{i}.mlp_out": (ffn.lin2, False),
+                f"{i}.resid_post": (layer.output_layer_norm, True),
+            }
+    else:
+        for i, layer in enumerate(base.encoder.layer):
+            att = layer.attention
+            out |= {
+                f"{i}.q": (att.self.query, False),
+                f"{i}.k": (att.self.key, False),
+                f"{i}.v": (att.self.value, False),
+                f"{i}.attn_out": (att.output.dense, False),
+                f"{i}.z": (att.output.dense, True),
+                f"{i}.resid_mid": (att.output.LayerNorm, True),
+                f"{i}.pre": (layer.intermediate.dense, False),
+                f"{i}.post": (layer.intermediate, False),
+                f"{i}.mlp_out": (layer.output.dense, False),
+                f"{i}.resid_post": (layer.output.LayerNorm, True),
+            }
+    head_ln = (
+        model.cls.predictions.transform.LayerNorm
+        if hasattr(model, "cls")
+        else model.lm_head.layer_norm
+        if hasattr(model, "lm_head")
+        else getattr(model, "vocab_layer_norm", None)
+    )
+    if head_ln is not None:
+        out["mlm_ln_in"] = (head_ln, True)
+        out["unembed_in"] = (head_ln, False)
+    return out
+
+
 def hf_run(ck, tokens, types, mask, model=None):
     """HF forward with every intermediate captured by torch forward hooks."""
     model = model or ck.hf
@@ -68,48 +125,17 @@ def hf_run(ck, tokens, types, mask, model=None):
 
         return fn
 
-    bert = model.base_model  # BertModel or RobertaModel (the same layers)
-    emb = bert.embeddings
-    handles += [
-        emb.word_embeddings.register_forward_hook(keep("word")),
-        emb.position_embeddings.register_forward_hook(keep("pos")),
-        emb.token_type_embeddings.register_forward_hook(keep("type")),
-        emb.LayerNorm.register_forward_hook(keep("embed_ln_in", True)),
-    ]
-    for i, layer in enumerate(bert.encoder.layer):
-        att = layer.attention
-        handles += [
-            att.self.query.register_forward_hook(keep(f"{i}.q")),
-            att.self.key.register_forward_hook(keep(f"{i}.k")),
-            att.self.value.register_forward_hook(keep(f"{i}.v")),
-            att.output.dense.register_forward_hook(keep(f"{i}.attn_out")),
-            att.output.dense.register_forward_hook(keep(f"{i}.z", True)),
-            att.output.LayerNorm.register_forward_hook(keep(f"{i}.resid_mid", True)),
-            layer.intermediate.dense.register_forward_hook(keep(f"{i}.pre")),
-            layer.intermediate.register_forward_hook(keep(f"{i}.post")),
-            layer.output.dense.register_forward_hook(keep(f"{i}.mlp_out")),
-            layer.output.LayerNorm.register_forward_hook(keep(f"{i}.resid_post", True)),
-        ]
-    head_ln = (
-        model.cls.predictions.transform.LayerNorm
-        if hasattr(model, "cls")
-        else model.lm_head.layer_norm
-        if hasattr(model, "lm_head")
-        else None
-    )
-    if head_ln is not None:
-        handles += [
-            head_ln.register_forward_hook(keep("mlm_ln_in", True)),
-            head_ln.register_forward_hook(keep("unembed_in")),
-        ]
+    for name, (module, use_input) in hf_modules(model).items():
+        handles.append(module.register_forward_hook(keep(name, use_input)))
     try:
         with torch.no_grad():
+            typed = {"token_type_ids": torch.tensor(types)} if has_token_types(model) else {}
             out = model(
                 torch.tensor(tokens),
-                token_type_ids=torch.tensor(types),
                 attention_mask=torch.tensor(mask),
                 output_hidden_states=True,
                 output_attentions=True,
+                **typed,
             )
     finally:
         for h in handles:
@@ -161,7 +187,7 @@ def test_every_hook_matches_an_independent_computation(checkpoint, model):
 def check_every_hook(ck, model):
     """Every hook point of ``model`` against Hugging Face's model ``ck.hf`` (captured with torch
     hooks) or, where HF has no tensor, a float64 re-derivation from the ones it has."""
-    eps = ck.config.layer_norm_eps
+    eps = getattr(ck.config, "layer_norm_eps", 1e-12)  # DistilBERT: fixed 1e-12
     tokens, types, mask = ck.batch(seed=2)
     out, hf = hf_run(ck, tokens, types, mask)
     _, c = model.run_with_cache(tokens, token_type_ids=types, one_zero_attention_mask=mask)
@@ -170,7 +196,10 @@ def check_every_hook(ck, model):
 
     close(c["embed.hook_embed"], hf["word"])
     close(c["embed.hook_pos_embed"], np.broadcast_to(hf["pos"], c["embed.hook_pos_embed"].shape))
-    close(c["embed.hook_token_type_embed"], hf["type"])
+    if "type" in hf:
+        close(c["embed.hook_token_type_embed"], hf["type"])
+    else:
+        assert "embed.hook_token_type_embed" not in model.hook_dict
     scale, normalized = layer_norm_parts(hf["embed_ln_in"], eps)
     close(c["embed.ln.hook_scale"], scale, rtol=1e-5)
     close(c["embed.ln.hook_normalized"], normalized, atol=1e-4)

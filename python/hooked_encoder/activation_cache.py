@@ -626,11 +626,9 @@ class ActivationCache:
         index = _index(pos_slice, "pos_slice")
         names: list[tuple[str, str]] = []
         if incl_embeds:
-            names += [
-                ("embed", "embed.hook_embed"),
-                ("pos_embed", "embed.hook_pos_embed"),
-                ("token_type_embed", "embed.hook_token_type_embed"),
-            ]
+            names += [("embed", "embed.hook_embed"), ("pos_embed", "embed.hook_pos_embed")]
+            if "embed.hook_token_type_embed" in self.model.hook_dict:  # not in DistilBERT
+                names.append(("token_type_embed", "embed.hook_token_type_embed"))
         for lay in range(layer):
             if mode != "mlp":
                 names.append((f"{lay}_attn_out", f"blocks.{lay}.hook_attn_out"))

@@ -202,15 +202,16 @@ def _cmd_fill_mask(args: argparse.Namespace) -> None:
     model = _load(args.model)
     if not model.has_mlm_head:
         raise UserError(
-            f"{args.model} has no MLM head, so it cannot fill masks; use a "
-            "BertForMaskedLM or BertForPreTraining checkpoint"
+            f"{args.model} has no MLM head, so it cannot fill masks; use a checkpoint with one "
+            "(BertForMaskedLM, RobertaForMaskedLM, ...)"
         )
     tokens = model.to_tokens(args.text)[0]
     mask_id = model.tokenizer.mask_token_id
     positions = np.flatnonzero(tokens[0] == mask_id)
     if positions.size == 0:
-        raise UserError("the text has no [MASK] token")
+        raise UserError("the text has no mask token ([MASK], or <mask> for RoBERTa)")
     logits = model(tokens)[0]
+    mask_token = model.tokenizer.ids_to_tokens([mask_id])[0]
     for position in positions:
         row = logits[position].astype(np.float64)
         probs = np.exp(row - row.max())
@@ -218,7 +219,7 @@ def _cmd_fill_mask(args: argparse.Namespace) -> None:
         best = np.argsort(-probs)[: args.top_k]
         words = model.tokenizer.ids_to_tokens(list(best))
         print(
-            f"[MASK] at {position}: "
+            f"{mask_token} at {position}: "
             + ", ".join(f"{w} ({probs[i]:.3f})" for w, i in zip(words, best, strict=True))
         )
 

@@ -38,9 +38,22 @@ FAMILIES = {
     "roberta": "roberta",
     "xlm-roberta": "roberta",
     "camembert": "roberta",
+    "distilbert": "distilbert",
 }
 # The architecture assumed when config.json names none.
-_DEFAULT_ARCHITECTURE = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}
+_DEFAULT_ARCHITECTURE = {
+    "bert": "BertForMaskedLM",
+    "roberta": "RobertaForMaskedLM",
+    "distilbert": "DistilBertForMaskedLM",
+}
+# DistilBERT's config.json keys -> BERT's. Its LayerNorms use eps 1e-12, not a config key.
+_DISTILBERT_KEYS = {
+    "dim": "hidden_size",
+    "n_heads": "num_attention_heads",
+    "n_layers": "num_hidden_layers",
+    "hidden_dim": "intermediate_size",
+    "activation": "hidden_act",
+}
 
 # The Rust core's largest accepted size (MAX_DIM in rust/hooked_encoder_core/src/config.rs).
 _MAX_DIM = 1 << 24
@@ -113,7 +126,8 @@ class HookedEncoderConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"config field {name} must be an int, got {value!r}")
-            if value <= 0:
+            # n_token_types may be 0: no token-type embeddings (DistilBERT).
+            if value < 0 or (value == 0 and name != "n_token_types"):
                 raise ValueError(f"config field {name} must be positive, got {value}")
         for name in ("use_attn_result", "use_split_qkv_input", "use_hook_mlp_in"):
             if not isinstance(getattr(self, name), bool):
@@ -176,7 +190,10 @@ class HookedEncoderConfig:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], model_name: str = "custom") -> HookedEncoderConfig:
         """Converts a Hugging Face ``config.json`` (as a dict) of a supported ``model_type``
-        (BERT as TransformerLens does; RoBERTa, XLM-RoBERTa and CamemBERT alike)."""
+        (BERT as TransformerLens does; RoBERTa, XLM-RoBERTa, CamemBERT and DistilBERT alike)."""
+        if hf.get("model_type") == "distilbert":
+            renamed = {_DISTILBERT_KEYS.get(key, key): value for key, value in hf.items()}
+            hf = {"layer_norm_eps": 1e-12, **renamed}
         required = (
             "hidden_size",
             "num_attention_heads",
@@ -268,7 +285,7 @@ class HookedEncoderConfig:
             d_vocab=hf["vocab_size"],
             eps=eps,
             act_fn=act,
-            n_token_types=hf.get("type_vocab_size", 2),
+            n_token_types=0 if family == "distilbert" else hf.get("type_vocab_size", 2),
             model_name=model_name,
             tokenizer_name=model_name,
             original_architecture=str(architectures[0]),

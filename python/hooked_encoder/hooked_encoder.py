@@ -622,6 +622,13 @@ class HookedEncoder:
             types = _int_array(token_type_ids, "token_type_ids")
         if one_zero_attention_mask is not None:
             mask = _int_array(one_zero_attention_mask, "one_zero_attention_mask")
+        if types is not None and self.cfg.n_token_types == 0:
+            # A tokenizer's (or a pipeline's) all-zero type ids mean nothing here; others would.
+            if token_type_ids is not None and np.any(types):
+                raise ValueError(
+                    f"this {self.cfg.model_type} model has no token types; leave token_type_ids out"
+                )
+            types = None
         for what, array in (("token_type_ids", types), ("one_zero_attention_mask", mask)):
             if array is not None and array.shape != tokens.shape:
                 raise ValueError(

@@ -15,16 +15,18 @@ from .config import HookedEncoderConfig
 
 def tl_state_dict(hf: dict[str, np.ndarray], cfg: HookedEncoderConfig) -> dict[str, np.ndarray]:
     """TransformerLens state-dict keys and layouts from Hugging Face ``BertForPreTraining``
-    names. Heads the model lacks (MLM head, pooler, NSP head) are left out."""
+    names (the core's canonical names for every family). Parts the model lacks (token types,
+    MLM head, pooler, NSP head) are left out."""
     h, dh, d = cfg.n_heads, cfg.d_head, cfg.d_model
     e = "bert.embeddings"
     out = {
         "embed.embed.W_E": hf[f"{e}.word_embeddings.weight"],
         "embed.pos_embed.W_pos": hf[f"{e}.position_embeddings.weight"],
-        "embed.token_type_embed.W_token_type": hf[f"{e}.token_type_embeddings.weight"],
         "embed.ln.w": hf[f"{e}.LayerNorm.weight"],
         "embed.ln.b": hf[f"{e}.LayerNorm.bias"],
     }
+    if f"{e}.token_type_embeddings.weight" in hf:  # absent without token types (DistilBERT)
+        out["embed.token_type_embed.W_token_type"] = hf[f"{e}.token_type_embeddings.weight"]
     for layer in range(cfg.n_layers):
         p, b = f"bert.encoder.layer.{layer}", f"blocks.{layer}"
         for name, part in (("Q", "query"), ("K", "key"), ("V", "value")):

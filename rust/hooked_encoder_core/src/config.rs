@@ -48,7 +48,8 @@ pub struct BertConfig {
     pub n_ctx: usize,
     /// Vocabulary size.
     pub d_vocab: usize,
-    /// Number of token types (segment ids); 2 for BERT.
+    /// Number of token types (segment ids); 2 for BERT, 0 for a model without token-type
+    /// embeddings (DistilBERT), which then has no `hook_token_type_embed`.
     pub n_token_types: usize,
     /// LayerNorm epsilon.
     pub eps: f64,
@@ -95,7 +96,6 @@ impl BertConfig {
             ("n_layers", self.n_layers),
             ("n_ctx", self.n_ctx),
             ("d_vocab", self.d_vocab),
-            ("n_token_types", self.n_token_types),
         ];
         for (name, value) in sizes {
             if value == 0 || value > MAX_DIM {
@@ -103,6 +103,18 @@ impl BertConfig {
                     "{name} must be between 1 and {MAX_DIM}, got {value}"
                 )));
             }
+        }
+        if self.family == Family::Distilbert && self.n_token_types != 0 {
+            return Err(Error::Config(format!(
+                "DistilBERT has no token-type embeddings: n_token_types must be 0, got {}",
+                self.n_token_types
+            )));
+        }
+        if self.n_token_types > MAX_DIM {
+            return Err(Error::Config(format!(
+                "n_token_types must be at most {MAX_DIM}, got {}",
+                self.n_token_types
+            )));
         }
         if self.d_head * self.n_heads > MAX_DIM {
             return Err(Error::Config(format!(

@@ -10,6 +10,10 @@
 //! |-----------|--------------------------------------|----------------------|-----------------|
 //! | `Bert`    | `bert`                               | `0..pos`             | `cls.predictions` |
 //! | `Roberta` | `roberta`, `xlm-roberta`, `camembert`| from ids, after pad  | `lm_head`, exact GELU |
+//! | `Distilbert` | `distilbert`                      | `0..pos`             | `vocab_*` layers |
+//!
+//! DistilBERT also has no token types (`n_token_types` 0: no `hook_token_type_embed`) and no
+//! pooler.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +29,9 @@ pub enum Family {
     /// RoBERTa, XLM-RoBERTa and CamemBERT: BERT's layers under `roberta.*`, an `lm_head.*`
     /// MLM head and no next-sentence head.
     Roberta,
+    /// DistilBERT: BERT's post-LayerNorm block under other names (`q_lin`, `sa_layer_norm`,
+    /// `ffn.lin1`, ...), no token types, no pooler and no next-sentence head.
+    Distilbert,
 }
 
 /// How the row of the position-embedding table is chosen for each token.
@@ -83,6 +90,17 @@ impl Family {
         match self {
             Family::Bert => "BERT",
             Family::Roberta => "RoBERTa",
+            Family::Distilbert => "DistilBERT",
+        }
+    }
+
+    /// The prefix of encoder weights in the family's `...ForMaskedLM` checkpoints; base-model
+    /// checkpoints (`BertModel`, ...) name them without it.
+    pub fn encoder_prefix(self) -> &'static str {
+        match self {
+            Family::Bert => "bert.",
+            Family::Roberta => "roberta.",
+            Family::Distilbert => "distilbert.",
         }
     }
 
@@ -115,6 +133,7 @@ impl Family {
                     Some(canonical.to_string())
                 }
             }
+            Family::Distilbert => distilbert_name(canonical),
         }
     }
 
@@ -123,6 +142,7 @@ impl Family {
         match self {
             Family::Bert => "cls.predictions.*",
             Family::Roberta => "lm_head.*",
+            Family::Distilbert => "vocab_transform.*, vocab_layer_norm.*, vocab_projector.*",
         }
     }
 
@@ -132,8 +152,52 @@ impl Family {
         match self {
             Family::Bert => act_fn,
             Family::Roberta => Activation::Gelu,
+            Family::Distilbert => act_fn,
         }
     }
+}
+
+/// DistilBERT's name for a canonical weight (see [`Family::checkpoint_name`]).
+fn distilbert_name(canonical: &str) -> Option<String> {
+    const EMBEDDINGS: [(&str, &str); 3] = [
+        ("word_embeddings.", "word_embeddings."),
+        ("position_embeddings.", "position_embeddings."),
+        ("LayerNorm.", "LayerNorm."),
+    ];
+    const LAYER: [(&str, &str); 8] = [
+        ("attention.self.query.", "attention.q_lin."),
+        ("attention.self.key.", "attention.k_lin."),
+        ("attention.self.value.", "attention.v_lin."),
+        ("attention.output.dense.", "attention.out_lin."),
+        ("attention.output.LayerNorm.", "sa_layer_norm."),
+        ("intermediate.dense.", "ffn.lin1."),
+        ("output.dense.", "ffn.lin2."),
+        ("output.LayerNorm.", "output_layer_norm."),
+    ];
+    const HEAD: [(&str, &str); 3] = [
+        ("cls.predictions.transform.dense.", "vocab_transform."),
+        ("cls.predictions.transform.LayerNorm.", "vocab_layer_norm."),
+        ("cls.predictions.decoder.", "vocab_projector."),
+    ];
+    let rename = |name: &str, table: &[(&str, &str)], prefix: &str| {
+        table.iter().find_map(|(from, to)| {
+            name.strip_prefix(from)
+                .map(|rest| format!("{prefix}{to}{rest}"))
+        })
+    };
+    if let Some(rest) = canonical.strip_prefix("bert.embeddings.") {
+        return rename(rest, &EMBEDDINGS, "distilbert.embeddings.");
+    }
+    if let Some(rest) = canonical.strip_prefix("bert.encoder.layer.") {
+        let (layer, rest) = rest.split_once('.')?;
+        return rename(
+            rest,
+            &LAYER,
+            &format!("distilbert.transformer.layer.{layer}."),
+        );
+    }
+    // No pooler, no next-sentence head; the decoder's bias is its only output bias.
+    rename(canonical, &HEAD, "")
 }
 
 #[cfg(test)]
@@ -176,5 +240,38 @@ mod tests {
                 .as_deref(),
             Some("cls.predictions.bias")
         );
+    }
+
+    #[test]
+    fn distilbert_names_its_weights_as_hugging_face_does() {
+        let name = |n: &str| Family::Distilbert.checkpoint_name(n);
+        assert_eq!(
+            name("bert.encoder.layer.11.output.LayerNorm.weight").as_deref(),
+            Some("distilbert.transformer.layer.11.output_layer_norm.weight")
+        );
+        assert_eq!(
+            name("bert.encoder.layer.0.attention.output.dense.bias").as_deref(),
+            Some("distilbert.transformer.layer.0.attention.out_lin.bias")
+        );
+        assert_eq!(
+            name("bert.encoder.layer.2.output.dense.weight").as_deref(),
+            Some("distilbert.transformer.layer.2.ffn.lin2.weight")
+        );
+        assert_eq!(
+            name("bert.embeddings.LayerNorm.bias").as_deref(),
+            Some("distilbert.embeddings.LayerNorm.bias")
+        );
+        assert_eq!(
+            name("cls.predictions.decoder.bias").as_deref(),
+            Some("vocab_projector.bias")
+        );
+        for absent in [
+            "bert.embeddings.token_type_embeddings.weight",
+            "bert.pooler.dense.weight",
+            "cls.predictions.bias",
+            "cls.seq_relationship.weight",
+        ] {
+            assert_eq!(name(absent), None, "{absent}");
+        }
     }
 }

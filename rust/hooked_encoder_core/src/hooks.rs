@@ -5,7 +5,7 @@
 
 use candle_core::Tensor;
 
-use crate::{BertConfig, Result};
+use crate::{BertConfig, Family, Result};
 
 /// A hook point inside one transformer block, in firing order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -169,7 +169,18 @@ impl HookPoint {
             .into_iter()
             .chain(blocks)
             .chain(HEAD_POINTS)
+            .filter(|point| point.exists_in(cfg))
             .collect()
+    }
+
+    /// Whether a model with config `cfg` has this embedding or head point: no
+    /// `hook_token_type_embed` without token types, no next-sentence points outside BERT.
+    fn exists_in(self, cfg: &BertConfig) -> bool {
+        match self {
+            Self::TokenTypeEmbed => cfg.n_token_types > 0,
+            Self::PoolerOut | Self::NspOut => cfg.family == Family::Bert,
+            _ => true,
+        }
     }
 
     /// The full TransformerLens name, e.g. `blocks.0.attn.hook_pattern`.
@@ -207,7 +218,7 @@ impl HookPoint {
         EMBED_POINTS
             .into_iter()
             .chain(HEAD_POINTS)
-            .find(|point| point.name() == name)
+            .find(|point| point.name() == name && point.exists_in(cfg))
     }
 
     /// Dense index of this point among all possible points of a model with `n_layers` blocks

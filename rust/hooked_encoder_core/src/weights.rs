@@ -193,11 +193,13 @@ impl WeightMap {
             &[cfg.position_rows(), d],
             &mut map,
         )?;
-        normal(
-            format!("{e}.token_type_embeddings.weight"),
-            &[cfg.n_token_types, d],
-            &mut map,
-        )?;
+        if cfg.n_token_types > 0 {
+            normal(
+                format!("{e}.token_type_embeddings.weight"),
+                &[cfg.n_token_types, d],
+                &mut map,
+            )?;
+        }
         layer_norm(e, &mut map)?;
         for l in 0..cfg.n_layers {
             let p = format!("bert.encoder.layer.{l}");

@@ -31,19 +31,18 @@ impl HookedBert {
             }
         };
         let pos_embed = hook(hooks, HookPoint::PosEmbed, pos_embed)?;
-        let token_type_embed = match input.token_type_ids {
-            Some(types) => self
-                .token_type_embeddings
-                .index_select(&ids(types)?, 0)?
-                .reshape((b, p, d))?,
-            None => self
-                .token_type_embeddings
-                .narrow(0, 0, 1)?
-                .unsqueeze(0)?
-                .broadcast_as((b, p, d))?,
-        };
-        let token_type_embed = hook(hooks, HookPoint::TokenTypeEmbed, token_type_embed)?;
-        let sum = ((embed + pos_embed)? + token_type_embed)?;
+        let mut sum = (embed + pos_embed)?;
+        if let Some(table) = &self.token_type_embeddings {
+            let token_type_embed = match input.token_type_ids {
+                Some(types) => table.index_select(&ids(types)?, 0)?.reshape((b, p, d))?,
+                None => table
+                    .narrow(0, 0, 1)?
+                    .unsqueeze(0)?
+                    .broadcast_as((b, p, d))?,
+            };
+            let token_type_embed = hook(hooks, HookPoint::TokenTypeEmbed, token_type_embed)?;
+            sum = (sum + token_type_embed)?;
+        }
         let x = self.layer_norm(
             &sum,
             &self.embed_ln,
@@ -75,11 +74,10 @@ impl HookedBert {
             tape,
             hooks,
         )?;
-        for point in [
-            HookPoint::TokenTypeEmbed,
-            HookPoint::PosEmbed,
-            HookPoint::Embed,
-        ] {
+        if self.token_type_embeddings.is_some() {
+            grad_hook(hooks, HookPoint::TokenTypeEmbed, d_sum.clone())?;
+        }
+        for point in [HookPoint::PosEmbed, HookPoint::Embed] {
             grad_hook(hooks, point, d_sum.clone())?;
         }
         Ok(d_sum)

@@ -99,7 +99,8 @@ pub struct HookedBert {
     dtype: DType,
     word_embeddings: Tensor,
     position_embeddings: Tensor,
-    token_type_embeddings: Tensor,
+    /// Absent when the model has no token types (`n_token_types` 0: DistilBERT).
+    token_type_embeddings: Option<Tensor>,
     embed_ln: LayerNorm,
     blocks: Vec<Block>,
     mlm_head: Option<MlmHead>,
@@ -127,13 +128,16 @@ struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     fn new(source: &'a dyn TensorSource, family: Family, device: &'a Device) -> Result<Self> {
-        let word = "embeddings.word_embeddings.weight";
         let prefixed_word = family
-            .checkpoint_name(&format!("bert.{word}"))
+            .checkpoint_name("bert.embeddings.word_embeddings.weight")
             .unwrap_or_default();
+        let word = prefixed_word
+            .strip_prefix(family.encoder_prefix())
+            .unwrap_or(&prefixed_word)
+            .to_string();
         let prefixed = if source.contains(&prefixed_word) {
             true
-        } else if source.contains(word) {
+        } else if source.contains(&word) {
             false
         } else {
             let names = source.names();
@@ -168,12 +172,14 @@ impl<'a> Loader<'a> {
 
     /// The checkpoint's name for a canonical encoder weight (given without `bert.`).
     fn encoder_name(&self, name: &str) -> String {
+        let Some(full) = self.family.checkpoint_name(&format!("bert.{name}")) else {
+            return name.to_string(); // the family has no such weight: report the BERT name
+        };
         if self.prefixed {
-            self.family
-                .checkpoint_name(&format!("bert.{name}"))
-                .unwrap_or_else(|| name.to_string())
+            full
         } else {
-            name.to_string()
+            full.strip_prefix(self.family.encoder_prefix())
+                .map_or(full.clone(), str::to_string)
         }
     }
 
@@ -261,10 +267,14 @@ impl HookedBert {
             "embeddings.position_embeddings.weight",
             &[cfg.position_rows(), d],
         )?;
-        let token_type_embeddings = loader.encoder(
-            "embeddings.token_type_embeddings.weight",
-            &[cfg.n_token_types, d],
-        )?;
+        let token_type_embeddings = (cfg.n_token_types > 0)
+            .then(|| {
+                loader.encoder(
+                    "embeddings.token_type_embeddings.weight",
+                    &[cfg.n_token_types, d],
+                )
+            })
+            .transpose()?;
         let embed_ln = loader.layer_norm("embeddings.LayerNorm", d, false)?;
 
         let mut blocks = Vec::with_capacity(cfg.n_layers);
@@ -371,11 +381,10 @@ impl HookedBert {
                 format!("{e}.position_embeddings.weight"),
                 self.position_embeddings.clone(),
             ),
-            (
-                format!("{e}.token_type_embeddings.weight"),
-                self.token_type_embeddings.clone(),
-            ),
         ];
+        if let Some(table) = &self.token_type_embeddings {
+            tensors.push((format!("{e}.token_type_embeddings.weight"), table.clone()));
+        }
         let norm = |name: &str, ln: &LayerNorm| {
             [
                 (format!("{name}.LayerNorm.weight"), ln.weight.clone()),
@@ -482,7 +491,7 @@ impl HookedBert {
             dtype,
             word_embeddings: t(&self.word_embeddings)?,
             position_embeddings: t(&self.position_embeddings)?,
-            token_type_embeddings: t(&self.token_type_embeddings)?,
+            token_type_embeddings: self.token_type_embeddings.as_ref().map(t).transpose()?,
             embed_ln: norm(&self.embed_ln)?,
             blocks,
             mlm_head,
@@ -736,6 +745,12 @@ impl HookedBert {
         };
         check("tokens", input.tokens, self.cfg.d_vocab as i64)?;
         if let Some(types) = input.token_type_ids {
+            if self.cfg.n_token_types == 0 {
+                return Err(Error::Input(format!(
+                    "{} models have no token types; leave token_type_ids out",
+                    self.cfg.family.name()
+                )));
+            }
             check("token_type_ids", types, self.cfg.n_token_types as i64)?;
         }
         if let Some(mask) = input.attention_mask {
