@@ -181,12 +181,41 @@ def make_distilbert_checkpoint(
     return Checkpoint(directory, model, config)
 
 
-@pytest.fixture(scope="session", params=[*sorted(ROBERTA_FAMILY), "distilbert"])
+def make_mpnet_checkpoint(
+    directory: Path, shape: str = "small", base: bool = False, seed: int = 0, **overrides
+) -> Checkpoint:
+    """A tiny MPNet checkpoint (``MPNetForMaskedLM``, or ``MPNetModel`` with its pooler) with
+    transformers' 32 relative-position buckets and padding id 1."""
+    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
+    settings = {"max_position_embeddings": positions + 2, **overrides}
+    config = transformers.MPNetConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        relative_attention_num_buckets=32,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        attn_implementation="eager",
+        **settings,
+    )
+    torch.manual_seed(seed)
+    cls = transformers.MPNetModel if base else transformers.MPNetForMaskedLM
+    model = randomize(cls(config))
+    model.save_pretrained(directory, safe_serialization=True)
+    return Checkpoint(directory, model, config)
+
+
+@pytest.fixture(scope="session", params=[*sorted(ROBERTA_FAMILY), "distilbert", "mpnet"])
 def family_checkpoint(request, tmp_path_factory) -> Checkpoint:
     """A tiny masked-LM checkpoint (the wide shape) of each model_type beyond BERT."""
     directory = tmp_path_factory.mktemp(request.param)
     if request.param == "distilbert":
         return make_distilbert_checkpoint(directory, "wide", seed=11)
+    if request.param == "mpnet":
+        return make_mpnet_checkpoint(directory, "wide", seed=11)
     return make_roberta_checkpoint(directory, request.param, "wide", seed=11)
 
 

@@ -16,6 +16,7 @@ from conftest import (
     WORDS,
     assert_half_parity,
     make_distilbert_checkpoint,
+    make_mpnet_checkpoint,
     make_roberta_checkpoint,
 )
 from hooked_encoder import HookedEncoder, HookedEncoderConfig
@@ -38,7 +39,7 @@ def test_logits_and_hidden_states_match_hugging_face(family_checkpoint, family_m
     ck, model = family_checkpoint, family_model
     assert model.cfg.model_type == ck.config.model_type
     assert model.cfg.original_architecture == type(ck.hf).__name__
-    if model.cfg.family == "roberta":
+    if model.cfg.padding_idx is not None:  # RoBERTa and MPNet number positions after padding
         # The two rows before the first position (padding_idx + 1) are not context.
         assert model.cfg.n_ctx == ck.config.max_position_embeddings - 2
     else:
@@ -146,11 +147,12 @@ def test_gradients_match_torch_autograd(family_checkpoint, family_model):
     close(grads["blocks.0.attn.hook_pattern"], out.attentions[0].grad.numpy(), **tol)
 
 
-@pytest.mark.parametrize("model_type", ["xlm-roberta", "distilbert"])
+@pytest.mark.parametrize("model_type", ["xlm-roberta", "distilbert", "mpnet"])
 def test_the_base_model_loads_with_its_pooler_and_without_a_head(tmp_path, model_type):
+    make = {"distilbert": make_distilbert_checkpoint, "mpnet": make_mpnet_checkpoint}
     ck = (
-        make_distilbert_checkpoint(tmp_path, base=True, seed=5)
-        if model_type == "distilbert"
+        make[model_type](tmp_path, base=True, seed=5)
+        if model_type in make
         else make_roberta_checkpoint(tmp_path, model_type, base=True, seed=5)
     )
     with warnings.catch_warnings():
@@ -274,3 +276,61 @@ def test_distilbert_has_no_token_types(tmp_path):
     close(stack.sum(0), cache["embed.hook_embed"] + cache["embed.hook_pos_embed"])
     with pytest.raises(ValueError, match="n_token_types must be 0"):
         HookedEncoder(dict(model.cfg.to_dict(), n_token_types=2))
+
+
+def test_mpnet_relative_bias_matches_hugging_face_at_every_distance_up_to_512(tmp_path):
+    """All bucket edges (exact below 8, logarithmic bins to 128, capped beyond), in float32 as
+    torch computes them: a long context on a narrow model."""
+    ck = make_mpnet_checkpoint(tmp_path, max_position_embeddings=514, seed=14)
+    model = HookedEncoder.from_pretrained(tmp_path)
+    assert model.cfg.n_ctx == 512
+    tokens = np.random.default_rng(0).integers(2, ck.config.vocab_size, size=(1, 512))
+    logits, cache = model.run_with_cache(tokens)
+    with torch.no_grad():
+        bias = ck.hf.base_model.encoder.compute_position_bias(torch.zeros(1, 512, 1)).numpy()
+        hf = ck.hf(torch.tensor(tokens)).logits.numpy()
+    np.testing.assert_array_equal(cache["hook_rel_pos_bias"], bias)
+    close(logits, hf)
+
+
+def test_mpnet_relative_bias_hook_edits_and_gradient_match_hugging_face(tmp_path):
+    ck = make_mpnet_checkpoint(tmp_path, seed=15)
+    model = HookedEncoder.from_pretrained(tmp_path)
+    tokens, _, mask = ck.batch(seed=16)
+    table = ck.hf.base_model.encoder.relative_attention_bias
+
+    # Zeroing the bias at its hook = an MPNet whose bias table is zero.
+    def zero(bias, hook):
+        return np.zeros_like(bias)
+
+    ours = model.run_with_hooks(
+        tokens, one_zero_attention_mask=mask, fwd_hooks=[("hook_rel_pos_bias", zero)]
+    )
+    saved = table.weight.detach().clone()
+    with torch.no_grad():
+        table.weight.zero_()
+        theirs = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+        table.weight.copy_(saved)
+    close(ours, theirs)
+
+    # Its gradient: every layer's score gradient, summed (the bias is shared).
+    projection = np.random.default_rng(1).normal(size=(*tokens.shape, ck.config.vocab_size))
+    projection = projection.astype(np.float32)
+    grads = model.grad(
+        tokens, grad_output=projection, names="hook_rel_pos_bias", one_zero_attention_mask=mask
+    )
+    kept = {}
+
+    def keep(module, args, output):
+        output.retain_grad()  # [query, key, head], before the expansion over the batch
+        kept["bias"] = output
+
+    handle = table.register_forward_hook(keep)
+    try:
+        out = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask))
+    finally:
+        handle.remove()
+    (out.logits * torch.tensor(projection)).sum().backward()
+    ck.hf.zero_grad(set_to_none=True)
+    ours_grad = grads["hook_rel_pos_bias"].sum(0).transpose(1, 2, 0)
+    close(ours_grad, kept["bias"].grad.numpy(), atol=1e-5, rtol=1e-4)

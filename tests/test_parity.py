@@ -62,7 +62,7 @@ def has_token_types(hf_model) -> bool:
 
 def hf_modules(model) -> dict[str, tuple[torch.nn.Module, bool]]:
     """The modules of a Hugging Face model whose output (or, with True, input) is each
-    intermediate: BERT and RoBERTa share module names; DistilBERT has its own."""
+    intermediate: BERT and RoBERTa share module names; DistilBERT and MPNet have their own."""
     base, out = model.base_model, {}
     emb = base.embeddings
     out["word"] = (emb.word_embeddings, False)
@@ -70,7 +70,22 @@ def hf_modules(model) -> dict[str, tuple[torch.nn.Module, bool]]:
     if has_token_types(model):
         out["type"] = (emb.token_type_embeddings, False)
     out["embed_ln_in"] = (emb.LayerNorm, True)
-    if hasattr(base, "transformer"):  # DistilBERT
+    if hasattr(base.encoder if hasattr(base, "encoder") else base, "relative_attention_bias"):
+        for i, layer in enumerate(base.encoder.layer):  # MPNet
+            att = layer.attention
+            out |= {
+                f"{i}.q": (att.attn.q, False),
+                f"{i}.k": (att.attn.k, False),
+                f"{i}.v": (att.attn.v, False),
+                f"{i}.attn_out": (att.attn.o, False),
+                f"{i}.z": (att.attn.o, True),
+                f"{i}.resid_mid": (att.LayerNorm, True),
+                f"{i}.pre": (layer.intermediate.dense, False),
+                f"{i}.post": (layer.intermediate, False),
+                f"{i}.mlp_out": (layer.output.dense, False),
+                f"{i}.resid_post": (layer.output.LayerNorm, True),
+            }
+    elif hasattr(base, "transformer"):  # DistilBERT
         for i, layer in enumerate(base.transformer.layer):
             att, ffn = layer.attention, layer.ffn
             out |= {
@@ -206,6 +221,11 @@ def check_every_hook(ck, model):
 
     heads = lambda x: x.reshape(b, p, h, dh)  # noqa: E731
     additive = np.where(mask[:, None, None, :] == 1, 0.0, -np.inf)
+    if "hook_rel_pos_bias" in model.hook_dict:  # MPNet: the bias from HF's own function
+        with torch.no_grad():
+            bias = ck.hf.base_model.encoder.compute_position_bias(torch.zeros(b, p, 1)).numpy()
+        close(c["hook_rel_pos_bias"], bias)
+        additive = additive + bias
     for i in range(ck.config.num_hidden_layers):
         close(c["resid_pre", i], out.hidden_states[i])
         for name in ("q", "k", "v"):

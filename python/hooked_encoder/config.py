@@ -39,13 +39,19 @@ FAMILIES = {
     "xlm-roberta": "roberta",
     "camembert": "roberta",
     "distilbert": "distilbert",
+    "mpnet": "mpnet",
 }
 # The architecture assumed when config.json names none.
 _DEFAULT_ARCHITECTURE = {
     "bert": "BertForMaskedLM",
     "roberta": "RobertaForMaskedLM",
     "distilbert": "DistilBertForMaskedLM",
+    "mpnet": "MPNetForMaskedLM",
 }
+# Families whose positions are numbered from the ids, after the padding row (RoBERTa's way).
+_OFFSET_POSITIONS = ("roberta", "mpnet")
+# Families without token-type embeddings.
+_NO_TOKEN_TYPES = ("distilbert", "mpnet")
 # DistilBERT's config.json keys -> BERT's. Its LayerNorms use eps 1e-12, not a config key.
 _DISTILBERT_KEYS = {
     "dim": "hidden_size",
@@ -104,12 +110,17 @@ class HookedEncoderConfig:
     # The padding token's id, which RoBERTa-family models also use to number positions (their
     # position table has n_ctx + padding_idx + 1 rows). None for BERT.
     padding_idx: int | None = None
+    # Rows of MPNet's relative position bias table (its config's relative_attention_num_buckets);
+    # None for families without one.
+    relative_attention_num_buckets: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_heads == -1 and isinstance(self.d_model, int) and isinstance(self.d_head, int):
             self.n_heads = self.d_model // self.d_head if self.d_head > 0 else 0
         if self.d_mlp is None and isinstance(self.d_model, int):
             self.d_mlp = 4 * self.d_model
+        if self.model_type == "mpnet" and self.relative_attention_num_buckets is None:
+            self.relative_attention_num_buckets = 32  # transformers' MPNetConfig default
         self._validate()
 
     def _validate(self) -> None:
@@ -148,7 +159,7 @@ class HookedEncoderConfig:
             raise ValueError(
                 f"model_type {self.model_type!r} is not supported; supported: {sorted(FAMILIES)}"
             )
-        if self.family == "roberta":
+        if self.family in _OFFSET_POSITIONS:
             if isinstance(self.padding_idx, bool) or not isinstance(self.padding_idx, int):
                 raise TypeError(
                     f"model_type {self.model_type!r} needs padding_idx (an int, the padding "
@@ -220,7 +231,7 @@ class HookedEncoderConfig:
         # Sizes are checked here, under their config.json names, so that a damaged or hostile
         # config.json gets an error naming the file's field ("vocab_size") rather than the
         # TransformerLens field ("d_vocab") that _validate or the Rust core would name.
-        for key in (*required, "type_vocab_size"):
+        for key in (*required, "type_vocab_size", "relative_attention_num_buckets"):
             if key not in hf:
                 continue
             if isinstance(hf[key], bool) or not isinstance(hf[key], int):
@@ -250,7 +261,7 @@ class HookedEncoderConfig:
                 f"hidden_act {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}"
             )
         n_ctx, padding_idx = hf["max_position_embeddings"], None
-        if family == "roberta":
+        if family in _OFFSET_POSITIONS:
             # Positions start after the padding row: max_position_embeddings - padding_idx - 1
             # tokens fit (514 rows -> 512 tokens for roberta-base).
             padding_idx = hf.get("pad_token_id", 1)
@@ -285,12 +296,15 @@ class HookedEncoderConfig:
             d_vocab=hf["vocab_size"],
             eps=eps,
             act_fn=act,
-            n_token_types=0 if family == "distilbert" else hf.get("type_vocab_size", 2),
+            n_token_types=0 if family in _NO_TOKEN_TYPES else hf.get("type_vocab_size", 2),
             model_name=model_name,
             tokenizer_name=model_name,
             original_architecture=str(architectures[0]),
             model_type=model_type,
             padding_idx=padding_idx,
+            relative_attention_num_buckets=(
+                hf.get("relative_attention_num_buckets", 32) if family == "mpnet" else None
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -318,8 +332,9 @@ class HookedEncoderConfig:
                 "family": self.family,
                 "positions": (
                     {"kind": "from_ids", "padding_idx": self.padding_idx}
-                    if self.family == "roberta"
+                    if self.family in _OFFSET_POSITIONS
                     else {"kind": "absolute"}
                 ),
+                "relative_attention_buckets": self.relative_attention_num_buckets,
             }
         )

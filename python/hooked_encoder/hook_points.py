@@ -136,6 +136,10 @@ HOOK_DOCS = {
     "ln2.hook_scale": ("[batch, pos, 1]", "scale of the LayerNorm after the MLP"),
     "ln2.hook_normalized": ("[batch, pos, d_model]", "normalised input of ln2"),
     "hook_full_embed": ("[batch, pos, d_model]", "embedding LayerNorm output, input of block 0"),
+    "hook_rel_pos_bias": (
+        "[batch, head, query, key]",
+        "relative position bias added to every block's scores (MPNet)",
+    ),
     "hook_resid_pre": ("[batch, pos, d_model]", "block input"),
     "hook_q_input": ("[batch, pos, head, d_model]", "per-head query input"),
     "hook_k_input": ("[batch, pos, head, d_model]", "per-head key input"),

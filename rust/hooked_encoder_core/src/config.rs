@@ -72,6 +72,10 @@ pub struct BertConfig {
     /// How each token's position-embedding row is chosen.
     #[serde(default)]
     pub positions: Positions,
+    /// Rows of MPNet's relative position bias table (`relative_attention_num_buckets`), for a
+    /// model with one; at least 32, the buckets `transformers` uses.
+    #[serde(default)]
+    pub relative_attention_buckets: Option<usize>,
 }
 
 /// Sizes above this are refused as nonsense rather than attempted (a config from an untrusted
@@ -104,11 +108,26 @@ impl BertConfig {
                 )));
             }
         }
-        if self.family == Family::Distilbert && self.n_token_types != 0 {
+        if !self.family.has_token_types() && self.n_token_types != 0 {
             return Err(Error::Config(format!(
-                "DistilBERT has no token-type embeddings: n_token_types must be 0, got {}",
+                "{} has no token-type embeddings: n_token_types must be 0, got {}",
+                self.family.name(),
                 self.n_token_types
             )));
+        }
+        if (self.family == Family::Mpnet) != self.relative_attention_buckets.is_some() {
+            return Err(Error::Config(
+                "relative_attention_buckets is for MPNet, and MPNet needs it".into(),
+            ));
+        }
+        if let Some(rows) = self.relative_attention_buckets {
+            let needed = crate::model::RELATIVE_BIAS_ROWS;
+            if !(needed..=MAX_DIM).contains(&rows) {
+                return Err(Error::Config(format!(
+                    "relative_attention_num_buckets must be between {needed} (the buckets \
+                     relative positions fall into) and {MAX_DIM}, got {rows}"
+                )));
+            }
         }
         if self.n_token_types > MAX_DIM {
             return Err(Error::Config(format!(
@@ -161,6 +180,7 @@ impl BertConfig {
             use_hook_mlp_in: false,
             family: Family::Bert,
             positions: Positions::Absolute,
+            relative_attention_buckets: None,
         }
     }
 

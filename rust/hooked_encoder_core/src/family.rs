@@ -11,9 +11,11 @@
 //! | `Bert`    | `bert`                               | `0..pos`             | `cls.predictions` |
 //! | `Roberta` | `roberta`, `xlm-roberta`, `camembert`| from ids, after pad  | `lm_head`, exact GELU |
 //! | `Distilbert` | `distilbert`                      | `0..pos`             | `vocab_*` layers |
+//! | `Mpnet`   | `mpnet`                              | from ids, after pad  | `lm_head`, exact GELU |
 //!
 //! DistilBERT also has no token types (`n_token_types` 0: no `hook_token_type_embed`) and no
-//! pooler.
+//! pooler. MPNet has no token types either, and adds a relative position bias shared by all
+//! layers (`model/relative_bias.rs`, `hook_rel_pos_bias`).
 
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +34,9 @@ pub enum Family {
     /// DistilBERT: BERT's post-LayerNorm block under other names (`q_lin`, `sa_layer_norm`,
     /// `ffn.lin1`, ...), no token types, no pooler and no next-sentence head.
     Distilbert,
+    /// MPNet: RoBERTa's positions and `lm_head`, no token types, attention weights named
+    /// `attention.attn.{q,k,v,o}`, and a relative position bias in every layer's scores.
+    Mpnet,
 }
 
 /// How the row of the position-embedding table is chosen for each token.
@@ -91,7 +96,13 @@ impl Family {
             Family::Bert => "BERT",
             Family::Roberta => "RoBERTa",
             Family::Distilbert => "DistilBERT",
+            Family::Mpnet => "MPNet",
         }
+    }
+
+    /// Whether the family's models have token-type (segment) embeddings.
+    pub fn has_token_types(self) -> bool {
+        matches!(self, Family::Bert | Family::Roberta)
     }
 
     /// The prefix of encoder weights in the family's `...ForMaskedLM` checkpoints; base-model
@@ -101,6 +112,7 @@ impl Family {
             Family::Bert => "bert.",
             Family::Roberta => "roberta.",
             Family::Distilbert => "distilbert.",
+            Family::Mpnet => "mpnet.",
         }
     }
 
@@ -109,9 +121,12 @@ impl Family {
     pub fn checkpoint_name(self, canonical: &str) -> Option<String> {
         match self {
             Family::Bert => Some(canonical.to_string()),
-            Family::Roberta => {
+            Family::Roberta | Family::Mpnet => {
                 if let Some(rest) = canonical.strip_prefix("bert.") {
-                    return Some(format!("roberta.{rest}"));
+                    return match self {
+                        Family::Mpnet => mpnet_encoder_name(rest),
+                        _ => Some(format!("roberta.{rest}")),
+                    };
                 }
                 const HEAD: [(&str, &str); 4] = [
                     ("cls.predictions.transform.dense.", "lm_head.dense."),
@@ -143,6 +158,7 @@ impl Family {
             Family::Bert => "cls.predictions.*",
             Family::Roberta => "lm_head.*",
             Family::Distilbert => "vocab_transform.*, vocab_layer_norm.*, vocab_projector.*",
+            Family::Mpnet => "lm_head.*",
         }
     }
 
@@ -153,8 +169,32 @@ impl Family {
             Family::Bert => act_fn,
             Family::Roberta => Activation::Gelu,
             Family::Distilbert => act_fn,
+            Family::Mpnet => Activation::Gelu,
         }
     }
+}
+
+/// MPNet's name for a canonical encoder weight given without `bert.`.
+fn mpnet_encoder_name(rest: &str) -> Option<String> {
+    if rest.starts_with("embeddings.token_type_embeddings.") {
+        return None;
+    }
+    const ATTENTION: [(&str, &str); 5] = [
+        ("attention.self.query.", "attention.attn.q."),
+        ("attention.self.key.", "attention.attn.k."),
+        ("attention.self.value.", "attention.attn.v."),
+        ("attention.output.dense.", "attention.attn.o."),
+        ("attention.output.LayerNorm.", "attention.LayerNorm."),
+    ];
+    if let Some(layer_rest) = rest.strip_prefix("encoder.layer.") {
+        let (layer, name) = layer_rest.split_once('.')?;
+        for (bert, mpnet) in ATTENTION {
+            if let Some(tail) = name.strip_prefix(bert) {
+                return Some(format!("mpnet.encoder.layer.{layer}.{mpnet}{tail}"));
+            }
+        }
+    }
+    Some(format!("mpnet.{rest}"))
 }
 
 /// DistilBERT's name for a canonical weight (see [`Family::checkpoint_name`]).
@@ -273,5 +313,31 @@ mod tests {
         ] {
             assert_eq!(name(absent), None, "{absent}");
         }
+    }
+
+    #[test]
+    fn mpnet_names_its_weights_as_hugging_face_does() {
+        let name = |n: &str| Family::Mpnet.checkpoint_name(n);
+        assert_eq!(
+            name("bert.encoder.layer.4.attention.self.value.bias").as_deref(),
+            Some("mpnet.encoder.layer.4.attention.attn.v.bias")
+        );
+        assert_eq!(
+            name("bert.encoder.layer.0.attention.output.LayerNorm.weight").as_deref(),
+            Some("mpnet.encoder.layer.0.attention.LayerNorm.weight")
+        );
+        assert_eq!(
+            name("bert.encoder.layer.0.output.LayerNorm.weight").as_deref(),
+            Some("mpnet.encoder.layer.0.output.LayerNorm.weight")
+        );
+        assert_eq!(
+            name("bert.encoder.relative_attention_bias.weight").as_deref(),
+            Some("mpnet.encoder.relative_attention_bias.weight")
+        );
+        assert_eq!(
+            name("cls.predictions.bias").as_deref(),
+            Some("lm_head.bias")
+        );
+        assert_eq!(name("bert.embeddings.token_type_embeddings.weight"), None);
     }
 }

@@ -113,6 +113,9 @@ pub enum HookPoint {
     PosEmbed,
     /// `embed.hook_token_type_embed`: token-type embeddings, `[batch, pos, d_model]`.
     TokenTypeEmbed,
+    /// `hook_rel_pos_bias`: MPNet's relative position bias, `[batch, head, query, key]`,
+    /// added to every block's attention scores (models with one only).
+    RelPosBias,
     /// `embed.ln.hook_scale`: the embedding LayerNorm's `sqrt(var + eps)`, `[batch, pos, 1]`.
     EmbedLnScale,
     /// `embed.ln.hook_normalized`: centred and scaled, before the affine map.
@@ -137,13 +140,14 @@ pub enum HookPoint {
     NspOut,
 }
 
-const EMBED_POINTS: [HookPoint; 6] = [
+const EMBED_POINTS: [HookPoint; 7] = [
     HookPoint::Embed,
     HookPoint::PosEmbed,
     HookPoint::TokenTypeEmbed,
     HookPoint::EmbedLnScale,
     HookPoint::EmbedLnNormalized,
     HookPoint::FullEmbed,
+    HookPoint::RelPosBias,
 ];
 
 const HEAD_POINTS: [HookPoint; 6] = [
@@ -178,6 +182,7 @@ impl HookPoint {
     fn exists_in(self, cfg: &BertConfig) -> bool {
         match self {
             Self::TokenTypeEmbed => cfg.n_token_types > 0,
+            Self::RelPosBias => cfg.relative_attention_buckets.is_some(),
             Self::PoolerOut | Self::NspOut => cfg.family == Family::Bert,
             _ => true,
         }
@@ -189,6 +194,7 @@ impl HookPoint {
             Self::Embed => "embed.hook_embed".into(),
             Self::PosEmbed => "embed.hook_pos_embed".into(),
             Self::TokenTypeEmbed => "embed.hook_token_type_embed".into(),
+            Self::RelPosBias => "hook_rel_pos_bias".into(),
             Self::EmbedLnScale => "embed.ln.hook_scale".into(),
             Self::EmbedLnNormalized => "embed.ln.hook_normalized".into(),
             Self::FullEmbed => "hook_full_embed".into(),

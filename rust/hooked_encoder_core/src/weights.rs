@@ -201,6 +201,13 @@ impl WeightMap {
             )?;
         }
         layer_norm(e, &mut map)?;
+        if let Some(rows) = cfg.relative_attention_buckets {
+            normal(
+                "bert.encoder.relative_attention_bias.weight".into(),
+                &[rows, cfg.n_heads],
+                &mut map,
+            )?;
+        }
         for l in 0..cfg.n_layers {
             let p = format!("bert.encoder.layer.{l}");
             for (name, out, inp) in [

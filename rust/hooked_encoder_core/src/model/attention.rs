@@ -45,6 +45,9 @@ pub(super) struct Mask {
     /// Whether some query may have every key masked (its softmax is then 0/0). False lets the
     /// portable path skip the NaN clean-up, two full passes over the pattern on a GPU.
     pub(super) may_empty_rows: bool,
+    /// A bias added to every layer's scores before the mask, `[batch, head, query, key]`
+    /// (MPNet's relative position bias, after its hook).
+    pub(super) bias: Option<Tensor>,
 }
 
 pub(super) fn missing_head_weights() -> Error {
@@ -249,13 +252,20 @@ impl HookedBert {
             }),
         };
 
-        let z = if wants(hooks, at(BlockHook::AttnScores)) || wants(hooks, at(BlockHook::Pattern)) {
-            let scores = kernels::attention_scores(q, k, shape, scale, key_mask);
-            let scores = hook(
-                hooks,
-                at(BlockHook::AttnScores),
-                cpu::tensor(scores, &[b, h, p, p])?,
+        let separate = wants(hooks, at(BlockHook::AttnScores))
+            || wants(hooks, at(BlockHook::Pattern))
+            || mask.bias.is_some();
+        let z = if separate {
+            let scores = cpu::tensor(
+                kernels::attention_scores(q, k, shape, scale, key_mask),
+                &[b, h, p, p],
             )?;
+            // The mask is already in (-inf at masked keys), and stays: -inf + bias = -inf.
+            let scores = match &mask.bias {
+                Some(bias) => (scores + bias)?,
+                None => scores,
+            };
+            let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
             let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
             kernels::softmax_rows_inplace(&mut pattern, p);
             let pattern = hook(
@@ -285,6 +295,10 @@ impl HookedBert {
         let heads_first = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
         let (q, k, v) = (heads_first(&q)?, heads_first(&k)?, heads_first(&v)?);
         let scores = (q.matmul(&k.t()?)? / (dh as f64).sqrt())?;
+        let scores = match &mask.bias {
+            Some(bias) => (scores + bias)?,
+            None => scores,
+        };
         let scores = match &mask.additive {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
@@ -369,7 +383,14 @@ impl HookedBert {
             (p_soft * d_pattern.broadcast_sub(&(p_soft * &d_pattern)?.sum_keepdim(D::Minus1)?)?)?;
         drop(pattern);
         let d_scores = grad_hook(hooks, at(BlockHook::AttnScores), d_scores)?;
-        // scores = q kᵀ / sqrt(d_head) + mask
+        // scores = q kᵀ / sqrt(d_head) + bias + mask: the bias shared by every layer gets the
+        // sum of their score gradients (kept only when asked for).
+        if self.relative_attention_bias.is_some() && hooks.wants_grad(HookPoint::RelPosBias) {
+            tape.d_relative_bias = Some(match tape.d_relative_bias.take() {
+                Some(sum) => (sum + &d_scores)?,
+                None => d_scores.clone(),
+            });
+        }
         let scale = 1.0 / (dh as f64).sqrt();
         let q = heads_first(&tape.take(at(BlockHook::Q))?.after)?;
         let k = heads_first(&tape.take(at(BlockHook::K))?.after)?;

@@ -32,6 +32,8 @@ pub struct Tape {
     pub(super) pos: usize,
     /// The residual stream entering the MLM head (its dense layer is recomputed).
     pub(super) head_input: Option<Tensor>,
+    /// The gradient at `hook_rel_pos_bias` summed over the blocks passed so far.
+    pub(super) d_relative_bias: Option<Tensor>,
     output_dims: Vec<usize>,
 }
 
@@ -177,6 +179,7 @@ impl HookedBert {
             from_tokens,
             pos,
             head_input,
+            d_relative_bias: None,
             output_dims: out.dims().to_vec(),
         };
         Ok((out, tape))
@@ -217,6 +220,10 @@ impl HookedBert {
                 return Err(Error::Interrupted);
             }
             d = self.block_backward(layer, &self.blocks[layer], d, &mut tape, hooks)?;
+        }
+        // The bias depends on positions only: its gradient ends at its hook point.
+        if let Some(d_bias) = tape.d_relative_bias.take() {
+            grad_hook(hooks, HookPoint::RelPosBias, d_bias)?;
         }
         if tape.from_tokens {
             d = self.embed_backward(d, &mut tape, hooks)?;

@@ -23,6 +23,7 @@ mod embed;
 mod heads;
 mod layer_norm;
 mod linear;
+mod relative_bias;
 
 use activation::{act_backward, apply_act};
 use attention::{head_weights, missing_head_weights, HeadWeights, Mask, Qkv};
@@ -32,6 +33,7 @@ use block::Block;
 use heads::MlmHead;
 use layer_norm::LayerNorm;
 use linear::Linear;
+pub(crate) use relative_bias::TABLE_ROWS as RELATIVE_BIAS_ROWS;
 
 /// How far the forward pass goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +110,8 @@ pub struct HookedBert {
     pooler: Option<Linear>,
     /// Next-sentence prediction logits from the pooled output, `[2, d_model]`.
     nsp_head: Option<Linear>,
+    /// MPNet's relative position bias table, `[buckets, n_heads]` (see `relative_bias.rs`).
+    relative_attention_bias: Option<Tensor>,
 }
 
 /// Tensor names that checkpoints carry but that are not weights.
@@ -276,6 +280,15 @@ impl HookedBert {
             })
             .transpose()?;
         let embed_ln = loader.layer_norm("embeddings.LayerNorm", d, false)?;
+        let relative_attention_bias = cfg
+            .relative_attention_buckets
+            .map(|rows| {
+                loader.encoder(
+                    "encoder.relative_attention_bias.weight",
+                    &[rows, cfg.n_heads],
+                )
+            })
+            .transpose()?;
 
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
@@ -347,6 +360,7 @@ impl HookedBert {
             mlm_head,
             pooler,
             nsp_head,
+            relative_attention_bias,
         };
         Ok((model, unused))
     }
@@ -384,6 +398,12 @@ impl HookedBert {
         ];
         if let Some(table) = &self.token_type_embeddings {
             tensors.push((format!("{e}.token_type_embeddings.weight"), table.clone()));
+        }
+        if let Some(table) = &self.relative_attention_bias {
+            tensors.push((
+                "bert.encoder.relative_attention_bias.weight".into(),
+                table.clone(),
+            ));
         }
         let norm = |name: &str, ln: &LayerNorm| {
             [
@@ -497,6 +517,7 @@ impl HookedBert {
             mlm_head,
             pooler: self.pooler.as_ref().map(linear).transpose()?,
             nsp_head: self.nsp_head.as_ref().map(linear).transpose()?,
+            relative_attention_bias: self.relative_attention_bias.as_ref().map(t).transpose()?,
         })
     }
 
@@ -564,7 +585,7 @@ impl HookedBert {
             output
         };
         self.check_head(output)?;
-        let (mut x, first, mask) = match start {
+        let (mut x, first, mut mask) = match start {
             Start::Tokens(input) => {
                 self.check_input(&input)?;
                 let mask = self.mask(input.batch, input.pos, input.attention_mask)?;
@@ -584,6 +605,10 @@ impl HookedBert {
                 (self.own(&x)?, layer, self.mask(b, p, attention_mask)?)
             }
         };
+        if first < stop {
+            let (b, p, _) = x.dims3()?;
+            mask.bias = self.relative_position_bias(b, p, hooks)?;
+        }
         for layer in first..stop {
             // Between blocks is where a caller can stop a long pass (Ctrl-C in Python).
             if hooks.interrupted() {
@@ -776,6 +801,7 @@ impl HookedBert {
                 causal,
                 additive: None,
                 may_empty_rows: true,
+                bias: None,
             });
         }
         let padding_tensor = padding
@@ -819,6 +845,7 @@ impl HookedBert {
             causal,
             additive,
             may_empty_rows,
+            bias: None,
         })
     }
 }
