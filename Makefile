@@ -48,9 +48,9 @@ cuda-wheel:  ## build the CUDA wheel into dist-cuda/ (see scripts/build_cuda_whe
 
 lint:  ## formatting and lints, Rust and Python
 	cargo fmt --all -- --check
-	ruff format --check python tests examples
+	ruff format --check python tests examples scripts bench
 	cargo clippy --release --all-targets -- -D warnings
-	ruff check python tests examples
+	ruff check python tests examples scripts bench
 
 format:  ## apply the formatters
 	cargo fmt --all

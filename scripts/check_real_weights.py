@@ -41,7 +41,7 @@ def main() -> int:
 
     model = HookedEncoder.from_pretrained(args.directory)
     print(f"ours: {model!r}, model_type={model.cfg.model_type}")
-    tokens, types, mask = model.to_tokens(texts)
+    tokens, _, mask = model.to_tokens(texts)
     ours = np.asarray(model.encoder_output(tokens, None, mask))
 
     hf = transformers.AutoModel.from_pretrained(args.directory, attn_implementation="eager")
