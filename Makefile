@@ -54,4 +54,5 @@ lint:  ## formatting and lints, Rust and Python
 
 format:  ## apply the formatters
 	cargo fmt --all
-	ruff check --fix python tests examples
+	ruff format python tests examples scripts bench
+	ruff check --fix python tests examples scripts bench
