@@ -252,13 +252,16 @@ pub struct Heads<'a> {
     pub row_stride: usize,
 }
 
-/// Where padding and causality forbid attention.
+/// What is added to the scaled scores: a bias, and where padding and causality forbid
+/// attention.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyMask<'a> {
     /// `[batch, pos]`: 0 where a key may be attended to, `-inf` where it is padding.
     pub padding: Option<&'a [f32]>,
     /// Whether query `i` may only see keys `0..=i`.
     pub causal: bool,
+    /// `[batch, heads, pos, pos]`, added before the mask (MPNet's relative position bias).
+    pub bias: Option<&'a [f32]>,
 }
 
 /// A pointer that parallel tasks may share because each writes only its own elements.
@@ -319,6 +322,12 @@ fn head_scores(
             false,
             Parallelism::None,
         );
+    }
+    if let Some(bias) = mask.bias {
+        let start = (b * s.heads + h) * p * p;
+        out.iter_mut()
+            .zip(&bias[start..start + p * p])
+            .for_each(|(x, add)| *x += add);
     }
     if let Some(padding) = mask.padding {
         let keys = &padding[b * p..(b + 1) * p];
@@ -719,7 +728,12 @@ mod tests {
                 }
             })
             .collect();
+        // A bias [batch, heads, pos, pos] (MPNet's relative position bias), as in the model.
+        let bias: Vec<f32> = (0..2 * 3 * 25)
+            .map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0)
+            .collect();
         let mask = KeyMask {
+            bias: Some(&bias),
             padding: Some(&padding),
             causal: false,
         };
@@ -735,6 +749,7 @@ mod tests {
         let scores: Vec<f64> = (0..5)
             .map(|j| {
                 (0..4).map(|c| (q(i, c) * k(j, c)) as f64).sum::<f64>() * 0.5
+                    + bias[((b * 3 + h) * 5 + i) * 5 + j] as f64
                     + padding[b * 5 + j] as f64
             })
             .collect();

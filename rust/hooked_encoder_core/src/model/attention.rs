@@ -45,8 +45,8 @@ pub(super) struct Mask {
     /// Whether some query may have every key masked (its softmax is then 0/0). False lets the
     /// portable path skip the NaN clean-up, two full passes over the pattern on a GPU.
     pub(super) may_empty_rows: bool,
-    /// A bias added to every layer's scores before the mask, `[batch, head, query, key]`
-    /// (MPNet's relative position bias, after its hook).
+    /// A bias added to every layer's scores before the mask, `[batch, head, query, key]`,
+    /// contiguous (MPNet's relative position bias, after its hook).
     pub(super) bias: Option<Tensor>,
 }
 
@@ -229,9 +229,11 @@ impl HookedBert {
             d_head: dh,
         };
         let scale = 1.0 / (dh as f32).sqrt();
+        let bias = mask.bias.as_ref().map(cpu::view).transpose()?;
         let key_mask = KeyMask {
             padding: mask.padding.as_deref(),
             causal: mask.causal,
+            bias: bias.as_ref().map(|view| view.slice()),
         };
         let kinds = [BlockHook::Q, BlockHook::K, BlockHook::V];
         let sources: Vec<Tensor> = match qkv {
@@ -252,20 +254,13 @@ impl HookedBert {
             }),
         };
 
-        let separate = wants(hooks, at(BlockHook::AttnScores))
-            || wants(hooks, at(BlockHook::Pattern))
-            || mask.bias.is_some();
-        let z = if separate {
-            let scores = cpu::tensor(
-                kernels::attention_scores(q, k, shape, scale, key_mask),
-                &[b, h, p, p],
+        let z = if wants(hooks, at(BlockHook::AttnScores)) || wants(hooks, at(BlockHook::Pattern)) {
+            let scores = kernels::attention_scores(q, k, shape, scale, key_mask);
+            let scores = hook(
+                hooks,
+                at(BlockHook::AttnScores),
+                cpu::tensor(scores, &[b, h, p, p])?,
             )?;
-            // The mask is already in (-inf at masked keys), and stays: -inf + bias = -inf.
-            let scores = match &mask.bias {
-                Some(bias) => (scores + bias)?,
-                None => scores,
-            };
-            let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
             let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
             kernels::softmax_rows_inplace(&mut pattern, p);
             let pattern = hook(

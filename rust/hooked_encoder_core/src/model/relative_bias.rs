@@ -58,7 +58,10 @@ impl HookedBert {
             .t()?
             .reshape((1, h, p, p))?
             .broadcast_as((b, h, p, p))?;
-        Ok(Some(hook(hooks, HookPoint::RelPosBias, bias)?))
+        // Contiguous once here, not in each of the layers that read it.
+        Ok(Some(
+            hook(hooks, HookPoint::RelPosBias, bias)?.contiguous()?,
+        ))
     }
 }
 
