@@ -334,3 +334,22 @@ def test_mpnet_relative_bias_hook_edits_and_gradient_match_hugging_face(tmp_path
     ck.hf.zero_grad(set_to_none=True)
     ours_grad = grads["hook_rel_pos_bias"].sum(0).transpose(1, 2, 0)
     close(ours_grad, kept["bias"].grad.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_mpnet_starts_at_a_layer_with_its_bias_and_exposes_the_bias_table(tmp_path):
+    ck = make_mpnet_checkpoint(tmp_path, seed=17)
+    model = HookedEncoder.from_pretrained(tmp_path)
+    tokens, _, mask = ck.batch(seed=18)
+    logits, cache = model.run_with_cache(tokens, one_zero_attention_mask=mask)
+    resumed = model(cache["resid_pre", 1], start_at_layer=1, one_zero_attention_mask=mask)
+    close(resumed, logits, atol=1e-5)
+    table = ck.hf.base_model.encoder.relative_attention_bias.weight.detach().numpy()
+    np.testing.assert_array_equal(model.state_dict()["rel_pos_bias.W"], table)
+
+
+def test_families_without_next_sentence_prediction_refuse_it(family_model):
+    from hooked_encoder import BertNextSentencePrediction
+
+    assert "pooler.hook_pooler_out" not in family_model.hook_dict
+    with pytest.raises(ValueError, match="no next-sentence head"):
+        BertNextSentencePrediction(family_model)

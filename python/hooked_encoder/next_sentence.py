@@ -20,6 +20,11 @@ class BertNextSentencePrediction:
     ``[batch, 2]``, hooked as ``nsp_head.hook_nsp_out``). Index 0 means "B follows A"."""
 
     def __init__(self, model: HookedEncoder) -> None:
+        if model.cfg.family != "bert":
+            raise ValueError(
+                f"this {model.cfg.model_type} model has no next-sentence head (only BERT "
+                "checkpoints such as BertForPreTraining have one)"
+            )
         self.model = model
 
     def to_tokens(

@@ -59,6 +59,8 @@ def tl_state_dict(hf: dict[str, np.ndarray], cfg: HookedEncoderConfig) -> dict[s
     if "cls.seq_relationship.weight" in hf:
         out["nsp_head.W"] = hf["cls.seq_relationship.weight"].T
         out["nsp_head.b"] = hf["cls.seq_relationship.bias"]
+    if "bert.encoder.relative_attention_bias.weight" in hf:  # MPNet: [buckets, n_heads]
+        out["rel_pos_bias.W"] = hf["bert.encoder.relative_attention_bias.weight"]
     if "bert.pooler.dense.weight" in hf:
         out["pooler.W"] = hf["bert.pooler.dense.weight"].T
         out["pooler.b"] = hf["bert.pooler.dense.bias"]
