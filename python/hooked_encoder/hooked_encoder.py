@@ -225,15 +225,17 @@ class HookedEncoder:
         output_format: OutputFormat = "auto",
         **from_pretrained_kwargs: Any,
     ) -> HookedEncoder:
-        """Loads a Hugging Face BERT checkpoint.
+        """Loads a Hugging Face checkpoint of a supported family (``model_type`` ``bert``,
+        ``roberta``, ``xlm-roberta``, ``camembert``, ``distilbert`` or ``mpnet``; the README's
+        "Encoder families" says what each changes).
 
         ``model_name`` is a local directory with ``config.json`` and ``model.safetensors`` (or
         sharded safetensors with ``model.safetensors.index.json``), an embedded model
         (``"sentence-transformers/all-MiniLM-L6-v2"``, from the ``minilm`` extra), or a hub id
-        resolved through ``huggingface_hub``. Checkpoints of ``BertForPreTraining``,
-        ``BertForMaskedLM`` and ``BertModel`` load; one without an MLM head loads as an encoder
-        (``return_type=None``, caching and ``encoder_output`` work; logits do not).
-        ``hf_model`` takes an already loaded ``transformers`` BERT model instead of files.
+        resolved through ``huggingface_hub``. Masked-LM and base-model checkpoints of each
+        family load (and BERT's ``BertForPreTraining``); one without an MLM head loads as an
+        encoder (``return_type=None``, caching and ``encoder_output`` work; logits do not).
+        ``hf_model`` takes an already loaded ``transformers`` model instead of files.
         ``use_attn_result``, ``use_split_qkv_input`` and ``use_hook_mlp_in`` switch on the
         optional hook points.
         """
