@@ -353,3 +353,14 @@ def test_families_without_next_sentence_prediction_refuse_it(family_model):
     assert "pooler.hook_pooler_out" not in family_model.hook_dict
     with pytest.raises(ValueError, match="no next-sentence head"):
         BertNextSentencePrediction(family_model)
+
+
+def test_an_already_loaded_transformers_model_loads_too(family_checkpoint, family_model):
+    ck = family_checkpoint
+    model = HookedEncoder.from_pretrained("in-memory", hf_model=ck.hf)
+    assert model.cfg.model_type == ck.config.model_type
+    tokens, _, mask = ck.batch(seed=20)
+    np.testing.assert_array_equal(
+        model(tokens, one_zero_attention_mask=mask),
+        family_model(tokens, one_zero_attention_mask=mask),
+    )
