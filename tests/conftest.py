@@ -208,10 +208,60 @@ def make_mpnet_checkpoint(
     return Checkpoint(directory, model, config)
 
 
-@pytest.fixture(scope="session", params=[*sorted(ROBERTA_FAMILY), "distilbert", "mpnet"])
+ELECTRA_CLASSES = {
+    "discriminator": "ElectraForPreTraining",
+    "generator": "ElectraForMaskedLM",
+    "base": "ElectraModel",
+}
+
+
+def make_electra_checkpoint(
+    directory: Path,
+    kind: str = "discriminator",
+    shape: str = "small",
+    embedding_size: int | None = 8,
+    seed: int = 0,
+) -> Checkpoint:
+    """A tiny ELECTRA checkpoint: the discriminator (``ElectraForPreTraining``), the generator
+    (``ElectraForMaskedLM``) or the base model; by default with embeddings narrower than the
+    hidden size (so with ``embeddings_project``), as electra-small and every generator."""
+    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
+    config = transformers.ElectraConfig(
+        vocab_size=vocab,
+        embedding_size=embedding_size or hidden,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        max_position_embeddings=positions,
+        type_vocab_size=2,
+        layer_norm_eps=1e-12,
+        hidden_act="gelu",
+        attn_implementation="eager",
+    )
+    torch.manual_seed(seed)
+    model = randomize(getattr(transformers, ELECTRA_CLASSES[kind])(config))
+    model.save_pretrained(directory, safe_serialization=True)
+    return Checkpoint(directory, model, config)
+
+
+FAMILY_PARAMS = [
+    *sorted(ROBERTA_FAMILY),
+    "distilbert",
+    "mpnet",
+    "electra-discriminator",
+    "electra-generator",
+]
+
+
+@pytest.fixture(scope="session", params=FAMILY_PARAMS)
 def family_checkpoint(request, tmp_path_factory) -> Checkpoint:
-    """A tiny masked-LM checkpoint (the wide shape) of each model_type beyond BERT."""
+    """A tiny checkpoint with a head (the wide shape) of each model_type beyond BERT: masked LM,
+    and for ELECTRA also the discriminator, both with a narrower embedding (d_embed 24)."""
     directory = tmp_path_factory.mktemp(request.param)
+    if request.param.startswith("electra-"):
+        kind = request.param.removeprefix("electra-")
+        return make_electra_checkpoint(directory, kind, "wide", embedding_size=24, seed=11)
     if request.param == "distilbert":
         return make_distilbert_checkpoint(directory, "wide", seed=11)
     if request.param == "mpnet":

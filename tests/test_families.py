@@ -4,6 +4,7 @@ random weights."""
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import warnings
@@ -16,6 +17,7 @@ from conftest import (
     WORDS,
     assert_half_parity,
     make_distilbert_checkpoint,
+    make_electra_checkpoint,
     make_mpnet_checkpoint,
     make_roberta_checkpoint,
 )
@@ -46,12 +48,14 @@ def test_logits_and_hidden_states_match_hugging_face(family_checkpoint, family_m
         assert model.cfg.n_ctx == ck.config.max_position_embeddings
     tokens, types, mask = ck.batch(seed=1, batch=4, pos=model.cfg.n_ctx)
     out, _ = hf_run(ck, tokens, types, mask)
-    logits, cache = model.run_with_cache(tokens, one_zero_attention_mask=mask)
+    # Token types as the HF run got them (zeros for families with one type or none).
+    logits, cache = model.run_with_cache(tokens, token_type_ids=types, one_zero_attention_mask=mask)
     close(logits, out.logits)
-    close(cache["hook_full_embed"], out.hidden_states[0])
+    embedded = "hook_embed_proj" if "hook_embed_proj" in cache else "hook_full_embed"
+    close(cache[embedded], out.hidden_states[0])
     for i in range(ck.config.num_hidden_layers):
         close(cache["normalized_resid_post", i], out.hidden_states[i + 1])
-    close(model.encoder_output(tokens, None, mask), out.hidden_states[-1])
+    close(model.encoder_output(tokens, types, mask), out.hidden_states[-1])
 
 
 def test_every_hook_matches_hugging_face(family_checkpoint, family_model):
@@ -111,8 +115,9 @@ def test_gradients_match_torch_autograd(family_checkpoint, family_model):
     says) and every block, against torch autograd on Hugging Face's model."""
     ck, model = family_checkpoint, family_model
     tokens, _, mask = ck.batch(seed=4)
-    projection = np.random.default_rng(0).normal(size=(*tokens.shape, ck.config.vocab_size))
-    projection = projection.astype(np.float32)
+    # A random projection of the logits (an ELECTRA discriminator's are [batch, pos]).
+    shape = model(tokens, one_zero_attention_mask=mask).shape
+    projection = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     names = ["embed.hook_embed", "blocks.1.hook_resid_pre", "blocks.0.attn.hook_pattern"]
     grads = model.grad(tokens, grad_output=projection, names=names, one_zero_attention_mask=mask)
 
@@ -147,11 +152,15 @@ def test_gradients_match_torch_autograd(family_checkpoint, family_model):
     close(grads["blocks.0.attn.hook_pattern"], out.attentions[0].grad.numpy(), **tol)
 
 
-@pytest.mark.parametrize("model_type", ["xlm-roberta", "distilbert", "mpnet"])
+@pytest.mark.parametrize("model_type", ["xlm-roberta", "distilbert", "mpnet", "electra"])
 def test_the_base_model_loads_with_its_pooler_and_without_a_head(tmp_path, model_type):
-    make = {"distilbert": make_distilbert_checkpoint, "mpnet": make_mpnet_checkpoint}
+    make = {
+        "distilbert": lambda **kw: make_distilbert_checkpoint(tmp_path, base=True, **kw),
+        "mpnet": lambda **kw: make_mpnet_checkpoint(tmp_path, base=True, **kw),
+        "electra": lambda **kw: make_electra_checkpoint(tmp_path, "base", **kw),
+    }
     ck = (
-        make[model_type](tmp_path, base=True, seed=5)
+        make[model_type](seed=5)
         if model_type in make
         else make_roberta_checkpoint(tmp_path, model_type, base=True, seed=5)
     )
@@ -163,7 +172,7 @@ def test_the_base_model_loads_with_its_pooler_and_without_a_head(tmp_path, model
     with torch.no_grad():
         out = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask))
     close(model.encoder_output(tokens, None, mask), out.last_hidden_state)
-    with pytest.raises(ValueError, match="no MLM head .*(lm_head|vocab_projector)"):
+    with pytest.raises(ValueError, match="no MLM head .*(lm_head|vocab_projector|generator_)"):
         model(tokens)
 
 
@@ -176,12 +185,13 @@ def test_pickling_and_half_precision(family_checkpoint, family_model):
     half = HookedEncoder.from_pretrained(ck.path, dtype="bfloat16")
     with torch.no_grad():
         hf32 = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+        # A copy: rounding the shared model's weights to bfloat16 and back would change them.
+        hf_half_model = copy.deepcopy(ck.hf).to(torch.bfloat16)
         hf_half = (
-            ck.hf.to(torch.bfloat16)(torch.tensor(tokens), attention_mask=torch.tensor(mask))
+            hf_half_model(torch.tensor(tokens), attention_mask=torch.tensor(mask))
             .logits.float()
             .numpy()
         )
-        ck.hf.to(torch.float32)
     ours = half(tokens, one_zero_attention_mask=mask)
     assert_half_parity(np.asarray(ours, dtype=np.float32), hf_half, hf32, "bfloat16")
 
@@ -364,3 +374,46 @@ def test_an_already_loaded_transformers_model_loads_too(family_checkpoint, famil
         model(tokens, one_zero_attention_mask=mask),
         family_model(tokens, one_zero_attention_mask=mask),
     )
+
+
+def test_electra_discriminator_logits_are_one_per_token(tmp_path):
+    """ElectraForPreTraining: the replaced-token head's logits, [batch, pos], through
+    discriminator.hook_out; an edit there is what comes out; the head runs on its own input."""
+    ck = make_electra_checkpoint(tmp_path, "discriminator", seed=21)
+    model = HookedEncoder.from_pretrained(tmp_path)
+    assert model.has_discriminator and not model.has_mlm_head
+    assert model.cfg.d_embed == 8 and model.W_E.shape == (ck.config.vocab_size, 8)
+    tokens, types, mask = ck.batch(seed=22)
+    with torch.no_grad():
+        hf = ck.hf(
+            torch.tensor(tokens),
+            token_type_ids=torch.tensor(types),
+            attention_mask=torch.tensor(mask),
+        ).logits.numpy()
+    logits, cache = model.run_with_cache(tokens, token_type_ids=types, one_zero_attention_mask=mask)
+    assert logits.shape == tokens.shape
+    close(logits, hf)
+    close(model.discriminator(cache["normalized_resid_post", 1]), hf)
+    flipped = model.run_with_hooks(
+        tokens,
+        token_type_ids=types,
+        one_zero_attention_mask=mask,
+        fwd_hooks=[("discriminator.hook_out", lambda x, hook: -x)],
+    )
+    close(flipped, -hf)
+    with pytest.raises(ValueError, match="needs an MLM head"):
+        model(tokens, return_type="predictions")
+
+
+def test_a_model_of_each_family_builds_from_a_config_with_fresh_weights():
+    base = dict(d_model=16, d_head=8, n_layers=1, n_ctx=6, d_vocab=20, seed=0)
+    configs = {
+        "roberta": dict(n_token_types=1, padding_idx=1),
+        "distilbert": dict(n_token_types=0),
+        "mpnet": dict(n_token_types=0, padding_idx=1),
+        "electra": dict(d_embed=8),
+    }
+    tokens = np.array([[0, 5, 6, 7, 8, 2]])
+    for model_type, extra in configs.items():
+        model = HookedEncoder(HookedEncoderConfig(**base, model_type=model_type, **extra))
+        assert model(tokens).shape == (1, 6, 20), model_type

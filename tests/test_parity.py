@@ -120,6 +120,8 @@ def hf_modules(model) -> dict[str, tuple[torch.nn.Module, bool]]:
         if hasattr(model, "cls")
         else model.lm_head.layer_norm
         if hasattr(model, "lm_head")
+        else model.generator_predictions.LayerNorm
+        if hasattr(model, "generator_predictions")
         else getattr(model, "vocab_layer_norm", None)
     )
     if head_ln is not None:
@@ -218,6 +220,8 @@ def check_every_hook(ck, model):
     scale, normalized = layer_norm_parts(hf["embed_ln_in"], eps)
     close(c["embed.ln.hook_scale"], scale, rtol=1e-5)
     close(c["embed.ln.hook_normalized"], normalized, atol=1e-4)
+    if "hook_embed_proj" in c:  # ELECTRA: the projected embeddings enter block 0
+        close(c["hook_embed_proj"], out.hidden_states[0])
 
     heads = lambda x: x.reshape(b, p, h, dh)  # noqa: E731
     additive = np.where(mask[:, None, None, :] == 1, 0.0, -np.inf)
@@ -253,6 +257,9 @@ def check_every_hook(ck, model):
         close(c["scale", i, "ln2"], scale, rtol=1e-5)
         close(c["normalized", i, "ln2"], normalized, atol=1e-4)
         close(c["normalized_resid_post", i], out.hidden_states[i + 1])
+    if "mlm_ln_in" not in hf:  # an ELECTRA discriminator: one logit per token
+        close(c["discriminator.hook_out"], logits_of(out))
+        return
     scale, normalized = layer_norm_parts(hf["mlm_ln_in"], eps)
     close(c["mlm_head.ln.hook_scale"], scale, rtol=1e-5)
     close(c["mlm_head.ln.hook_normalized"], normalized, atol=1e-4)

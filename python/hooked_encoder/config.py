@@ -40,6 +40,7 @@ FAMILIES = {
     "camembert": "roberta",
     "distilbert": "distilbert",
     "mpnet": "mpnet",
+    "electra": "electra",
 }
 # The architecture assumed when config.json names none.
 _DEFAULT_ARCHITECTURE = {
@@ -47,6 +48,7 @@ _DEFAULT_ARCHITECTURE = {
     "roberta": "RobertaForMaskedLM",
     "distilbert": "DistilBertForMaskedLM",
     "mpnet": "MPNetForMaskedLM",
+    "electra": "ElectraForPreTraining",
 }
 # Families whose positions are numbered from the ids, after the padding row (RoBERTa's way).
 _OFFSET_POSITIONS = ("roberta", "mpnet")
@@ -113,6 +115,9 @@ class HookedEncoderConfig:
     # Rows of MPNet's relative position bias table (its config's relative_attention_num_buckets);
     # None for families without one.
     relative_attention_num_buckets: int | None = None
+    # ELECTRA's embedding width (its config's embedding_size) when it differs from d_model: the
+    # embeddings are projected into the residual stream (hook_embed_proj). None otherwise.
+    d_embed: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_heads == -1 and isinstance(self.d_model, int) and isinstance(self.d_head, int):
@@ -231,7 +236,12 @@ class HookedEncoderConfig:
         # Sizes are checked here, under their config.json names, so that a damaged or hostile
         # config.json gets an error naming the file's field ("vocab_size") rather than the
         # TransformerLens field ("d_vocab") that _validate or the Rust core would name.
-        for key in (*required, "type_vocab_size", "relative_attention_num_buckets"):
+        for key in (
+            *required,
+            "type_vocab_size",
+            "relative_attention_num_buckets",
+            "embedding_size",
+        ):
             if key not in hf:
                 continue
             if isinstance(hf[key], bool) or not isinstance(hf[key], int):
@@ -305,6 +315,11 @@ class HookedEncoderConfig:
             relative_attention_num_buckets=(
                 hf.get("relative_attention_num_buckets", 32) if family == "mpnet" else None
             ),
+            d_embed=(
+                hf["embedding_size"]
+                if family == "electra" and hf.get("embedding_size", hidden) != hidden
+                else None
+            ),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -336,5 +351,6 @@ class HookedEncoderConfig:
                     else {"kind": "absolute"}
                 ),
                 "relative_attention_buckets": self.relative_attention_num_buckets,
+                "d_embed": self.d_embed,
             }
         )

@@ -136,6 +136,11 @@ HOOK_DOCS = {
     "ln2.hook_scale": ("[batch, pos, 1]", "scale of the LayerNorm after the MLP"),
     "ln2.hook_normalized": ("[batch, pos, d_model]", "normalised input of ln2"),
     "hook_full_embed": ("[batch, pos, d_model]", "embedding LayerNorm output, input of block 0"),
+    "hook_embed_proj": (
+        "[batch, pos, d_model]",
+        "embeddings projected into the residual stream (ELECTRA with d_embed)",
+    ),
+    "discriminator.hook_out": ("[batch, pos]", "ELECTRA's replaced-token logits"),
     "hook_rel_pos_bias": (
         "[batch, head, query, key]",
         "relative position bias added to every block's scores (MPNet)",

@@ -206,6 +206,9 @@ class HookedEncoder:
         self.unembed = Component(self, "unembed", functools.partial(self._apply, "unembed"))
         self.pooler = Component(self, "pooler", functools.partial(self._apply, "pooler"))
         self.nsp_head = Component(self, "nsp_head", functools.partial(self._apply, "nsp_head"))
+        self.discriminator = Component(
+            self, "discriminator", functools.partial(self._apply, "discriminator")
+        )
 
     # ------------------------------------------------------------------ loading
 
@@ -289,8 +292,14 @@ class HookedEncoder:
 
     @property
     def has_mlm_head(self) -> bool:
-        """Whether the model can produce logits (its checkpoint had an MLM head)."""
+        """Whether the model can produce vocabulary logits (its checkpoint had an MLM head)."""
         return self._model.has_mlm_head
+
+    @property
+    def has_discriminator(self) -> bool:
+        """Whether the checkpoint is an ELECTRA discriminator (``ElectraForPreTraining``): its
+        logits are then one replaced-token logit per token, ``[batch, pos]``."""
+        return self._model.has_discriminator
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         """Pickling, for process pools and distributed engines: the config, the tokenizer and
@@ -937,6 +946,10 @@ class HookedEncoder:
         if stop_at_layer is not None:
             return output
         if return_type == "predictions":
+            if not self.has_mlm_head:
+                raise ValueError(
+                    "return_type='predictions' needs an MLM head, and this checkpoint has none"
+                )
             return self._predictions(prepared.tokens, np.asarray(output))
         return output if return_type == "logits" else None
 

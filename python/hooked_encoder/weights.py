@@ -59,6 +59,14 @@ def tl_state_dict(hf: dict[str, np.ndarray], cfg: HookedEncoderConfig) -> dict[s
     if "cls.seq_relationship.weight" in hf:
         out["nsp_head.W"] = hf["cls.seq_relationship.weight"].T
         out["nsp_head.b"] = hf["cls.seq_relationship.bias"]
+    if "bert.embeddings_project.weight" in hf:  # ELECTRA: [d_embed, d_model], as TL's W
+        out["embed.proj.W"] = hf["bert.embeddings_project.weight"].T
+        out["embed.proj.b"] = hf["bert.embeddings_project.bias"]
+    if "discriminator_predictions.dense.weight" in hf:  # ELECTRA's replaced-token head
+        out["discriminator.W"] = hf["discriminator_predictions.dense.weight"].T
+        out["discriminator.b"] = hf["discriminator_predictions.dense.bias"]
+        out["discriminator.W_out"] = hf["discriminator_predictions.dense_prediction.weight"].T
+        out["discriminator.b_out"] = hf["discriminator_predictions.dense_prediction.bias"]
     if "bert.encoder.relative_attention_bias.weight" in hf:  # MPNet: [buckets, n_heads]
         out["rel_pos_bias.W"] = hf["bert.encoder.relative_attention_bias.weight"]
     if "bert.pooler.dense.weight" in hf:

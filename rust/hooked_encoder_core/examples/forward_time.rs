@@ -7,6 +7,8 @@
 //! ```
 //!
 //! Arguments: batch, positions, repeats. Prints the median and the minimum in milliseconds.
+//! `GEMM_RHS_PACKING_THRESHOLD=n` sets `gemm`'s threshold for packing the weights (on x86 it
+//! packs a `W^T` operand only above `n * 16` rows; its default `n` is 128), for experiments.
 
 use std::time::Instant;
 
@@ -23,6 +25,12 @@ fn main() -> hooked_encoder_core::Result<()> {
         args.get(1).copied().unwrap_or(128),
         args.get(2).copied().unwrap_or(10),
     );
+    if let Some(n) = std::env::var("GEMM_RHS_PACKING_THRESHOLD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        gemm::set_rhs_packing_threshold(n);
+    }
     let cfg = BertConfig::bert_base();
     let weights = WeightMap::random(&cfg, 0, &Device::Cpu)?;
     let (model, _) = HookedBert::load(cfg, &weights, &Device::Cpu)?;

@@ -72,6 +72,11 @@ pub struct BertConfig {
     /// How each token's position-embedding row is chosen.
     #[serde(default)]
     pub positions: Positions,
+    /// Width of the embeddings when it differs from `d_model` (ELECTRA's `embedding_size`):
+    /// the embeddings and their LayerNorm are this wide, a projection (`hook_embed_proj`) maps
+    /// them into the residual stream, and the MLM head maps back to it before unembedding.
+    #[serde(default)]
+    pub d_embed: Option<usize>,
     /// Rows of MPNet's relative position bias table (`relative_attention_num_buckets`), for a
     /// model with one; at least 32, the buckets `transformers` uses.
     #[serde(default)]
@@ -129,6 +134,19 @@ impl BertConfig {
                 )));
             }
         }
+        if let Some(width) = self.d_embed {
+            if self.family != Family::Electra {
+                return Err(Error::Config(format!(
+                    "d_embed (an embedding width apart from d_model) is ELECTRA's; {} has none",
+                    self.family.name()
+                )));
+            }
+            if width == 0 || width > MAX_DIM {
+                return Err(Error::Config(format!(
+                    "d_embed must be between 1 and {MAX_DIM}, got {width}"
+                )));
+            }
+        }
         if self.n_token_types > MAX_DIM {
             return Err(Error::Config(format!(
                 "n_token_types must be at most {MAX_DIM}, got {}",
@@ -181,6 +199,7 @@ impl BertConfig {
             family: Family::Bert,
             positions: Positions::Absolute,
             relative_attention_buckets: None,
+            d_embed: None,
         }
     }
 
@@ -197,6 +216,17 @@ impl BertConfig {
             d_vocab: 13,
             ..Self::bert_base()
         }
+    }
+
+    /// Width of the embeddings: `d_embed`, or `d_model` without one.
+    pub fn embed_width(&self) -> usize {
+        self.d_embed.unwrap_or(self.d_model)
+    }
+
+    /// Whether the embeddings are projected into the residual stream (ELECTRA with an
+    /// embedding width apart from `d_model`).
+    pub fn projects_embeddings(&self) -> bool {
+        self.embed_width() != self.d_model
     }
 
     /// Rows of the position-embedding table.

@@ -12,10 +12,14 @@
 //! | `Roberta` | `roberta`, `xlm-roberta`, `camembert`| from ids, after pad  | `lm_head`, exact GELU |
 //! | `Distilbert` | `distilbert`                      | `0..pos`             | `vocab_*` layers |
 //! | `Mpnet`   | `mpnet`                              | from ids, after pad  | `lm_head`, exact GELU |
+//! | `Electra` | `electra`                            | `0..pos`             | `generator_*`, exact GELU; or the discriminator |
 //!
 //! DistilBERT also has no token types (`n_token_types` 0: no `hook_token_type_embed`) and no
 //! pooler. MPNet has no token types either, and adds a relative position bias shared by all
-//! layers (`model/relative_bias.rs`, `hook_rel_pos_bias`).
+//! layers (`model/relative_bias.rs`, `hook_rel_pos_bias`). ELECTRA may have embeddings
+//! narrower than the residual stream (`d_embed`, projected by `embeddings_project`), and its
+//! discriminator checkpoints carry a replaced-token head (one logit per token) instead of an
+//! MLM head (`model/heads.rs`).
 
 use serde::{Deserialize, Serialize};
 
@@ -37,6 +41,11 @@ pub enum Family {
     /// MPNet: RoBERTa's positions and `lm_head`, no token types, attention weights named
     /// `attention.attn.{q,k,v,o}`, and a relative position bias in every layer's scores.
     Mpnet,
+    /// ELECTRA (discriminator and generator): BERT's blocks under `electra.*`, an optional
+    /// embedding projection, no pooler; a generator's MLM head (`generator_predictions`,
+    /// `generator_lm_head`) or a discriminator's replaced-token head
+    /// (`discriminator_predictions`).
+    Electra,
 }
 
 /// How the row of the position-embedding table is chosen for each token.
@@ -97,12 +106,13 @@ impl Family {
             Family::Roberta => "RoBERTa",
             Family::Distilbert => "DistilBERT",
             Family::Mpnet => "MPNet",
+            Family::Electra => "ELECTRA",
         }
     }
 
     /// Whether the family's models have token-type (segment) embeddings.
     pub fn has_token_types(self) -> bool {
-        matches!(self, Family::Bert | Family::Roberta)
+        matches!(self, Family::Bert | Family::Roberta | Family::Electra)
     }
 
     /// The prefix of encoder weights in the family's `...ForMaskedLM` checkpoints; base-model
@@ -113,6 +123,7 @@ impl Family {
             Family::Roberta => "roberta.",
             Family::Distilbert => "distilbert.",
             Family::Mpnet => "mpnet.",
+            Family::Electra => "electra.",
         }
     }
 
@@ -120,7 +131,9 @@ impl Family {
     /// `None` when the family has no such weight (RoBERTa has no next-sentence head).
     pub fn checkpoint_name(self, canonical: &str) -> Option<String> {
         match self {
-            Family::Bert => Some(canonical.to_string()),
+            Family::Bert => (!canonical.starts_with("discriminator_predictions.")
+                && !canonical.starts_with("bert.embeddings_project."))
+            .then(|| canonical.to_string()),
             Family::Roberta | Family::Mpnet => {
                 if let Some(rest) = canonical.strip_prefix("bert.") {
                     return match self {
@@ -142,13 +155,14 @@ impl Family {
                         return Some(format!("{roberta}{rest}"));
                     }
                 }
-                if canonical.starts_with("cls.") {
+                if canonical.starts_with("cls.") || canonical.starts_with("discriminator_") {
                     None
                 } else {
                     Some(canonical.to_string())
                 }
             }
             Family::Distilbert => distilbert_name(canonical),
+            Family::Electra => electra_name(canonical),
         }
     }
 
@@ -159,6 +173,7 @@ impl Family {
             Family::Roberta => "lm_head.*",
             Family::Distilbert => "vocab_transform.*, vocab_layer_norm.*, vocab_projector.*",
             Family::Mpnet => "lm_head.*",
+            Family::Electra => "generator_predictions.*, generator_lm_head.*",
         }
     }
 
@@ -169,9 +184,39 @@ impl Family {
             Family::Bert => act_fn,
             Family::Roberta => Activation::Gelu,
             Family::Distilbert => act_fn,
-            Family::Mpnet => Activation::Gelu,
+            Family::Mpnet | Family::Electra => Activation::Gelu,
         }
     }
+}
+
+/// ELECTRA's name for a canonical weight (see [`Family::checkpoint_name`]). The
+/// discriminator's head has no BERT counterpart: its canonical names are ELECTRA's own.
+fn electra_name(canonical: &str) -> Option<String> {
+    if canonical.starts_with("bert.pooler.") || canonical == "cls.predictions.bias" {
+        return None; // no pooler; the decoder's bias is the only output bias
+    }
+    if let Some(rest) = canonical.strip_prefix("bert.") {
+        return Some(format!("electra.{rest}"));
+    }
+    const HEAD: [(&str, &str); 3] = [
+        (
+            "cls.predictions.transform.dense.",
+            "generator_predictions.dense.",
+        ),
+        (
+            "cls.predictions.transform.LayerNorm.",
+            "generator_predictions.LayerNorm.",
+        ),
+        ("cls.predictions.decoder.", "generator_lm_head."),
+    ];
+    for (bert, electra) in HEAD {
+        if let Some(rest) = canonical.strip_prefix(bert) {
+            return Some(format!("{electra}{rest}"));
+        }
+    }
+    canonical
+        .starts_with("discriminator_predictions.")
+        .then(|| canonical.to_string())
 }
 
 /// MPNet's name for a canonical encoder weight given without `bert.`.
@@ -339,5 +384,41 @@ mod tests {
             Some("lm_head.bias")
         );
         assert_eq!(name("bert.embeddings.token_type_embeddings.weight"), None);
+    }
+
+    #[test]
+    fn electra_names_its_weights_as_hugging_face_does() {
+        let name = |n: &str| Family::Electra.checkpoint_name(n);
+        assert_eq!(
+            name("bert.embeddings_project.weight").as_deref(),
+            Some("electra.embeddings_project.weight")
+        );
+        assert_eq!(
+            name("bert.encoder.layer.1.attention.self.key.bias").as_deref(),
+            Some("electra.encoder.layer.1.attention.self.key.bias")
+        );
+        assert_eq!(
+            name("cls.predictions.transform.LayerNorm.weight").as_deref(),
+            Some("generator_predictions.LayerNorm.weight")
+        );
+        assert_eq!(
+            name("cls.predictions.decoder.weight").as_deref(),
+            Some("generator_lm_head.weight")
+        );
+        assert_eq!(
+            name("discriminator_predictions.dense_prediction.bias").as_deref(),
+            Some("discriminator_predictions.dense_prediction.bias")
+        );
+        for absent in [
+            "bert.pooler.dense.weight",
+            "cls.predictions.bias",
+            "cls.seq_relationship.bias",
+        ] {
+            assert_eq!(name(absent), None, "{absent}");
+        }
+        assert_eq!(
+            Family::Bert.checkpoint_name("discriminator_predictions.dense.weight"),
+            None
+        );
     }
 }

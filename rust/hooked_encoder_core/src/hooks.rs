@@ -113,6 +113,10 @@ pub enum HookPoint {
     PosEmbed,
     /// `embed.hook_token_type_embed`: token-type embeddings, `[batch, pos, d_model]`.
     TokenTypeEmbed,
+    /// `hook_embed_proj`: the embeddings projected into the residual stream, `[batch, pos,
+    /// d_model]` (ELECTRA with `d_embed` apart from `d_model`; then it, not `hook_full_embed`,
+    /// is `blocks.0.hook_resid_pre`).
+    EmbedProj,
     /// `hook_rel_pos_bias`: MPNet's relative position bias, `[batch, head, query, key]`,
     /// added to every block's attention scores (models with one only).
     RelPosBias,
@@ -138,23 +142,28 @@ pub enum HookPoint {
     /// `nsp_head.hook_nsp_out`: next-sentence logits, `[batch, 2]` (next-sentence prediction
     /// only).
     NspOut,
+    /// `discriminator.hook_out`: an ELECTRA discriminator's replaced-token logits, `[batch,
+    /// pos]` (ELECTRA only).
+    DiscriminatorOut,
 }
 
-const EMBED_POINTS: [HookPoint; 7] = [
+const EMBED_POINTS: [HookPoint; 8] = [
     HookPoint::Embed,
     HookPoint::PosEmbed,
     HookPoint::TokenTypeEmbed,
     HookPoint::EmbedLnScale,
     HookPoint::EmbedLnNormalized,
     HookPoint::FullEmbed,
+    HookPoint::EmbedProj,
     HookPoint::RelPosBias,
 ];
 
-const HEAD_POINTS: [HookPoint; 6] = [
+const HEAD_POINTS: [HookPoint; 7] = [
     HookPoint::MlmLnScale,
     HookPoint::MlmLnNormalized,
     HookPoint::UnembedIn,
     HookPoint::UnembedOut,
+    HookPoint::DiscriminatorOut,
     HookPoint::PoolerOut,
     HookPoint::NspOut,
 ];
@@ -183,6 +192,8 @@ impl HookPoint {
         match self {
             Self::TokenTypeEmbed => cfg.n_token_types > 0,
             Self::RelPosBias => cfg.relative_attention_buckets.is_some(),
+            Self::EmbedProj => cfg.projects_embeddings(),
+            Self::DiscriminatorOut => cfg.family == Family::Electra,
             Self::PoolerOut | Self::NspOut => cfg.family == Family::Bert,
             _ => true,
         }
@@ -195,6 +206,8 @@ impl HookPoint {
             Self::PosEmbed => "embed.hook_pos_embed".into(),
             Self::TokenTypeEmbed => "embed.hook_token_type_embed".into(),
             Self::RelPosBias => "hook_rel_pos_bias".into(),
+            Self::EmbedProj => "hook_embed_proj".into(),
+            Self::DiscriminatorOut => "discriminator.hook_out".into(),
             Self::EmbedLnScale => "embed.ln.hook_scale".into(),
             Self::EmbedLnNormalized => "embed.ln.hook_normalized".into(),
             Self::FullEmbed => "hook_full_embed".into(),

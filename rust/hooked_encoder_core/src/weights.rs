@@ -177,30 +177,34 @@ impl WeightMap {
             }
             Ok(())
         };
-        let (d, a, m) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
-        let layer_norm = |prefix: &str, map: &mut Self| -> Result<()> {
-            constant(format!("{prefix}.LayerNorm.weight"), d, 1.0, map)?;
-            constant(format!("{prefix}.LayerNorm.bias"), d, 0.0, map)
+        let (d, a, m, e) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp, cfg.embed_width());
+        let layer_norm = |prefix: &str, width: usize, map: &mut Self| -> Result<()> {
+            constant(format!("{prefix}.LayerNorm.weight"), width, 1.0, map)?;
+            constant(format!("{prefix}.LayerNorm.bias"), width, 0.0, map)
         };
-        let e = "bert.embeddings";
+        let emb = "bert.embeddings";
         normal(
-            format!("{e}.word_embeddings.weight"),
-            &[cfg.d_vocab, d],
+            format!("{emb}.word_embeddings.weight"),
+            &[cfg.d_vocab, e],
             &mut map,
         )?;
         normal(
-            format!("{e}.position_embeddings.weight"),
-            &[cfg.position_rows(), d],
+            format!("{emb}.position_embeddings.weight"),
+            &[cfg.position_rows(), e],
             &mut map,
         )?;
         if cfg.n_token_types > 0 {
             normal(
-                format!("{e}.token_type_embeddings.weight"),
-                &[cfg.n_token_types, d],
+                format!("{emb}.token_type_embeddings.weight"),
+                &[cfg.n_token_types, e],
                 &mut map,
             )?;
         }
-        layer_norm(e, &mut map)?;
+        layer_norm(emb, e, &mut map)?;
+        if cfg.projects_embeddings() {
+            normal("bert.embeddings_project.weight".into(), &[d, e], &mut map)?;
+            constant("bert.embeddings_project.bias".into(), d, 0.0, &mut map)?;
+        }
         if let Some(rows) = cfg.relative_attention_buckets {
             normal(
                 "bert.encoder.relative_attention_bias.weight".into(),
@@ -221,23 +225,29 @@ impl WeightMap {
                 normal(format!("{p}.{name}.weight"), &[out, inp], &mut map)?;
                 constant(format!("{p}.{name}.bias"), out, 0.0, &mut map)?;
             }
-            layer_norm(&format!("{p}.attention.output"), &mut map)?;
-            layer_norm(&format!("{p}.output"), &mut map)?;
+            layer_norm(&format!("{p}.attention.output"), d, &mut map)?;
+            layer_norm(&format!("{p}.output"), d, &mut map)?;
         }
         normal(
             "cls.predictions.transform.dense.weight".into(),
-            &[d, d],
+            &[e, d],
             &mut map,
         )?;
         constant(
             "cls.predictions.transform.dense.bias".into(),
-            d,
+            e,
             0.0,
             &mut map,
         )?;
-        layer_norm("cls.predictions.transform", &mut map)?;
-        // The decoder weight is tied to the word embeddings, as in Hugging Face.
-        constant("cls.predictions.bias".into(), cfg.d_vocab, 0.0, &mut map)?;
+        layer_norm("cls.predictions.transform", e, &mut map)?;
+        // The decoder weight is tied to the word embeddings, as in Hugging Face. Its bias is
+        // `cls.predictions.bias` where the family has that name, else the decoder's own.
+        let bias = if family.checkpoint_name("cls.predictions.bias").is_some() {
+            "cls.predictions.bias"
+        } else {
+            "cls.predictions.decoder.bias"
+        };
+        constant(bias.into(), cfg.d_vocab, 0.0, &mut map)?;
         normal("bert.pooler.dense.weight".into(), &[d, d], &mut map)?;
         constant("bert.pooler.dense.bias".into(), d, 0.0, &mut map)?;
         normal("cls.seq_relationship.weight".into(), &[2, d], &mut map)?;

@@ -241,10 +241,16 @@ impl Model {
             .collect()
     }
 
-    /// Whether the checkpoint has an MLM head (and so can produce logits).
+    /// Whether the checkpoint has an MLM head (and so can produce vocabulary logits).
     #[getter]
     fn has_mlm_head(&self) -> bool {
         self.inner.has_mlm_head()
+    }
+
+    /// Whether the checkpoint has an ELECTRA discriminator head (replaced-token logits).
+    #[getter]
+    fn has_discriminator(&self) -> bool {
+        self.inner.has_discriminator()
     }
 
     /// The device the weights live on, e.g. "cpu".
@@ -409,6 +415,7 @@ impl Model {
             "unembed" => Part::Unembed,
             "pooler" => Part::Pooler,
             "nsp_head" => Part::NspHead,
+            "discriminator" => Part::Discriminator,
             other => return Err(PyValueError::new_err(format!("unknown head {other:?}"))),
         };
         let x = tensor_from_numpy(&x, &Device::Cpu).map_err(|e| to_py_err(e.into()))?;

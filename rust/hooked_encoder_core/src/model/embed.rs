@@ -5,7 +5,8 @@ use super::*;
 
 impl HookedBert {
     pub(super) fn embed(&self, input: &ForwardInput<'_>, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let (b, p, d) = (input.batch, input.pos, self.cfg.d_model);
+        // The embeddings' width: d_model, or ELECTRA's narrower d_embed (projected below).
+        let (b, p, d) = (input.batch, input.pos, self.cfg.embed_width());
         let ids = |values: &[i64]| -> Result<Tensor> {
             let values: Vec<u32> = values.iter().map(|v| *v as u32).collect();
             Ok(Tensor::from_vec(values, b * p, &self.device)?)
@@ -50,12 +51,17 @@ impl HookedBert {
             HookPoint::EmbedLnNormalized,
             hooks,
         )?;
-        hook(hooks, HookPoint::FullEmbed, x)
+        let x = hook(hooks, HookPoint::FullEmbed, x)?;
+        match &self.embed_proj {
+            Some(proj) => hook(hooks, HookPoint::EmbedProj, proj.forward(&x, None)?),
+            None => Ok(x),
+        }
     }
 }
 
 impl HookedBert {
-    /// The gradient to the summed embeddings from the gradient `d_out` of `hook_full_embed`.
+    /// The gradient to the summed embeddings from the gradient `d_out` of `hook_full_embed`
+    /// (of `hook_embed_proj` when the embeddings are projected).
     /// The three embeddings are summed, so `hook_embed`, `hook_pos_embed` and
     /// `hook_token_type_embed` each get that same gradient (a replacement returned by one of
     /// their backward hooks stops there: embedding tables get no gradient here).
@@ -65,6 +71,10 @@ impl HookedBert {
         tape: &mut Tape,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
+        let d_out = match &self.embed_proj {
+            Some(proj) => proj.backward(&grad_hook(hooks, HookPoint::EmbedProj, d_out)?)?,
+            None => d_out,
+        };
         let d_full = grad_hook(hooks, HookPoint::FullEmbed, d_out)?;
         let d_sum = self.layer_norm_backward(
             &d_full,

@@ -1,5 +1,5 @@
-//! The heads after the last block (MLM head, unembedding, pooler, NSP head): forward and
-//! backward.
+//! The heads after the last block (MLM head, unembedding, pooler, NSP head, ELECTRA's
+//! discriminator): forward and backward.
 
 use super::*;
 
@@ -8,6 +8,14 @@ pub(super) struct MlmHead {
     pub(super) ln: LayerNorm,
     /// The unembedding `[d_vocab, d_model]` and its bias.
     pub(super) decoder: Linear,
+}
+
+/// An ELECTRA discriminator's replaced-token head: `dense`, the config's activation, then one
+/// logit per token.
+pub(super) struct Discriminator {
+    pub(super) dense: Linear,
+    /// `[1, d_model]`.
+    pub(super) prediction: Linear,
 }
 
 impl HookedBert {
@@ -19,14 +27,30 @@ impl HookedBert {
     /// Runs one head on its own input (TransformerLens's `model.mlm_head(x)`, `model.unembed(x)`,
     /// `model.pooler(x)`, `model.nsp_head(x)`), with its hooks.
     pub fn apply(&self, part: Part, x: Tensor, hooks: &mut dyn Hooks) -> Result<Tensor> {
-        let (needs, what) = match part {
-            Part::MlmHead | Part::Unembed => (Output::Logits, "[batch, pos, d_model]"),
-            Part::Pooler => (Output::NextSentence, "[batch, pos, d_model]"),
-            Part::NspHead => (Output::NextSentence, "[batch, d_model]"),
+        let (needs, rank, width) = match part {
+            Part::MlmHead | Part::Discriminator => (Output::Logits, 3, self.cfg.d_model),
+            // The unembedding reads the MLM head's output, as wide as the embeddings.
+            Part::Unembed => (Output::Logits, 3, self.cfg.embed_width()),
+            Part::Pooler => (Output::NextSentence, 3, self.cfg.d_model),
+            Part::NspHead => (Output::NextSentence, 2, self.cfg.d_model),
         };
         self.check_head(needs)?;
-        let rank = if part == Part::NspHead { 2 } else { 3 };
-        if x.rank() != rank || x.dims().last() != Some(&self.cfg.d_model) || !x.dtype().is_float() {
+        let has = match part {
+            Part::MlmHead | Part::Unembed => self.mlm_head.is_some(),
+            Part::Discriminator => self.discriminator.is_some(),
+            Part::Pooler | Part::NspHead => true, // check_head refused what is missing
+        };
+        if !has {
+            return Err(Error::MissingHead(format!(
+                "this checkpoint has no {part:?} head"
+            )));
+        }
+        if x.rank() != rank || x.dims().last() != Some(&width) || !x.dtype().is_float() {
+            let what = if rank == 2 {
+                format!("[batch, {width}]")
+            } else {
+                format!("[batch, pos, {width}]")
+            };
             return Err(Error::Input(format!(
                 "{part:?} takes a floating-point {what} input, got {:?} {:?}",
                 x.dims(),
@@ -63,6 +87,15 @@ impl HookedBert {
                 HookPoint::NspOut,
                 nsp_head.forward(&x.contiguous()?, None)?,
             ),
+            (Part::Discriminator, ..) => {
+                let head = self
+                    .discriminator
+                    .as_ref()
+                    .ok_or_else(missing_head_weights)?;
+                let hidden = head.dense.forward(&x, Some(self.cfg.act_fn))?;
+                let logits = head.prediction.forward(&hidden, None)?.squeeze(D::Minus1)?;
+                hook(hooks, HookPoint::DiscriminatorOut, logits)
+            }
             _ => Err(missing_head_weights()),
         }
     }
@@ -80,6 +113,23 @@ impl HookedBert {
     ) -> Result<Tensor> {
         match (output, &self.mlm_head, &self.pooler, &self.nsp_head) {
             (Output::Residual, _, _, _) => Ok(d_out),
+            (Output::Logits, None, _, _) => {
+                let head = self
+                    .discriminator
+                    .as_ref()
+                    .ok_or_else(missing_head_weights)?;
+                let d_logits = grad_hook(hooks, HookPoint::DiscriminatorOut, d_out)?;
+                // logits = hidden · w + b per token: d_hidden = d_logits w.
+                let d_hidden = head.prediction.backward(&d_logits.unsqueeze(D::Minus1)?)?;
+                // As for the MLM head: the dense layer's pre-activation is recomputed.
+                let x = tape
+                    .head_input
+                    .take()
+                    .ok_or_else(|| missing_saved("the head input"))?;
+                let pre = head.dense.forward(&x, None)?;
+                head.dense
+                    .backward(&act_backward(self.cfg.act_fn, &pre, &d_hidden)?)
+            }
             (Output::Logits, Some(head), _, _) => {
                 let d_logits = grad_hook(hooks, HookPoint::UnembedOut, d_out)?;
                 let d_in = grad_hook(

@@ -39,7 +39,7 @@ impl HookedBert {
             return cpu::tensor(out, &dims);
         }
         let (scale, normalized) =
-            kernels::layer_norm_parts(cpu::view(&x)?.slice(), self.cfg.d_model, eps);
+            kernels::layer_norm_parts(cpu::view(&x)?.slice(), ln.weight.dim(0)?, eps);
         let mut scale_dims = dims.clone();
         *scale_dims.last_mut().unwrap_or(&mut 0) = 1;
         let scale = cpu::tensor(scale, &scale_dims)?;
@@ -114,7 +114,8 @@ impl HookedBert {
         let d_scale = ((&dn * n)?.sum_keepdim(D::Minus1)?.neg()? / used_scale)?;
         let d_scale = grad_hook(hooks, scale_point, d_scale)?;
         let centred = n.broadcast_mul(used_scale)?;
-        let d = self.cfg.d_model as f64;
+        // The normalised width: d_model, or d_embed for ELECTRA's embedding and head norms.
+        let d = ln.weight.dim(0)? as f64;
         let d_centred = (dn.broadcast_div(used_scale)?
             + centred.broadcast_mul(&(d_scale / (computed_scale * d)?)?)?)?;
         Ok(d_centred.broadcast_sub(&d_centred.mean_keepdim(D::Minus1)?)?)

@@ -30,7 +30,7 @@ use attention::{head_weights, missing_head_weights, HeadWeights, Mask, Qkv};
 use backward::missing_saved;
 pub use backward::Tape;
 use block::Block;
-use heads::MlmHead;
+use heads::{Discriminator, MlmHead};
 use layer_norm::LayerNorm;
 use linear::Linear;
 pub(crate) use relative_bias::TABLE_ROWS as RELATIVE_BIAS_ROWS;
@@ -38,7 +38,8 @@ pub(crate) use relative_bias::TABLE_ROWS as RELATIVE_BIAS_ROWS;
 /// How far the forward pass goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Output {
-    /// Through the MLM head and unembedding: logits `[batch, pos, d_vocab]`.
+    /// Through the checkpoint's head: the MLM head and unembedding, logits `[batch, pos,
+    /// d_vocab]`, or an ELECTRA discriminator's replaced-token logits `[batch, pos]`.
     Logits,
     /// Stop after the last block: its output `[batch, pos, d_model]` (Hugging Face's
     /// `last_hidden_state`); the MLM head is never computed.
@@ -74,6 +75,8 @@ pub enum Part {
     Pooler,
     /// Next-sentence logits from the pooled output.
     NspHead,
+    /// An ELECTRA discriminator's replaced-token logits, `[batch, pos]`.
+    Discriminator,
 }
 
 /// One batch of token ids, with optional token types and attention mask, all row-major
@@ -112,6 +115,10 @@ pub struct HookedBert {
     nsp_head: Option<Linear>,
     /// MPNet's relative position bias table, `[buckets, n_heads]` (see `relative_bias.rs`).
     relative_attention_bias: Option<Tensor>,
+    /// ELECTRA's projection of `d_embed`-wide embeddings into the residual stream.
+    embed_proj: Option<Linear>,
+    /// An ELECTRA discriminator's replaced-token head (in place of an MLM head).
+    discriminator: Option<Discriminator>,
 }
 
 /// Tensor names that checkpoints carry but that are not weights.
@@ -264,22 +271,26 @@ impl HookedBert {
     ) -> Result<(Self, Vec<String>)> {
         cfg.validate()?;
         let mut loader = Loader::new(source, cfg.family, device)?;
-        let (d, a, m) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp);
+        let (d, a, m, e) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp, cfg.embed_width());
         let word_embeddings =
-            loader.encoder("embeddings.word_embeddings.weight", &[cfg.d_vocab, d])?;
+            loader.encoder("embeddings.word_embeddings.weight", &[cfg.d_vocab, e])?;
         let position_embeddings = loader.encoder(
             "embeddings.position_embeddings.weight",
-            &[cfg.position_rows(), d],
+            &[cfg.position_rows(), e],
         )?;
         let token_type_embeddings = (cfg.n_token_types > 0)
             .then(|| {
                 loader.encoder(
                     "embeddings.token_type_embeddings.weight",
-                    &[cfg.n_token_types, d],
+                    &[cfg.n_token_types, e],
                 )
             })
             .transpose()?;
-        let embed_ln = loader.layer_norm("embeddings.LayerNorm", d, false)?;
+        let embed_ln = loader.layer_norm("embeddings.LayerNorm", e, false)?;
+        let embed_proj = cfg
+            .projects_embeddings()
+            .then(|| loader.linear("embeddings_project", d, e, false))
+            .transpose()?;
         let relative_attention_bias = cfg
             .relative_attention_buckets
             .map(|rows| {
@@ -315,12 +326,13 @@ impl HookedBert {
         }
 
         let mlm_head = if loader.has_head("cls.predictions.transform.dense.weight") {
-            let dense = loader.linear("cls.predictions.transform.dense", d, d, true)?;
-            let ln = loader.layer_norm("cls.predictions.transform.LayerNorm", d, true)?;
+            // The head maps the residual stream back to the embeddings' width to unembed.
+            let dense = loader.linear("cls.predictions.transform.dense", e, d, true)?;
+            let ln = loader.layer_norm("cls.predictions.transform.LayerNorm", e, true)?;
             // Hugging Face ties the decoder to the word embeddings and often omits it on save.
             let weight = if loader.has_head("cls.predictions.decoder.weight") {
                 let name = loader.name("cls.predictions.decoder.weight", true);
-                loader.first_of(&[name], &[cfg.d_vocab, d])?
+                loader.first_of(&[name], &[cfg.d_vocab, e])?
             } else {
                 word_embeddings.clone()
             };
@@ -347,6 +359,20 @@ impl HookedBert {
             .has_head("cls.seq_relationship.weight")
             .then(|| loader.linear("cls.seq_relationship", 2, d, true))
             .transpose()?;
+        let discriminator = loader
+            .has_head("discriminator_predictions.dense.weight")
+            .then(|| -> Result<Discriminator> {
+                Ok(Discriminator {
+                    dense: loader.linear("discriminator_predictions.dense", d, d, true)?,
+                    prediction: loader.linear(
+                        "discriminator_predictions.dense_prediction",
+                        1,
+                        d,
+                        true,
+                    )?,
+                })
+            })
+            .transpose()?;
         let unused = loader.unused();
         let model = Self {
             cfg,
@@ -361,6 +387,8 @@ impl HookedBert {
             pooler,
             nsp_head,
             relative_attention_bias,
+            embed_proj,
+            discriminator,
         };
         Ok((model, unused))
     }
@@ -405,6 +433,10 @@ impl HookedBert {
                 table.clone(),
             ));
         }
+        if let Some(proj) = &self.embed_proj {
+            tensors.push(("bert.embeddings_project.weight".into(), proj.weight.clone()));
+            tensors.push(("bert.embeddings_project.bias".into(), proj.bias.clone()));
+        }
         let norm = |name: &str, ln: &LayerNorm| {
             [
                 (format!("{name}.LayerNorm.weight"), ln.weight.clone()),
@@ -439,6 +471,13 @@ impl HookedBert {
         }
         if let Some(nsp) = &self.nsp_head {
             linear("cls.seq_relationship".into(), nsp);
+        }
+        if let Some(head) = &self.discriminator {
+            linear("discriminator_predictions.dense".into(), &head.dense);
+            linear(
+                "discriminator_predictions.dense_prediction".into(),
+                &head.prediction,
+            );
         }
         tensors.extend(out);
         Ok(tensors)
@@ -518,6 +557,17 @@ impl HookedBert {
             pooler: self.pooler.as_ref().map(linear).transpose()?,
             nsp_head: self.nsp_head.as_ref().map(linear).transpose()?,
             relative_attention_bias: self.relative_attention_bias.as_ref().map(t).transpose()?,
+            embed_proj: self.embed_proj.as_ref().map(linear).transpose()?,
+            discriminator: self
+                .discriminator
+                .as_ref()
+                .map(|h| -> Result<Discriminator> {
+                    Ok(Discriminator {
+                        dense: linear(&h.dense)?,
+                        prediction: linear(&h.prediction)?,
+                    })
+                })
+                .transpose()?,
         })
     }
 
@@ -546,9 +596,15 @@ impl HookedBert {
         cpu::kernels_on(&self.device, self.dtype)
     }
 
-    /// Whether the checkpoint had an MLM head (so [`Output::Logits`] is available).
+    /// Whether the checkpoint had an MLM head (so [`Output::Logits`] are vocabulary logits).
     pub fn has_mlm_head(&self) -> bool {
         self.mlm_head.is_some()
+    }
+
+    /// Whether the checkpoint had an ELECTRA discriminator head instead (so
+    /// [`Output::Logits`] are its replaced-token logits, `[batch, pos]`).
+    pub fn has_discriminator(&self) -> bool {
+        self.discriminator.is_some()
     }
 
     /// Runs the model on `input`, showing each activation to `hooks`.
@@ -621,6 +677,7 @@ impl HookedBert {
         }
         match output {
             Output::Residual => Ok(x),
+            Output::Logits if self.mlm_head.is_none() => self.apply(Part::Discriminator, x, hooks),
             Output::Logits => {
                 let x = self.apply(Part::MlmHead, x, hooks)?;
                 self.apply(Part::Unembed, x, hooks)
@@ -675,11 +732,13 @@ impl HookedBert {
         let missing = |what: String| Err(Error::MissingHead(what));
         let family = self.cfg.family;
         match output {
-            Output::Logits if self.mlm_head.is_none() => missing(format!(
+            Output::Logits if self.mlm_head.is_none() && self.discriminator.is_none() => {
+                missing(format!(
                 "this checkpoint has no MLM head (no {} weights), so it cannot produce logits; \
                  use return_type=None or encoder_output() for its hidden states",
-                family.mlm_head_weights()
-            )),
+                    family.mlm_head_weights()
+                ))
+            }
             Output::NextSentence if family != Family::Bert => missing(format!(
                 "{} models have no next-sentence head",
                 family.name()
