@@ -1,5 +1,7 @@
-//! A BERT encoder forward pass on [Candle](https://github.com/huggingface/candle) with a named hook
-//! point on every interesting activation, following TransformerLens's `HookedEncoder` (3.x).
+//! A BERT-style encoder forward (and backward) pass on [Candle](https://github.com/huggingface/candle)
+//! with a named hook point on every interesting activation, following TransformerLens's
+//! `HookedEncoder` (3.x); BERT, RoBERTa/XLM-R/CamemBERT, DistilBERT, MPNet and ELECTRA
+//! checkpoints load (what each family changes is in [`Family`]).
 //!
 //! The crate is pure Rust: no Python. The PyO3 binding (`hooked_encoder_py`) and the Python
 //! package on top of it implement the user-facing API.
