@@ -89,6 +89,15 @@ def randomize(model):
     return model.eval()
 
 
+def save_random(directory: Path, cls, config, seed: int) -> Checkpoint:
+    """Builds ``cls(config)`` with random weights from ``seed`` (see :func:`randomize`), saves
+    it as safetensors in ``directory`` and returns the checkpoint."""
+    torch.manual_seed(seed)
+    model = randomize(cls(config))
+    model.save_pretrained(directory, safe_serialization=True)
+    return Checkpoint(directory, model, config)
+
+
 def make_checkpoint(
     directory: Path,
     shape: str = "small",
@@ -110,10 +119,7 @@ def make_checkpoint(
         attn_implementation="eager",
         **config_overrides,
     )
-    torch.manual_seed(seed)
-    model = randomize(getattr(transformers, arch)(config))
-    model.save_pretrained(directory, safe_serialization=True)
-    return Checkpoint(directory, model, config)
+    return save_random(directory, getattr(transformers, arch), config, seed)
 
 
 # Hugging Face model_type -> (masked-LM class, base class) of the RoBERTa family.
@@ -151,11 +157,10 @@ def make_roberta_checkpoint(
         attn_implementation="eager",
         **config_overrides,
     )
-    torch.manual_seed(seed)
     masked_lm, base_model = ROBERTA_FAMILY[model_type]
-    model = randomize(getattr(transformers, base_model if base else masked_lm)(config))
-    model.save_pretrained(directory, safe_serialization=True)
-    return Checkpoint(directory, model, config)
+    return save_random(
+        directory, getattr(transformers, base_model if base else masked_lm), config, seed
+    )
 
 
 def make_distilbert_checkpoint(
@@ -174,11 +179,8 @@ def make_distilbert_checkpoint(
         attn_implementation="eager",
         **overrides,
     )
-    torch.manual_seed(seed)
     cls = transformers.DistilBertModel if base else transformers.DistilBertForMaskedLM
-    model = randomize(cls(config))
-    model.save_pretrained(directory, safe_serialization=True)
-    return Checkpoint(directory, model, config)
+    return save_random(directory, cls, config, seed)
 
 
 def make_mpnet_checkpoint(
@@ -201,11 +203,8 @@ def make_mpnet_checkpoint(
         attn_implementation="eager",
         **settings,
     )
-    torch.manual_seed(seed)
     cls = transformers.MPNetModel if base else transformers.MPNetForMaskedLM
-    model = randomize(cls(config))
-    model.save_pretrained(directory, safe_serialization=True)
-    return Checkpoint(directory, model, config)
+    return save_random(directory, cls, config, seed)
 
 
 ELECTRA_CLASSES = {
@@ -239,10 +238,7 @@ def make_electra_checkpoint(
         hidden_act="gelu",
         attn_implementation="eager",
     )
-    torch.manual_seed(seed)
-    model = randomize(getattr(transformers, ELECTRA_CLASSES[kind])(config))
-    model.save_pretrained(directory, safe_serialization=True)
-    return Checkpoint(directory, model, config)
+    return save_random(directory, getattr(transformers, ELECTRA_CLASSES[kind]), config, seed)
 
 
 FAMILY_PARAMS = [

@@ -102,6 +102,23 @@ impl HookedBert {
 }
 
 impl HookedBert {
+    /// The gradient to a head's input (the residual stream saved in the tape) through its first
+    /// layer, `act(dense(x))`, from the gradient `d_out` of that layer's output. The
+    /// pre-activation has no hook point: it is recomputed (one matmul) rather than kept.
+    fn dense_act_backward(
+        dense: &Linear,
+        act: Activation,
+        d_out: &Tensor,
+        tape: &mut Tape,
+    ) -> Result<Tensor> {
+        let x = tape
+            .head_input
+            .take()
+            .ok_or_else(|| missing_saved("the head input"))?;
+        let pre = dense.forward(&x, None)?;
+        dense.backward(&act_backward(act, &pre, d_out)?)
+    }
+
     /// The gradient to the last residual stream (the heads' input, `[batch, pos, d_model]`)
     /// from the gradient `d_out` of `output`.
     pub(super) fn head_backward(
@@ -121,14 +138,7 @@ impl HookedBert {
                 let d_logits = grad_hook(hooks, HookPoint::DiscriminatorOut, d_out)?;
                 // logits = hidden · w + b per token: d_hidden = d_logits w.
                 let d_hidden = head.prediction.backward(&d_logits.unsqueeze(D::Minus1)?)?;
-                // As for the MLM head: the dense layer's pre-activation is recomputed.
-                let x = tape
-                    .head_input
-                    .take()
-                    .ok_or_else(|| missing_saved("the head input"))?;
-                let pre = head.dense.forward(&x, None)?;
-                head.dense
-                    .backward(&act_backward(self.cfg.act_fn, &pre, &d_hidden)?)
+                Self::dense_act_backward(&head.dense, self.cfg.act_fn, &d_hidden, tape)
             }
             (Output::Logits, Some(head), _, _) => {
                 let d_logits = grad_hook(hooks, HookPoint::UnembedOut, d_out)?;
@@ -145,15 +155,7 @@ impl HookedBert {
                     tape,
                     hooks,
                 )?;
-                // The dense layer's pre-activation has no hook point: recompute it (one
-                // d_model x d_model matmul) rather than keep it.
-                let x = tape
-                    .head_input
-                    .take()
-                    .ok_or_else(|| missing_saved("the head input"))?;
-                let pre = head.dense.forward(&x, None)?;
-                head.dense
-                    .backward(&act_backward(self.mlm_head_act(), &pre, &d_act)?)
+                Self::dense_act_backward(&head.dense, self.mlm_head_act(), &d_act, tape)
             }
             (Output::NextSentence, _, Some(pooler), Some(nsp_head)) => {
                 let d_logits = grad_hook(hooks, HookPoint::NspOut, d_out)?;
