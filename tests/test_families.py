@@ -417,3 +417,24 @@ def test_a_model_of_each_family_builds_from_a_config_with_fresh_weights():
     for model_type, extra in configs.items():
         model = HookedEncoder(HookedEncoderConfig(**base, model_type=model_type, **extra))
         assert model(tokens).shape == (1, 6, 20), model_type
+
+
+def test_info_names_the_family_its_head_and_the_embedding_width(tmp_path):
+    import subprocess
+    import sys
+
+    make_electra_checkpoint(tmp_path, "discriminator", seed=23)
+    info = subprocess.run(
+        [sys.executable, "-m", "hooked_encoder.cli", "info", "--model", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert info.returncode == 0, info.stderr
+    lines = info.stdout.splitlines()
+    assert "  model_type: electra" in lines and "  d_embed: 8" in lines
+    assert any(line.startswith("  head: ELECTRA discriminator") for line in lines)
+    shape = {line.split()[0]: line.split(None, 1)[1] for line in lines if line.startswith("  ")}
+    assert shape["hook_full_embed"].startswith("[batch, pos, d_embed]")
+    assert shape["hook_embed_proj"].startswith("[batch, pos, d_model]")
+    assert shape["discriminator.hook_out"].startswith("[batch, pos]")

@@ -61,14 +61,15 @@ def _shape_dims(cfg, batch: int, pos: int) -> dict[str, int]:
         "key": pos,
         "head": cfg.n_heads,
         "d_model": cfg.d_model,
+        "d_embed": cfg.d_embed or cfg.d_model,
         "d_head": cfg.d_head,
         "d_mlp": cfg.d_mlp,
         "d_vocab": cfg.d_vocab,
     }
 
 
-def activation_bytes(name: str, dims: dict[str, int]) -> int:
-    shape, _ = describe_hook(name)
+def activation_bytes(name: str, dims: dict[str, int], cfg=None) -> int:
+    shape, _ = describe_hook(name, cfg)
     names = [d.strip() for d in shape.strip("[]").split(",") if d.strip()]
     return 4 * math.prod(int(d) if d.isdigit() else dims[d] for d in names)
 
@@ -79,7 +80,7 @@ def check_fits(cfg, batch: int, pos: int, recorded: Iterable[str], output: str) 
     if str(cfg.device) != "cpu" or os.environ.get("HOOKED_ENCODER_NO_MEMORY_CHECK"):
         return
     dims = _shape_dims(cfg, batch, pos)
-    cached = sum(activation_bytes(name, dims) for name in recorded)
+    cached = sum(activation_bytes(name, dims, cfg) for name in recorded)
     rows = batch * pos
     # Alive at once inside a block: its input, q/k/v, the MLP's hidden layer, a few residuals.
     working = 4 * rows * (6 * cfg.d_model + 3 * cfg.n_heads * cfg.d_head + 2 * cfg.d_mlp)

@@ -188,11 +188,18 @@ def _cmd_info(args: argparse.Namespace) -> None:
     print(f"model: {args.model}")
     for key, value in model.cfg.to_dict().items():
         print(f"  {key}: {value}")
-    print(f"  MLM head: {'yes' if model.has_mlm_head else 'no'}")
+    head = (
+        "MLM head"
+        if model.has_mlm_head
+        else "ELECTRA discriminator (replaced-token logits, [batch, pos])"
+        if model.has_discriminator
+        else "none (an encoder: return_type=None)"
+    )
+    print(f"  head: {head}")
     print("\nhook points (firing order):")
     width = max(len(n) for n in model.hook_dict)
     for name in model.hook_dict:
-        shape, meaning = describe_hook(name)
+        shape, meaning = describe_hook(name, model.cfg)
         print(f"  {name:<{width}}  {shape:<28}  {meaning}")
 
 

@@ -176,9 +176,25 @@ HOOK_DOCS = {
 _DOCS_BY_SUFFIX = sorted(HOOK_DOCS.items(), key=lambda kv: -len(kv[0]))
 
 
-def describe_hook(name: str) -> tuple[str, str]:
-    """A hook point's shape, with symbolic dims (``[batch, pos, d_model]``), and meaning."""
-    for suffix, doc in _DOCS_BY_SUFFIX:
+# Points as wide as the embeddings: d_embed, not d_model, in an ELECTRA model with its own
+# embedding width.
+_EMBEDDING_WIDE = (
+    "embed.hook_embed",
+    "embed.hook_pos_embed",
+    "embed.hook_token_type_embed",
+    "embed.ln.hook_normalized",
+    "hook_full_embed",
+    "mlm_head.ln.hook_normalized",
+    "unembed.hook_in",
+)
+
+
+def describe_hook(name: str, cfg: Any = None) -> tuple[str, str]:
+    """A hook point's shape, with symbolic dims (``[batch, pos, d_model]``), and meaning; with
+    the model's ``cfg``, ``d_embed`` where the point is as wide as ELECTRA's embeddings."""
+    for suffix, (shape, meaning) in _DOCS_BY_SUFFIX:
         if name.endswith(suffix):
-            return doc
+            if getattr(cfg, "d_embed", None) is not None and name in _EMBEDDING_WIDE:
+                shape = shape.replace("d_model", "d_embed")
+            return shape, meaning
     return ("", "")
