@@ -223,7 +223,8 @@ def make_electra_checkpoint(
 ) -> Checkpoint:
     """A tiny ELECTRA checkpoint: the discriminator (``ElectraForPreTraining``), the generator
     (``ElectraForMaskedLM``) or the base model; by default with embeddings narrower than the
-    hidden size (so with ``embeddings_project``), as electra-small and every generator."""
+    hidden size (so with ``embeddings_project``), as electra-small's discriminator (the generators'
+    are wider, which the same code path handles)."""
     hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
     config = transformers.ElectraConfig(
         vocab_size=vocab,
