@@ -438,3 +438,19 @@ def test_info_names_the_family_its_head_and_the_embedding_width(tmp_path):
     assert shape["hook_full_embed"].startswith("[batch, pos, d_embed]")
     assert shape["hook_embed_proj"].startswith("[batch, pos, d_model]")
     assert shape["discriminator.hook_out"].startswith("[batch, pos]")
+
+
+def test_an_electra_generator_with_embeddings_wider_than_the_residual_stream(tmp_path):
+    """As in the released generators (e.g. hidden 256, embedding_size 768)."""
+    ck = make_electra_checkpoint(tmp_path, "generator", embedding_size=24, seed=24)  # hidden 16
+    model = HookedEncoder.from_pretrained(tmp_path)
+    assert (model.cfg.d_embed, model.cfg.d_model) == (24, 16)
+    tokens, types, mask = ck.batch(seed=25)
+    with torch.no_grad():
+        hf = ck.hf(
+            torch.tensor(tokens),
+            token_type_ids=torch.tensor(types),
+            attention_mask=torch.tensor(mask),
+        ).logits.numpy()
+    close(model(tokens, token_type_ids=types, one_zero_attention_mask=mask), hf)
+    assert model.W_U.shape == (24, ck.config.vocab_size)
