@@ -134,33 +134,13 @@ impl Family {
             Family::Bert => (!canonical.starts_with("discriminator_predictions.")
                 && !canonical.starts_with("bert.embeddings_project."))
             .then(|| canonical.to_string()),
-            Family::Roberta | Family::Mpnet => {
-                if let Some(rest) = canonical.strip_prefix("bert.") {
-                    return match self {
-                        Family::Mpnet => mpnet_encoder_name(rest),
-                        _ => Some(format!("roberta.{rest}")),
-                    };
-                }
-                const HEAD: [(&str, &str); 4] = [
-                    ("cls.predictions.transform.dense.", "lm_head.dense."),
-                    (
-                        "cls.predictions.transform.LayerNorm.",
-                        "lm_head.layer_norm.",
-                    ),
-                    ("cls.predictions.decoder.", "lm_head.decoder."),
-                    ("cls.predictions.bias", "lm_head.bias"),
-                ];
-                for (bert, roberta) in HEAD {
-                    if let Some(rest) = canonical.strip_prefix(bert) {
-                        return Some(format!("{roberta}{rest}"));
-                    }
-                }
-                if canonical.starts_with("cls.") || canonical.starts_with("discriminator_") {
-                    None
-                } else {
-                    Some(canonical.to_string())
-                }
-            }
+            // Any other canonical name is a head these families lack (`cls.seq_relationship`,
+            // ELECTRA's discriminator).
+            Family::Roberta | Family::Mpnet => match canonical.strip_prefix("bert.") {
+                Some(rest) if self == Family::Mpnet => mpnet_encoder_name(rest),
+                Some(rest) => Some(format!("roberta.{rest}")),
+                None => rename(canonical, &LM_HEAD, ""),
+            },
             Family::Distilbert => distilbert_name(canonical),
             Family::Electra => electra_name(canonical),
         }
@@ -170,35 +150,48 @@ impl Family {
     pub fn mlm_head_weights(self) -> &'static str {
         match self {
             Family::Bert => "cls.predictions.*",
-            Family::Roberta => "lm_head.*",
+            Family::Roberta | Family::Mpnet => "lm_head.*",
             Family::Distilbert => "vocab_transform.*, vocab_layer_norm.*, vocab_projector.*",
-            Family::Mpnet => "lm_head.*",
             Family::Electra => "generator_predictions.*, generator_lm_head.*",
         }
     }
 
-    /// The activation between the MLM head's dense layer and its LayerNorm: BERT uses the
-    /// config's `hidden_act`; RoBERTa's `lm_head` always applies exact GELU.
+    /// The activation between the MLM head's dense layer and its LayerNorm: BERT and
+    /// DistilBERT use the config's `hidden_act`; the heads of the others (`lm_head`, ELECTRA's
+    /// generator) always apply exact GELU.
     pub fn mlm_head_act(self, act_fn: Activation) -> Activation {
         match self {
-            Family::Bert => act_fn,
-            Family::Roberta => Activation::Gelu,
-            Family::Distilbert => act_fn,
-            Family::Mpnet | Family::Electra => Activation::Gelu,
+            Family::Bert | Family::Distilbert => act_fn,
+            Family::Roberta | Family::Mpnet | Family::Electra => Activation::Gelu,
         }
     }
+}
+
+/// RoBERTa's and MPNet's MLM head, `lm_head.*`, by canonical name prefix.
+const LM_HEAD: [(&str, &str); 4] = [
+    ("cls.predictions.transform.dense.", "lm_head.dense."),
+    (
+        "cls.predictions.transform.LayerNorm.",
+        "lm_head.layer_norm.",
+    ),
+    ("cls.predictions.decoder.", "lm_head.decoder."),
+    ("cls.predictions.bias", "lm_head.bias"),
+];
+
+/// `name` with the first of `table`'s `(from, to)` prefixes it starts with replaced by `to`,
+/// after `prefix`; `None` when it starts with none of them. Every family's renaming is a few
+/// such tables.
+fn rename(name: &str, table: &[(&str, &str)], prefix: &str) -> Option<String> {
+    table.iter().find_map(|(from, to)| {
+        name.strip_prefix(from)
+            .map(|rest| format!("{prefix}{to}{rest}"))
+    })
 }
 
 /// ELECTRA's name for a canonical weight (see [`Family::checkpoint_name`]). The
 /// discriminator's head has no BERT counterpart: its canonical names are ELECTRA's own.
 fn electra_name(canonical: &str) -> Option<String> {
-    if canonical.starts_with("bert.pooler.") || canonical == "cls.predictions.bias" {
-        return None; // no pooler; the decoder's bias is the only output bias
-    }
-    if let Some(rest) = canonical.strip_prefix("bert.") {
-        return Some(format!("electra.{rest}"));
-    }
-    const HEAD: [(&str, &str); 3] = [
+    const GENERATOR_HEAD: [(&str, &str); 3] = [
         (
             "cls.predictions.transform.dense.",
             "generator_predictions.dense.",
@@ -209,14 +202,17 @@ fn electra_name(canonical: &str) -> Option<String> {
         ),
         ("cls.predictions.decoder.", "generator_lm_head."),
     ];
-    for (bert, electra) in HEAD {
-        if let Some(rest) = canonical.strip_prefix(bert) {
-            return Some(format!("{electra}{rest}"));
-        }
+    if canonical.starts_with("bert.pooler.") {
+        return None;
     }
-    canonical
-        .starts_with("discriminator_predictions.")
-        .then(|| canonical.to_string())
+    if let Some(rest) = canonical.strip_prefix("bert.") {
+        return Some(format!("electra.{rest}"));
+    }
+    if canonical.starts_with("discriminator_predictions.") {
+        return Some(canonical.to_string());
+    }
+    // The decoder's bias is the only output bias: `cls.predictions.bias` matches nothing.
+    rename(canonical, &GENERATOR_HEAD, "")
 }
 
 /// MPNet's name for a canonical encoder weight given without `bert.`.
@@ -233,10 +229,9 @@ fn mpnet_encoder_name(rest: &str) -> Option<String> {
     ];
     if let Some(layer_rest) = rest.strip_prefix("encoder.layer.") {
         let (layer, name) = layer_rest.split_once('.')?;
-        for (bert, mpnet) in ATTENTION {
-            if let Some(tail) = name.strip_prefix(bert) {
-                return Some(format!("mpnet.encoder.layer.{layer}.{mpnet}{tail}"));
-            }
+        let renamed = rename(name, &ATTENTION, &format!("mpnet.encoder.layer.{layer}."));
+        if renamed.is_some() {
+            return renamed;
         }
     }
     Some(format!("mpnet.{rest}"))
@@ -264,12 +259,6 @@ fn distilbert_name(canonical: &str) -> Option<String> {
         ("cls.predictions.transform.LayerNorm.", "vocab_layer_norm."),
         ("cls.predictions.decoder.", "vocab_projector."),
     ];
-    let rename = |name: &str, table: &[(&str, &str)], prefix: &str| {
-        table.iter().find_map(|(from, to)| {
-            name.strip_prefix(from)
-                .map(|rest| format!("{prefix}{to}{rest}"))
-        })
-    };
     if let Some(rest) = canonical.strip_prefix("bert.embeddings.") {
         return rename(rest, &EMBEDDINGS, "distilbert.embeddings.");
     }
