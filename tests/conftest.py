@@ -33,14 +33,13 @@ class Checkpoint:
     config: object
 
     def hf_logits(self, tokens, types=None, mask=None) -> np.ndarray:
-        """The Hugging Face model's MLM logits for ``[batch, pos]`` arrays."""
-        optional = lambda a: None if a is None else torch.tensor(a)  # noqa: E731
+        """The Hugging Face model's logits (MLM, or an ELECTRA discriminator's) for
+        ``[batch, pos]`` arrays."""
+        given = {"token_type_ids": types, "attention_mask": mask}
+        # Only what is given: DistilBERT's and MPNet's forward take no token_type_ids.
+        given = {name: torch.tensor(a) for name, a in given.items() if a is not None}
         with torch.no_grad():
-            out = self.hf(
-                torch.tensor(tokens),
-                token_type_ids=optional(types),
-                attention_mask=optional(mask),
-            )
+            out = self.hf(torch.tensor(tokens), **given)
         return (out.prediction_logits if hasattr(out, "prediction_logits") else out.logits).numpy()
 
     def batch(self, seed: int = 0, batch: int = 3, pos: int = 7):

@@ -73,9 +73,7 @@ def test_positions_are_numbered_from_the_ids_as_hugging_face_does(tmp_path):
     assert positions.tolist()[1] == [2, 3, 1, 4, 5, 6, 7]
     _, cache = model.run_with_cache(tokens, names_filter="embed.hook_pos_embed")
     close(cache["embed.hook_pos_embed"], model.W_pos[positions], atol=0, rtol=0)
-    with torch.no_grad():
-        hf = ck.hf(torch.tensor(tokens)).logits.numpy()
-    close(model(tokens), hf)
+    close(model(tokens), ck.hf_logits(tokens))
 
 
 def test_a_zeroed_head_matches_the_same_edit_inside_hugging_face(family_checkpoint, family_model):
@@ -102,8 +100,7 @@ def test_a_zeroed_head_matches_the_same_edit_inside_hugging_face(family_checkpoi
     output_projection, _ = hf_modules(ck.hf)[f"{layer}.z"]  # its input is z
     handle = output_projection.register_forward_pre_hook(zero_columns)
     try:
-        with torch.no_grad():
-            theirs = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+        theirs = ck.hf_logits(tokens, mask=mask)
     finally:
         handle.remove()
     close(ours, theirs)
@@ -183,8 +180,8 @@ def test_pickling_and_half_precision(family_checkpoint, family_model):
     assert again.cfg == model.cfg
     np.testing.assert_array_equal(again(tokens), model(tokens))
     half = HookedEncoder.from_pretrained(ck.path, dtype="bfloat16")
+    hf32 = ck.hf_logits(tokens, mask=mask)
     with torch.no_grad():
-        hf32 = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
         # A copy: rounding the shared model's weights to bfloat16 and back would change them.
         hf_half_model = copy.deepcopy(ck.hf).to(torch.bfloat16)
         hf_half = (
@@ -224,8 +221,7 @@ def test_text_input_uses_the_family_s_special_tokens(tmp_path):
     assert model.tokenizer.mask_token_id == 4
     np.testing.assert_array_equal(mask, tokens != 1)
     np.testing.assert_array_equal(types, 0)  # one token type
-    with torch.no_grad():
-        hf = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits.numpy()
+    hf = ck.hf_logits(tokens, mask=mask)
     close(model(texts), hf)
     predicted = model(texts[:1], return_type="predictions")
     assert predicted == vocab[int(hf[0, 3].argmax())]
@@ -298,9 +294,8 @@ def test_mpnet_relative_bias_matches_hugging_face_at_every_distance_up_to_512(tm
     logits, cache = model.run_with_cache(tokens)
     with torch.no_grad():
         bias = ck.hf.base_model.encoder.compute_position_bias(torch.zeros(1, 512, 1)).numpy()
-        hf = ck.hf(torch.tensor(tokens)).logits.numpy()
     np.testing.assert_array_equal(cache["hook_rel_pos_bias"], bias)
-    close(logits, hf)
+    close(logits, ck.hf_logits(tokens))
 
 
 def test_mpnet_relative_bias_hook_edits_and_gradient_match_hugging_face(tmp_path):
@@ -319,7 +314,8 @@ def test_mpnet_relative_bias_hook_edits_and_gradient_match_hugging_face(tmp_path
     saved = table.weight.detach().clone()
     with torch.no_grad():
         table.weight.zero_()
-        theirs = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask)).logits
+    theirs = ck.hf_logits(tokens, mask=mask)
+    with torch.no_grad():
         table.weight.copy_(saved)
     close(ours, theirs)
 
@@ -384,12 +380,7 @@ def test_electra_discriminator_logits_are_one_per_token(tmp_path):
     assert model.has_discriminator and not model.has_mlm_head
     assert model.cfg.d_embed == 8 and model.W_E.shape == (ck.config.vocab_size, 8)
     tokens, types, mask = ck.batch(seed=22)
-    with torch.no_grad():
-        hf = ck.hf(
-            torch.tensor(tokens),
-            token_type_ids=torch.tensor(types),
-            attention_mask=torch.tensor(mask),
-        ).logits.numpy()
+    hf = ck.hf_logits(tokens, types, mask)
     logits, cache = model.run_with_cache(tokens, token_type_ids=types, one_zero_attention_mask=mask)
     assert logits.shape == tokens.shape
     close(logits, hf)
@@ -446,11 +437,6 @@ def test_an_electra_generator_with_embeddings_wider_than_the_residual_stream(tmp
     model = HookedEncoder.from_pretrained(tmp_path)
     assert (model.cfg.d_embed, model.cfg.d_model) == (24, 16)
     tokens, types, mask = ck.batch(seed=25)
-    with torch.no_grad():
-        hf = ck.hf(
-            torch.tensor(tokens),
-            token_type_ids=torch.tensor(types),
-            attention_mask=torch.tensor(mask),
-        ).logits.numpy()
+    hf = ck.hf_logits(tokens, types, mask)
     close(model(tokens, token_type_ids=types, one_zero_attention_mask=mask), hf)
     assert model.W_U.shape == (24, ck.config.vocab_size)

@@ -184,7 +184,7 @@ class HookedEncoderConfig:
 
     @property
     def family(self) -> str:
-        """The core's family for :attr:`model_type`: ``"bert"`` or ``"roberta"``."""
+        """The core's family for :attr:`model_type` (a value of :data:`FAMILIES`)."""
         return FAMILIES[self.model_type]
 
     @classmethod
@@ -206,7 +206,7 @@ class HookedEncoderConfig:
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], model_name: str = "custom") -> HookedEncoderConfig:
         """Converts a Hugging Face ``config.json`` (as a dict) of a supported ``model_type``
-        (BERT as TransformerLens does; RoBERTa, XLM-RoBERTa, CamemBERT and DistilBERT alike)."""
+        (BERT as TransformerLens does; every family of :data:`FAMILIES` alike)."""
         if hf.get("model_type") == "distilbert":
             renamed = {_DISTILBERT_KEYS.get(key, key): value for key, value in hf.items()}
             hf = {"layer_norm_eps": 1e-12, **renamed}
@@ -312,8 +312,9 @@ class HookedEncoderConfig:
             original_architecture=str(architectures[0]),
             model_type=model_type,
             padding_idx=padding_idx,
+            # None takes the default in __post_init__.
             relative_attention_num_buckets=(
-                hf.get("relative_attention_num_buckets", 32) if family == "mpnet" else None
+                hf.get("relative_attention_num_buckets") if family == "mpnet" else None
             ),
             d_embed=(
                 hf["embedding_size"]
