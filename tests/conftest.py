@@ -88,6 +88,31 @@ def randomize(model):
     return model.eval()
 
 
+def shape_settings(shape: str) -> dict[str, int]:
+    """A model shape of :data:`SHAPES` as the config arguments every BERT-like family shares
+    (BERT's names; positions are left to each family)."""
+    hidden, heads, layers, inter, vocab, _ = SHAPES[shape]
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+    )
+
+
+def retaining(kept: dict, name: str):
+    """A torch forward hook keeping a module's output (the first of a tuple) as
+    ``kept[name]``, with its gradient retained for autograd comparisons."""
+
+    def hook(module, args, output):
+        out = output[0] if isinstance(output, tuple) else output
+        out.retain_grad()
+        kept[name] = out
+
+    return hook
+
+
 def save_random(directory: Path, cls, config, seed: int) -> Checkpoint:
     """Builds ``cls(config)`` with random weights from ``seed`` (see :func:`randomize`), saves
     it as safetensors in ``directory`` and returns the checkpoint."""
@@ -104,13 +129,9 @@ def make_checkpoint(
     seed: int = 0,
     **config_overrides,
 ) -> Checkpoint:
-    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
+    positions = SHAPES[shape][-1]
     config = transformers.BertConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_hidden_layers=layers,
-        intermediate_size=inter,
+        **shape_settings(shape),
         max_position_embeddings=positions,
         type_vocab_size=2,
         layer_norm_eps=1e-12,
@@ -140,14 +161,10 @@ def make_roberta_checkpoint(
     """A tiny RoBERTa-family checkpoint (masked LM, or the base model with its pooler) with the
     family's usual one token type and padding id 1; its position table has two extra rows,
     as roberta-base's 514 for 512 tokens."""
-    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
+    positions = SHAPES[shape][-1]
     config = transformers.AutoConfig.for_model(
         model_type,
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_hidden_layers=layers,
-        intermediate_size=inter,
+        **shape_settings(shape),
         max_position_embeddings=positions + 2,
         type_vocab_size=1,
         pad_token_id=1,
@@ -187,14 +204,9 @@ def make_mpnet_checkpoint(
 ) -> Checkpoint:
     """A tiny MPNet checkpoint (``MPNetForMaskedLM``, or ``MPNetModel`` with its pooler) with
     transformers' 32 relative-position buckets and padding id 1."""
-    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
-    settings = {"max_position_embeddings": positions + 2, **overrides}
+    settings = {"max_position_embeddings": SHAPES[shape][-1] + 2, **overrides}
     config = transformers.MPNetConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_hidden_layers=layers,
-        intermediate_size=inter,
+        **shape_settings(shape),
         relative_attention_num_buckets=32,
         pad_token_id=1,
         layer_norm_eps=1e-5,
@@ -224,15 +236,11 @@ def make_electra_checkpoint(
     (``ElectraForMaskedLM``) or the base model; by default with embeddings narrower than the
     hidden size (so with ``embeddings_project``), as electra-small's discriminator (the generators'
     are wider, which the same code path handles)."""
-    hidden, heads, layers, inter, vocab, positions = SHAPES[shape]
+    settings = shape_settings(shape)
     config = transformers.ElectraConfig(
-        vocab_size=vocab,
-        embedding_size=embedding_size or hidden,
-        hidden_size=hidden,
-        num_attention_heads=heads,
-        num_hidden_layers=layers,
-        intermediate_size=inter,
-        max_position_embeddings=positions,
+        **settings,
+        embedding_size=embedding_size or settings["hidden_size"],
+        max_position_embeddings=SHAPES[shape][-1],
         type_vocab_size=2,
         layer_norm_eps=1e-12,
         hidden_act="gelu",

@@ -20,6 +20,7 @@ from conftest import (
     make_electra_checkpoint,
     make_mpnet_checkpoint,
     make_roberta_checkpoint,
+    retaining,
 )
 from hooked_encoder import HookedEncoder, HookedEncoderConfig
 from test_parity import check_every_hook, close, hf_modules, hf_run
@@ -119,17 +120,10 @@ def test_gradients_match_torch_autograd(family_checkpoint, family_model):
     grads = model.grad(tokens, grad_output=projection, names=names, one_zero_attention_mask=mask)
 
     kept = {}
-
-    def keep(name):
-        def fn(module, args, output):
-            tensor = output[0] if isinstance(output, tuple) else output
-            tensor.retain_grad()
-            kept[name] = tensor
-
-        return fn
-
     hf = ck.hf
-    handle = hf.base_model.embeddings.word_embeddings.register_forward_hook(keep("embed"))
+    handle = hf.base_model.embeddings.word_embeddings.register_forward_hook(
+        retaining(kept, "embed")
+    )
     try:
         out = hf(
             torch.tensor(tokens),
@@ -325,13 +319,8 @@ def test_mpnet_relative_bias_hook_edits_and_gradient_match_hugging_face(tmp_path
     grads = model.grad(
         tokens, grad_output=projection, names="hook_rel_pos_bias", one_zero_attention_mask=mask
     )
-    kept = {}
-
-    def keep(module, args, output):
-        output.retain_grad()  # [query, key, head], before the expansion over the batch
-        kept["bias"] = output
-
-    handle = table.register_forward_hook(keep)
+    kept = {}  # the bias as [query, key, head], before its expansion over the batch
+    handle = table.register_forward_hook(retaining(kept, "bias"))
     try:
         out = ck.hf(torch.tensor(tokens), attention_mask=torch.tensor(mask))
     finally:

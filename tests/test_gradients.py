@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import retaining
 from hooked_encoder import HookedEncoder, metrics
 
 torch = pytest.importorskip("torch")
@@ -326,20 +327,11 @@ def test_next_sentence_gradients_match_torch_autograd(checkpoint, model):
     tokens, types, mask = ck.batch(seed=11)
     weights = torch.tensor([[1.0, -2.0]]).repeat(tokens.shape[0], 1)
     kept = {}
-
-    def keep(name):
-        def hook(module, args, output):
-            out = output[0] if isinstance(output, tuple) else output
-            out.retain_grad()
-            kept[name] = out
-
-        return hook
-
     handles = [
-        ck.hf.bert.embeddings.register_forward_hook(keep("hook_full_embed")),
-        ck.hf.bert.pooler.register_forward_hook(keep("pooler.hook_pooler_out")),
+        ck.hf.bert.embeddings.register_forward_hook(retaining(kept, "hook_full_embed")),
+        ck.hf.bert.pooler.register_forward_hook(retaining(kept, "pooler.hook_pooler_out")),
         ck.hf.bert.encoder.layer[0].register_forward_hook(
-            keep("blocks.0.hook_normalized_resid_post")
+            retaining(kept, "blocks.0.hook_normalized_resid_post")
         ),
     ]
     try:
