@@ -729,25 +729,24 @@ impl HookedBert {
 
     /// Refuses an output whose head the checkpoint lacks.
     fn check_head(&self, output: Output) -> Result<()> {
-        let missing = |what: String| Err(Error::MissingHead(what));
+        let missing = |what: &str| Err(Error::MissingHead(what.into()));
         let family = self.cfg.family;
         match output {
             Output::Logits if self.mlm_head.is_none() && self.discriminator.is_none() => {
-                missing(format!(
-                "this checkpoint has no MLM head (no {} weights), so it cannot produce logits; \
-                 use return_type=None or encoder_output() for its hidden states",
+                missing(&format!(
+                    "this checkpoint has no MLM head (no {} weights), so it cannot produce \
+                     logits; use return_type=None or encoder_output() for its hidden states",
                     family.mlm_head_weights()
                 ))
             }
-            Output::NextSentence if family != Family::Bert => missing(format!(
+            Output::NextSentence if family != Family::Bert => missing(&format!(
                 "{} models have no next-sentence head",
                 family.name()
             )),
             Output::NextSentence if self.pooler.is_none() || self.nsp_head.is_none() => missing(
                 "this checkpoint has no pooler and NSP head (bert.pooler.dense.*, \
-                     cls.seq_relationship.*), so it cannot predict the next sentence; they come \
-                     with BertForPreTraining checkpoints"
-                    .into(),
+                 cls.seq_relationship.*), so it cannot predict the next sentence; they come \
+                 with BertForPreTraining checkpoints",
             ),
             _ => Ok(()),
         }
