@@ -26,6 +26,17 @@ pub enum AttentionDir {
     Causal,
 }
 
+/// Whether a layer's queries see every key, or only those within a window (TransformerLens's
+/// `attn_types`, as in Gemma 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttnType {
+    /// Every (unmasked) key.
+    Global,
+    /// Keys at most [`BertConfig::window_size`] positions from the query, either side.
+    Local,
+}
+
 /// The architecture of a BERT-style encoder.
 ///
 /// Field names follow TransformerLens's `HookedTransformerConfig`; the Python package converts a
@@ -81,6 +92,15 @@ pub struct BertConfig {
     /// model with one; at least 32, the buckets `transformers` uses.
     #[serde(default)]
     pub relative_attention_buckets: Option<usize>,
+    /// Each layer's attention type, for models that alternate global and windowed attention
+    /// (ModernBERT); `None`: every layer is global.
+    #[serde(default)]
+    pub attn_types: Option<Vec<AttnType>>,
+    /// How far a local layer's queries see, either side: query `i` attends to key `j` only if
+    /// `|i - j| <= window_size` (Hugging Face ModernBERT's `sliding_window`, half its
+    /// `local_attention`).
+    #[serde(default)]
+    pub window_size: Option<usize>,
 }
 
 /// Sizes above this are refused as nonsense rather than attempted (a config from an untrusted
@@ -134,6 +154,7 @@ impl BertConfig {
                 )));
             }
         }
+        self.validate_pre_layer_norm()?;
         if let Some(width) = self.d_embed {
             if self.family != Family::Electra {
                 return Err(Error::Config(format!(
@@ -179,6 +200,80 @@ impl BertConfig {
         Ok(())
     }
 
+    /// The parts only ModernBERT has: rotary positions, attention types and their window.
+    fn validate_pre_layer_norm(&self) -> Result<()> {
+        let modern = self.family == Family::ModernBert;
+        let rotary = matches!(self.positions, Positions::Rotary { .. });
+        if modern != rotary {
+            return Err(Error::Config(
+                "rotary positions are ModernBERT's, and ModernBERT needs them".into(),
+            ));
+        }
+        if let Positions::Rotary { base, local_base } = self.positions {
+            if !(base.is_finite() && base > 1.0 && local_base.is_finite() && local_base > 1.0) {
+                return Err(Error::Config(format!(
+                    "rotary bases must be finite and above 1, got {base} and {local_base}"
+                )));
+            }
+            if !self.d_head.is_multiple_of(2) {
+                return Err(Error::Config(format!(
+                    "rotary positions rotate pairs of a head's dimensions: d_head must be \
+                     even, got {}",
+                    self.d_head
+                )));
+            }
+        }
+        if !modern && (self.attn_types.is_some() || self.window_size.is_some()) {
+            return Err(Error::Config(format!(
+                "attn_types and window_size are ModernBERT's; {} has neither",
+                self.family.name()
+            )));
+        }
+        if let Some(types) = &self.attn_types {
+            if types.len() != self.n_layers {
+                return Err(Error::Config(format!(
+                    "attn_types has {} entries for {} layers",
+                    types.len(),
+                    self.n_layers
+                )));
+            }
+            if types.contains(&AttnType::Local) && self.window_size.is_none() {
+                return Err(Error::Config(
+                    "local attention layers need a window_size".into(),
+                ));
+            }
+        }
+        if self.family.pre_layer_norm() && self.use_split_qkv_input {
+            return Err(Error::Config(format!(
+                "use_split_qkv_input is not supported for {} (pre-LayerNorm blocks)",
+                self.family.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// How far block `layer`'s queries see either side, or `None` when they see every key.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        match self.attn_types.as_ref()?.get(layer)? {
+            AttnType::Local => self.window_size,
+            AttnType::Global => None,
+        }
+    }
+
+    /// The rotary frequency base of block `layer`, for models with rotary positions.
+    pub fn rotary_base(&self, layer: usize) -> Option<f64> {
+        match self.positions {
+            Positions::Rotary { base, local_base } => {
+                Some(if self.attention_window(layer).is_some() {
+                    local_base
+                } else {
+                    base
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// The architecture of BERT-base (cased): 12 layers, width 768, 12 heads.
     pub fn bert_base() -> Self {
         Self {
@@ -200,6 +295,40 @@ impl BertConfig {
             positions: Positions::Absolute,
             relative_attention_buckets: None,
             d_embed: None,
+            attn_types: None,
+            window_size: None,
+        }
+    }
+
+    /// The architecture of ModernBERT-base: 22 pre-LN layers of width 768 with 12 heads, a
+    /// gated MLP of 1152, every third layer global and the others within 64 positions.
+    pub fn modernbert_base() -> Self {
+        let n_layers = 22;
+        Self {
+            d_mlp: 1152,
+            n_layers,
+            n_ctx: 8192,
+            d_vocab: 50368,
+            n_token_types: 0,
+            eps: 1e-5,
+            family: Family::ModernBert,
+            positions: Positions::Rotary {
+                base: 160_000.0,
+                local_base: 10_000.0,
+            },
+            attn_types: Some(
+                (0..n_layers)
+                    .map(|l| {
+                        if l % 3 == 0 {
+                            AttnType::Global
+                        } else {
+                            AttnType::Local
+                        }
+                    })
+                    .collect(),
+            ),
+            window_size: Some(64),
+            ..Self::bert_base()
         }
     }
 

@@ -13,6 +13,7 @@
 //! | `Distilbert` | `distilbert`                      | `0..pos`             | `vocab_*` layers |
 //! | `Mpnet`   | `mpnet`                              | from ids, after pad  | `lm_head`, exact GELU |
 //! | `Electra` | `electra`                            | `0..pos`             | `generator_*`, exact GELU; or the discriminator |
+//! | `ModernBert` | `modernbert`                      | rotary               | `head`, `decoder` |
 //!
 //! DistilBERT also has no token types (`n_token_types` 0: no `hook_token_type_embed`) and no
 //! pooler. MPNet has no token types either, and adds a relative position bias shared by all
@@ -20,12 +21,22 @@
 //! narrower than the residual stream (`d_embed`, projected by `embeddings_project`), and its
 //! discriminator checkpoints carry a replaced-token head (one logit per token) instead of an
 //! MLM head (`model/heads.rs`).
+//!
+//! ModernBERT is the one pre-LayerNorm family ([`Family::pre_layer_norm`]): each block
+//! normalises its input before attention (`ln1`; layer 0 has no such norm) and before the MLP
+//! (`ln2`), and a final norm (`ln_final`) follows the last block. Its positions are rotary
+//! (`model/rotary.rs`), its MLP is gated (`model/mlp.rs`), its query, key and value weights are
+//! stored fused (`Wqkv`), some layers attend within a window only
+//! ([`crate::BertConfig::attn_types`]), and it has no biases except the decoder's: the family
+//! names no bias, and the loader fills zeros for each (as TransformerLens shows `b_Q` of
+//! bias-free models).
 
 use serde::{Deserialize, Serialize};
 
 use crate::Activation;
 
-/// A family of encoders sharing BERT's post-LayerNorm block.
+/// A family of encoders: BERT's post-LayerNorm block with renamed weights, or (ModernBERT) a
+/// pre-LayerNorm block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Family {
@@ -46,10 +57,13 @@ pub enum Family {
     /// `generator_lm_head`) or a discriminator's replaced-token head
     /// (`discriminator_predictions`).
     Electra,
+    /// ModernBERT: pre-LayerNorm blocks with rotary positions, a gated MLP, alternating global
+    /// and windowed attention and no biases, under `model.*`, with `head.*` and `decoder.*`.
+    ModernBert,
 }
 
 /// How the row of the position-embedding table is chosen for each token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "kind")]
 pub enum Positions {
     /// Position `i` uses row `i`, whatever the token: BERT.
@@ -63,6 +77,14 @@ pub enum Positions {
         /// The padding token's id, which is also the padding row of the table.
         padding_idx: usize,
     },
+    /// No position table: queries and keys are rotated by their position (`0..pos`, padding
+    /// included) in every layer, as `transformers`' `apply_rotary_pos_emb` (`model/rotary.rs`).
+    Rotary {
+        /// The frequency base (`rope_theta`) of global-attention layers.
+        base: f64,
+        /// The base of windowed (local) layers.
+        local_base: f64,
+    },
 }
 
 impl Positions {
@@ -71,13 +93,16 @@ impl Positions {
         match self {
             Positions::Absolute => n_ctx,
             Positions::FromIds { padding_idx } => n_ctx + padding_idx + 1,
+            Positions::Rotary { .. } => 0,
         }
     }
 
     /// The table row of every token of `tokens` (`[batch, pos]`, row-major).
     pub fn ids(self, tokens: &[i64], pos: usize) -> Vec<u32> {
         match self {
-            Positions::Absolute => (0..tokens.len()).map(|i| (i % pos) as u32).collect(),
+            Positions::Absolute | Positions::Rotary { .. } => {
+                (0..tokens.len()).map(|i| (i % pos) as u32).collect()
+            }
             Positions::FromIds { padding_idx } => {
                 let pad = padding_idx as i64;
                 let mut out = Vec::with_capacity(tokens.len());
@@ -107,6 +132,7 @@ impl Family {
             Family::Distilbert => "DistilBERT",
             Family::Mpnet => "MPNet",
             Family::Electra => "ELECTRA",
+            Family::ModernBert => "ModernBERT",
         }
     }
 
@@ -124,6 +150,7 @@ impl Family {
             Family::Distilbert => "distilbert.",
             Family::Mpnet => "mpnet.",
             Family::Electra => "electra.",
+            Family::ModernBert => "model.",
         }
     }
 
@@ -143,6 +170,7 @@ impl Family {
             },
             Family::Distilbert => distilbert_name(canonical),
             Family::Electra => electra_name(canonical),
+            Family::ModernBert => modernbert_name(canonical),
         }
     }
 
@@ -153,17 +181,45 @@ impl Family {
             Family::Roberta | Family::Mpnet => "lm_head.*",
             Family::Distilbert => "vocab_transform.*, vocab_layer_norm.*, vocab_projector.*",
             Family::Electra => "generator_predictions.*, generator_lm_head.*",
+            Family::ModernBert => "head.*, decoder.*",
         }
     }
 
     /// The activation between the MLM head's dense layer and its LayerNorm: BERT and
-    /// DistilBERT use the config's `hidden_act`; the heads of the others (`lm_head`, ELECTRA's
-    /// generator) always apply exact GELU.
+    /// DistilBERT use the config's `hidden_act` (ModernBERT its `classifier_activation`, which
+    /// the Python package requires to equal `hidden_activation`); the heads of the others
+    /// (`lm_head`, ELECTRA's generator) always apply exact GELU.
     pub fn mlm_head_act(self, act_fn: Activation) -> Activation {
         match self {
-            Family::Bert | Family::Distilbert => act_fn,
+            Family::Bert | Family::Distilbert | Family::ModernBert => act_fn,
             Family::Roberta | Family::Mpnet | Family::Electra => Activation::Gelu,
         }
+    }
+}
+
+impl Family {
+    /// Whether blocks normalise their inputs (pre-LN: `ln1` before attention, `ln2` before the
+    /// MLP, `ln_final` after the last block) rather than their outputs (BERT's post-LN).
+    pub fn pre_layer_norm(self) -> bool {
+        self == Family::ModernBert
+    }
+
+    /// Whether the MLP is gated: `act(x W_gate) * (x W_in)` (`mlp.hook_pre`,
+    /// `mlp.hook_pre_linear`), with both halves stacked in one `[2 d_mlp, d_model]` weight.
+    pub fn gated_mlp(self) -> bool {
+        self == Family::ModernBert
+    }
+
+    /// Whether block `layer` normalises the input of its attention: every layer of a pre-LN
+    /// family but ModernBERT's first, whose embeddings come already normalised.
+    pub fn has_attention_norm(self, layer: usize) -> bool {
+        !self.pre_layer_norm() || layer > 0
+    }
+
+    /// Whether checkpoints store each layer's query, key and value weights stacked in one
+    /// tensor (canonical name `...attention.self.qkv.weight`), not as three.
+    pub fn fused_qkv(self) -> bool {
+        self == Family::ModernBert
     }
 }
 
@@ -235,6 +291,49 @@ fn mpnet_encoder_name(rest: &str) -> Option<String> {
         }
     }
     Some(format!("mpnet.{rest}"))
+}
+
+/// ModernBERT's name for a canonical weight (see [`Family::checkpoint_name`]): `None` for
+/// every bias but the decoder's (the loader fills zeros), for the separate query, key and value
+/// (stored fused), position and token-type tables, and the pooler and NSP head. Two canonical
+/// names are pre-LN models' own: `bert.encoder.layer.{l}.attention.self.qkv.weight` and
+/// `bert.final_norm.weight`.
+fn modernbert_name(canonical: &str) -> Option<String> {
+    const EMBEDDINGS: [(&str, &str); 2] = [
+        ("word_embeddings.weight", "tok_embeddings.weight"),
+        ("LayerNorm.weight", "norm.weight"),
+    ];
+    const LAYER: [(&str, &str); 6] = [
+        ("attention.self.qkv.weight", "attn.Wqkv.weight"),
+        ("attention.output.dense.weight", "attn.Wo.weight"),
+        ("attention.output.LayerNorm.weight", "attn_norm.weight"),
+        ("intermediate.dense.weight", "mlp.Wi.weight"),
+        ("output.dense.weight", "mlp.Wo.weight"),
+        ("output.LayerNorm.weight", "mlp_norm.weight"),
+    ];
+    const HEAD: [(&str, &str); 4] = [
+        (
+            "cls.predictions.transform.dense.weight",
+            "head.dense.weight",
+        ),
+        (
+            "cls.predictions.transform.LayerNorm.weight",
+            "head.norm.weight",
+        ),
+        ("cls.predictions.decoder.weight", "decoder.weight"),
+        ("cls.predictions.decoder.bias", "decoder.bias"),
+    ];
+    if let Some(rest) = canonical.strip_prefix("bert.embeddings.") {
+        return rename(rest, &EMBEDDINGS, "model.embeddings.");
+    }
+    if let Some(rest) = canonical.strip_prefix("bert.encoder.layer.") {
+        let (layer, rest) = rest.split_once('.')?;
+        return rename(rest, &LAYER, &format!("model.layers.{layer}."));
+    }
+    if canonical == "bert.final_norm.weight" {
+        return Some("model.final_norm.weight".into());
+    }
+    rename(canonical, &HEAD, "")
 }
 
 /// DistilBERT's name for a canonical weight (see [`Family::checkpoint_name`]).
@@ -373,6 +472,57 @@ mod tests {
             Some("lm_head.bias")
         );
         assert_eq!(name("bert.embeddings.token_type_embeddings.weight"), None);
+    }
+
+    #[test]
+    fn modernbert_names_its_weights_as_hugging_face_does() {
+        let name = |n: &str| Family::ModernBert.checkpoint_name(n);
+        for (canonical, hf) in [
+            (
+                "bert.embeddings.word_embeddings.weight",
+                "model.embeddings.tok_embeddings.weight",
+            ),
+            (
+                "bert.embeddings.LayerNorm.weight",
+                "model.embeddings.norm.weight",
+            ),
+            (
+                "bert.encoder.layer.2.attention.self.qkv.weight",
+                "model.layers.2.attn.Wqkv.weight",
+            ),
+            (
+                "bert.encoder.layer.1.attention.output.LayerNorm.weight",
+                "model.layers.1.attn_norm.weight",
+            ),
+            (
+                "bert.encoder.layer.0.output.LayerNorm.weight",
+                "model.layers.0.mlp_norm.weight",
+            ),
+            (
+                "bert.encoder.layer.0.intermediate.dense.weight",
+                "model.layers.0.mlp.Wi.weight",
+            ),
+            ("bert.final_norm.weight", "model.final_norm.weight"),
+            (
+                "cls.predictions.transform.LayerNorm.weight",
+                "head.norm.weight",
+            ),
+            ("cls.predictions.decoder.bias", "decoder.bias"),
+        ] {
+            assert_eq!(name(canonical).as_deref(), Some(hf), "{canonical}");
+        }
+        for absent in [
+            "bert.embeddings.position_embeddings.weight",
+            "bert.embeddings.LayerNorm.bias",
+            "bert.encoder.layer.0.attention.self.query.weight",
+            "bert.encoder.layer.0.attention.output.dense.bias",
+            "bert.encoder.layer.0.output.LayerNorm.bias",
+            "cls.predictions.transform.dense.bias",
+            "cls.predictions.bias",
+            "bert.pooler.dense.weight",
+        ] {
+            assert_eq!(name(absent), None, "{absent}");
+        }
     }
 
     #[test]

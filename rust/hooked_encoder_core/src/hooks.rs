@@ -1,13 +1,14 @@
 //! Hook points: the names of activations, and the interface through which a caller sees them.
 //!
-//! Names and meanings are TransformerLens's (`HookedEncoder`, 3.x). Firing order is the order of
+//! Names and meanings are TransformerLens's (`HookedEncoder`, 3.x; for ModernBERT's pre-LN
+//! blocks, rotary attention and gated MLP, `HookedTransformer`'s). Firing order is the order of
 //! [`HookPoint::all`], which is also the order of a TransformerLens activation cache.
 
 use candle_core::Tensor;
 
-use crate::{BertConfig, Family, Result};
+use crate::{BertConfig, Family, Positions, Result};
 
-/// A hook point inside one transformer block, in firing order.
+/// A hook point inside one transformer block, in a post-LN block's firing order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(missing_docs)] // Each variant is documented by its name (see `suffix`).
 pub enum BlockHook {
@@ -18,6 +19,8 @@ pub enum BlockHook {
     Q,
     K,
     V,
+    RotQ,
+    RotK,
     AttnScores,
     Pattern,
     Z,
@@ -28,6 +31,7 @@ pub enum BlockHook {
     Ln1Scale,
     Ln1Normalized,
     MlpPre,
+    MlpPreLinear,
     MlpPost,
     MlpOut,
     ResidPost,
@@ -37,8 +41,9 @@ pub enum BlockHook {
 }
 
 impl BlockHook {
-    /// Every block hook, in firing order.
-    pub const ALL: [BlockHook; 23] = [
+    /// Every block hook, in a post-LN block's firing order (`ln1` after attention, `ln2` after
+    /// the MLP).
+    pub const ALL: [BlockHook; 26] = [
         Self::ResidPre,
         Self::QInput,
         Self::KInput,
@@ -46,6 +51,8 @@ impl BlockHook {
         Self::Q,
         Self::K,
         Self::V,
+        Self::RotQ,
+        Self::RotK,
         Self::AttnScores,
         Self::Pattern,
         Self::Z,
@@ -56,6 +63,7 @@ impl BlockHook {
         Self::Ln1Scale,
         Self::Ln1Normalized,
         Self::MlpPre,
+        Self::MlpPreLinear,
         Self::MlpPost,
         Self::MlpOut,
         Self::ResidPost,
@@ -63,6 +71,45 @@ impl BlockHook {
         Self::Ln2Normalized,
         Self::NormalizedResidPost,
     ];
+
+    /// Every block hook a pre-LN block has, in its firing order (`HookedTransformer`'s
+    /// `TransformerBlock`: `ln1` before attention, `ln2` before the MLP).
+    pub const PRE_LN: [BlockHook; 25] = [
+        Self::ResidPre,
+        Self::QInput,
+        Self::KInput,
+        Self::VInput,
+        Self::Ln1Scale,
+        Self::Ln1Normalized,
+        Self::Q,
+        Self::K,
+        Self::V,
+        Self::RotQ,
+        Self::RotK,
+        Self::AttnScores,
+        Self::Pattern,
+        Self::Z,
+        Self::Result,
+        Self::AttnOut,
+        Self::ResidMid,
+        Self::MlpIn,
+        Self::Ln2Scale,
+        Self::Ln2Normalized,
+        Self::MlpPre,
+        Self::MlpPreLinear,
+        Self::MlpPost,
+        Self::MlpOut,
+        Self::ResidPost,
+    ];
+
+    /// The block hooks of a model with config `cfg`, in firing order.
+    fn firing_order(cfg: &BertConfig) -> &'static [BlockHook] {
+        if cfg.family.pre_layer_norm() {
+            &Self::PRE_LN
+        } else {
+            &Self::ALL
+        }
+    }
 
     /// The name below `blocks.{layer}.`.
     pub fn suffix(self) -> &'static str {
@@ -74,6 +121,8 @@ impl BlockHook {
             Self::Q => "attn.hook_q",
             Self::K => "attn.hook_k",
             Self::V => "attn.hook_v",
+            Self::RotQ => "attn.hook_rot_q",
+            Self::RotK => "attn.hook_rot_k",
             Self::AttnScores => "attn.hook_attn_scores",
             Self::Pattern => "attn.hook_pattern",
             Self::Z => "attn.hook_z",
@@ -84,6 +133,7 @@ impl BlockHook {
             Self::Ln1Scale => "ln1.hook_scale",
             Self::Ln1Normalized => "ln1.hook_normalized",
             Self::MlpPre => "mlp.hook_pre",
+            Self::MlpPreLinear => "mlp.hook_pre_linear",
             Self::MlpPost => "mlp.hook_post",
             Self::MlpOut => "hook_mlp_out",
             Self::ResidPost => "hook_resid_post",
@@ -93,12 +143,19 @@ impl BlockHook {
         }
     }
 
-    /// Whether the config switches this hook point on (three are opt-in, as in TransformerLens).
-    fn enabled(self, cfg: &BertConfig) -> bool {
+    /// Whether block `layer` of a model with config `cfg` has this hook point: five are opt-in,
+    /// as in TransformerLens; the rotated q and k exist with rotary positions, `hook_pre_linear`
+    /// with a gated MLP, `hook_normalized_resid_post` in post-LN blocks, and `ln1`'s points
+    /// where the block has that norm (not ModernBERT's layer 0).
+    fn exists_at(self, layer: usize, cfg: &BertConfig) -> bool {
         match self {
             Self::QInput | Self::KInput | Self::VInput => cfg.use_split_qkv_input,
             Self::Result => cfg.use_attn_result,
             Self::MlpIn => cfg.use_hook_mlp_in,
+            Self::RotQ | Self::RotK => matches!(cfg.positions, Positions::Rotary { .. }),
+            Self::MlpPreLinear => cfg.family.gated_mlp(),
+            Self::NormalizedResidPost => !cfg.family.pre_layer_norm(),
+            Self::Ln1Scale | Self::Ln1Normalized => cfg.family.has_attention_norm(layer),
             _ => true,
         }
     }
@@ -128,6 +185,11 @@ pub enum HookPoint {
     FullEmbed,
     /// A hook point inside block `layer`.
     Block(usize, BlockHook),
+    /// `ln_final.hook_scale`: the final LayerNorm's scale (pre-LN models only).
+    LnFinalScale,
+    /// `ln_final.hook_normalized`: the final LayerNorm's normalised input (pre-LN models only);
+    /// after its affine map it is the encoder's output.
+    LnFinalNormalized,
     /// `mlm_head.ln.hook_scale`.
     MlmLnScale,
     /// `mlm_head.ln.hook_normalized`.
@@ -158,7 +220,9 @@ const EMBED_POINTS: [HookPoint; 8] = [
     HookPoint::RelPosBias,
 ];
 
-const HEAD_POINTS: [HookPoint; 7] = [
+const HEAD_POINTS: [HookPoint; 9] = [
+    HookPoint::LnFinalScale,
+    HookPoint::LnFinalNormalized,
     HookPoint::MlmLnScale,
     HookPoint::MlmLnNormalized,
     HookPoint::UnembedIn,
@@ -173,10 +237,10 @@ impl HookPoint {
     /// that only next-sentence prediction fires.
     pub fn all(cfg: &BertConfig) -> Vec<HookPoint> {
         let blocks = (0..cfg.n_layers).flat_map(|layer| {
-            BlockHook::ALL
-                .into_iter()
-                .filter(|kind| kind.enabled(cfg))
-                .map(move |kind| HookPoint::Block(layer, kind))
+            BlockHook::firing_order(cfg)
+                .iter()
+                .filter(move |kind| kind.exists_at(layer, cfg))
+                .map(move |kind| HookPoint::Block(layer, *kind))
         });
         EMBED_POINTS
             .into_iter()
@@ -187,9 +251,12 @@ impl HookPoint {
     }
 
     /// Whether a model with config `cfg` has this embedding or head point: no
-    /// `hook_token_type_embed` without token types, no next-sentence points outside BERT.
+    /// `hook_token_type_embed` without token types, no `hook_pos_embed` without a position
+    /// table, `ln_final` in pre-LN models only, no next-sentence points outside BERT.
     fn exists_in(self, cfg: &BertConfig) -> bool {
         match self {
+            Self::PosEmbed => cfg.position_rows() > 0,
+            Self::LnFinalScale | Self::LnFinalNormalized => cfg.family.pre_layer_norm(),
             Self::TokenTypeEmbed => cfg.n_token_types > 0,
             Self::RelPosBias => cfg.relative_attention_buckets.is_some(),
             Self::EmbedProj => cfg.projects_embeddings(),
@@ -212,6 +279,8 @@ impl HookPoint {
             Self::EmbedLnNormalized => "embed.ln.hook_normalized".into(),
             Self::FullEmbed => "hook_full_embed".into(),
             Self::Block(layer, kind) => format!("blocks.{layer}.{}", kind.suffix()),
+            Self::LnFinalScale => "ln_final.hook_scale".into(),
+            Self::LnFinalNormalized => "ln_final.hook_normalized".into(),
             Self::MlmLnScale => "mlm_head.ln.hook_scale".into(),
             Self::MlmLnNormalized => "mlm_head.ln.hook_normalized".into(),
             Self::UnembedIn => "unembed.hook_in".into(),
@@ -231,7 +300,7 @@ impl HookPoint {
             }
             let layer: usize = layer.parse().ok()?;
             let kind = BlockHook::ALL.into_iter().find(|k| k.suffix() == suffix)?;
-            return (layer < cfg.n_layers && kind.enabled(cfg))
+            return (layer < cfg.n_layers && kind.exists_at(layer, cfg))
                 .then_some(HookPoint::Block(layer, kind));
         }
         EMBED_POINTS
@@ -439,6 +508,76 @@ mod tests {
             "",
         ] {
             assert_eq!(HookPoint::parse(bad, &cfg), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn pre_ln_blocks_fire_their_norms_before_what_they_normalise() {
+        let mut cfg = BertConfig::modernbert_base();
+        cfg.n_layers = 2;
+        cfg.attn_types = cfg.attn_types.map(|types| types[..2].to_vec());
+        let names: Vec<String> = HookPoint::all(&cfg)
+            .into_iter()
+            .map(HookPoint::name)
+            .collect();
+        let block = |layer: usize| -> Vec<&str> {
+            let prefix = format!("blocks.{layer}.");
+            names
+                .iter()
+                .filter_map(|n| n.strip_prefix(&prefix))
+                .collect()
+        };
+        // Layer 0 has no attention norm (its input is the normalised embedding).
+        assert_eq!(block(0)[..2], ["hook_resid_pre", "attn.hook_q"]);
+        assert_eq!(
+            block(1),
+            [
+                "hook_resid_pre",
+                "ln1.hook_scale",
+                "ln1.hook_normalized",
+                "attn.hook_q",
+                "attn.hook_k",
+                "attn.hook_v",
+                "attn.hook_rot_q",
+                "attn.hook_rot_k",
+                "attn.hook_attn_scores",
+                "attn.hook_pattern",
+                "attn.hook_z",
+                "hook_attn_out",
+                "hook_resid_mid",
+                "ln2.hook_scale",
+                "ln2.hook_normalized",
+                "mlp.hook_pre",
+                "mlp.hook_pre_linear",
+                "mlp.hook_post",
+                "hook_mlp_out",
+                "hook_resid_post",
+            ]
+        );
+        assert_eq!(
+            names[..4],
+            [
+                "embed.hook_embed",
+                "embed.ln.hook_scale",
+                "embed.ln.hook_normalized",
+                "hook_full_embed"
+            ]
+        );
+        assert_eq!(
+            names[names.len() - 6..],
+            [
+                "ln_final.hook_scale",
+                "ln_final.hook_normalized",
+                "mlm_head.ln.hook_scale",
+                "mlm_head.ln.hook_normalized",
+                "unembed.hook_in",
+                "unembed.hook_out",
+            ]
+        );
+        assert!(HookPoint::parse("blocks.0.ln1.hook_scale", &cfg).is_none());
+        assert!(HookPoint::parse("blocks.1.hook_normalized_resid_post", &cfg).is_none());
+        for point in HookPoint::all(&cfg) {
+            assert_eq!(HookPoint::parse(&point.name(), &cfg), Some(point));
         }
     }
 

@@ -7,6 +7,8 @@
 //! FMA). `exp` and `erf` are polynomial approximations with errors near f32 rounding; the parity
 //! tests against PyTorch hold at TransformerLens's tolerance.
 
+use std::ops::Range;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -252,8 +254,8 @@ pub struct Heads<'a> {
     pub row_stride: usize,
 }
 
-/// What is added to the scaled scores: a bias, and where padding and causality forbid
-/// attention.
+/// What is added to the scaled scores: a bias, and where padding, causality and a window
+/// forbid attention.
 #[derive(Debug, Clone, Copy)]
 pub struct KeyMask<'a> {
     /// `[batch, pos]`: 0 where a key may be attended to, `-inf` where it is padding.
@@ -262,7 +264,24 @@ pub struct KeyMask<'a> {
     pub causal: bool,
     /// `[batch, heads, pos, pos]`, added before the mask (MPNet's relative position bias).
     pub bias: Option<&'a [f32]>,
+    /// Query `i` may only see keys `j` with `|i - j| <= window` (ModernBERT's local layers).
+    pub window: Option<usize>,
 }
+
+impl KeyMask<'_> {
+    /// The keys that queries `queries` may see at all, of `pos`: every key, or the band the
+    /// window leaves them.
+    fn key_range(&self, queries: &Range<usize>, pos: usize) -> Range<usize> {
+        match self.window {
+            Some(w) => queries.start.saturating_sub(w)..(queries.end + w).min(pos),
+            None => 0..pos,
+        }
+    }
+}
+
+/// Query rows per task in windowed attention: each task's keys are its queries' band, so the
+/// work grows with `pos × window`, not `pos²`.
+const WINDOW_QUERY_ROWS: usize = 64;
 
 /// A pointer that parallel tasks may share because each writes only its own elements.
 #[derive(Clone, Copy)]
@@ -279,35 +298,51 @@ impl SharedOut {
     }
 }
 
-/// `scores[b, h] = q[b, :, h] · k[b, :, h]ᵀ * scale`, then the key mask, into `out` (`[P, P]`).
-fn head_scores(
+/// One head's attention problem: batch row `b`, head `h`, query rows `queries` against key
+/// rows `keys` (absolute positions).
+struct Tile {
+    b: usize,
+    h: usize,
+    queries: Range<usize>,
+    keys: Range<usize>,
+}
+
+/// `scores = q[b, queries, h] · k[b, keys, h]ᵀ * scale`, then the bias and key mask, into `out`
+/// (`[queries, keys]`, row-major).
+fn tile_scores(
     q: Heads<'_>,
     k: Heads<'_>,
     s: AttentionShape,
-    (b, h): (usize, usize),
+    tile: &Tile,
     scale: f32,
     mask: KeyMask<'_>,
     out: &mut [f32],
 ) {
-    let p = s.pos;
-    let offset = |heads: Heads<'_>| b * p * heads.row_stride + h * s.d_head;
-    let (q_start, k_start) = (offset(q), offset(k));
-    let needed = |heads: Heads<'_>, start: usize| start + (p - 1) * heads.row_stride + s.d_head;
+    let (p, (b, h)) = (s.pos, (tile.b, tile.h));
+    let (rows, width) = (tile.queries.len(), tile.keys.len());
+    let offset = |heads: Heads<'_>, first: usize| (b * p + first) * heads.row_stride + h * s.d_head;
+    let (q_start, k_start) = (offset(q, tile.queries.start), offset(k, tile.keys.start));
+    let needed =
+        |heads: Heads<'_>, start: usize, n: usize| start + (n - 1) * heads.row_stride + s.d_head;
     assert!(
-        needed(q, q_start) <= q.data.len()
-            && needed(k, k_start) <= k.data.len()
-            && out.len() == p * p
+        rows > 0
+            && width > 0
+            && tile.queries.end <= p
+            && tile.keys.end <= p
+            && needed(q, q_start, rows) <= q.data.len()
+            && needed(k, k_start, width) <= k.data.len()
+            && out.len() == rows * width
     );
-    // SAFETY: the assert above bounds every element gemm reads (rows 0..p of one head's d_head
-    // columns) and writes (`out`, p * p contiguous).
+    // SAFETY: the assert above bounds every element gemm reads (`rows` query and `width` key
+    // rows of one head's d_head columns) and writes (`out`, rows * width contiguous).
     unsafe {
         gemm::gemm(
-            p,
-            p,
+            rows,
+            width,
             s.d_head,
             out.as_mut_ptr(),
             1,
-            p as isize,
+            width as isize,
             false,
             q.data.as_ptr().add(q_start),
             1,
@@ -323,45 +358,59 @@ fn head_scores(
             Parallelism::None,
         );
     }
-    if let Some(bias) = mask.bias {
-        let start = (b * s.heads + h) * p * p;
-        out.iter_mut()
-            .zip(&bias[start..start + p * p])
-            .for_each(|(x, add)| *x += add);
-    }
-    if let Some(padding) = mask.padding {
-        let keys = &padding[b * p..(b + 1) * p];
-        for row in out.chunks_exact_mut(p) {
+    for (i, row) in tile.queries.clone().zip(out.chunks_exact_mut(width)) {
+        if let Some(bias) = mask.bias {
+            let start = ((b * s.heads + h) * p + i) * p;
+            let bias = &bias[start + tile.keys.start..start + tile.keys.end];
+            row.iter_mut().zip(bias).for_each(|(x, add)| *x += add);
+        }
+        if let Some(padding) = mask.padding {
+            let keys = &padding[b * p + tile.keys.start..b * p + tile.keys.end];
             row.iter_mut().zip(keys).for_each(|(x, m)| *x += m);
         }
-    }
-    if mask.causal {
-        for (i, row) in out.chunks_exact_mut(p).enumerate() {
-            row[i + 1..].fill(f32::NEG_INFINITY);
+        // Keys past the causal limit or outside the window, as offsets into this tile's keys.
+        let mut last = tile.keys.end;
+        if mask.causal {
+            last = last.min(i + 1);
         }
+        if let Some(w) = mask.window {
+            last = last.min(i + w + 1);
+            let first = i.saturating_sub(w).max(tile.keys.start);
+            row[..first - tile.keys.start].fill(f32::NEG_INFINITY);
+        }
+        let last = last.max(tile.keys.start);
+        row[last - tile.keys.start..].fill(f32::NEG_INFINITY);
     }
 }
 
-/// `z[b, :, h] = pattern[b, h] @ v[b, :, h]`, written into `z` (`[batch, pos, heads, d_head]`).
-fn head_z(pattern: &[f32], v: Heads<'_>, s: AttentionShape, b: usize, h: usize, z: SharedOut) {
-    let p = s.pos;
-    let v_start = b * p * v.row_stride + h * s.d_head;
-    assert!(v_start + (p - 1) * v.row_stride + s.d_head <= v.data.len() && pattern.len() == p * p);
-    // SAFETY: reads are bounded by the assert; the writes go to rows (b, 0..p) and columns
-    // h * d_head .. (h + 1) * d_head of z, which no other (b, h) task touches, and the caller
+/// `z[b, queries, h] = pattern @ v[b, keys, h]` for one tile's pattern (`[queries, keys]`),
+/// written into `z` (`[batch, pos, heads, d_head]`).
+fn tile_z(pattern: &[f32], v: Heads<'_>, s: AttentionShape, tile: &Tile, z: SharedOut) {
+    let (p, (b, h)) = (s.pos, (tile.b, tile.h));
+    let (rows, width) = (tile.queries.len(), tile.keys.len());
+    let v_start = (b * p + tile.keys.start) * v.row_stride + h * s.d_head;
+    assert!(
+        rows > 0
+            && width > 0
+            && tile.queries.end <= p
+            && v_start + (width - 1) * v.row_stride + s.d_head <= v.data.len()
+            && pattern.len() == rows * width
+    );
+    // SAFETY: reads are bounded by the assert; the writes go to rows (b, queries) and columns
+    // h * d_head .. (h + 1) * d_head of z, which no other task touches, and the caller
     // allocated z as [batch, pos, heads, d_head].
     unsafe {
         gemm::gemm(
-            p,
+            rows,
             s.d_head,
-            p,
-            z.at((b * p * s.heads + h) * s.d_head),
+            width,
+            z.at(((b * p + tile.queries.start) * s.heads + h) * s.d_head),
             1,
             (s.heads * s.d_head) as isize,
             false,
             pattern.as_ptr(),
             1,
-            p as isize,
+            width as isize,
             v.data.as_ptr().add(v_start),
             1,
             v.row_stride as isize,
@@ -372,6 +421,16 @@ fn head_z(pattern: &[f32], v: Heads<'_>, s: AttentionShape, b: usize, h: usize, 
             false,
             Parallelism::None,
         );
+    }
+}
+
+/// The tile of a whole head: every query against every key.
+fn whole_head(bh: usize, s: AttentionShape) -> Tile {
+    Tile {
+        b: bh / s.heads,
+        h: bh % s.heads,
+        queries: 0..s.pos,
+        keys: 0..s.pos,
     }
 }
 
@@ -388,9 +447,7 @@ pub fn attention_scores(
     scores
         .par_chunks_mut(p * p)
         .enumerate()
-        .for_each(|(bh, out)| {
-            head_scores(q, k, s, (bh / s.heads, bh % s.heads), scale, mask, out);
-        });
+        .for_each(|(bh, out)| tile_scores(q, k, s, &whole_head(bh, s), scale, mask, out));
     scores
 }
 
@@ -402,14 +459,14 @@ pub fn attention_z(pattern: &[f32], v: Heads<'_>, s: AttentionShape) -> Vec<f32>
     pattern
         .par_chunks(p * p)
         .enumerate()
-        .for_each(|(bh, pattern)| {
-            head_z(pattern, v, s, bh / s.heads, bh % s.heads, out);
-        });
+        .for_each(|(bh, pattern)| tile_z(pattern, v, s, &whole_head(bh, s), out));
     z
 }
 
-/// The whole attention (scores, mask, softmax, `@ v`) per head in one task, with the `[P, P]`
-/// scores living only in a per-task scratch buffer. Returns z, `[batch, pos, heads, d_head]`.
+/// The whole attention (scores, mask, softmax, `@ v`) per head in one task, with the scores
+/// living only in a per-task scratch buffer. With a window narrower than the sequence, each
+/// task takes a block of queries and only the keys of their band. Returns z, `[batch, pos,
+/// heads, d_head]`.
 pub fn attention_fused(
     q: Heads<'_>,
     k: Heads<'_>,
@@ -419,18 +476,92 @@ pub fn attention_fused(
     mask: KeyMask<'_>,
 ) -> Vec<f32> {
     let p = s.pos;
+    let query_rows = match mask.window {
+        Some(w) if 2 * w + 1 < p => WINDOW_QUERY_ROWS.min(p),
+        _ => p,
+    };
+    let blocks = p.div_ceil(query_rows);
     let mut z = vec![0f32; s.batch * p * s.heads * s.d_head];
     let out = SharedOut(z.as_mut_ptr());
-    (0..s.batch * s.heads).into_par_iter().for_each_init(
-        || vec![0f32; p * p],
-        |scratch, bh| {
-            let (b, h) = (bh / s.heads, bh % s.heads);
-            head_scores(q, k, s, (b, h), scale, mask, scratch);
-            scratch.chunks_exact_mut(p).for_each(softmax_row);
-            head_z(scratch, v, s, b, h, out);
-        },
-    );
+    (0..s.batch * s.heads * blocks)
+        .into_par_iter()
+        .for_each_init(
+            || vec![0f32; query_rows * p],
+            |scratch, task| {
+                let (bh, block) = (task / blocks, task % blocks);
+                let queries = block * query_rows..((block + 1) * query_rows).min(p);
+                let keys = mask.key_range(&queries, p);
+                let tile = Tile {
+                    b: bh / s.heads,
+                    h: bh % s.heads,
+                    queries,
+                    keys,
+                };
+                let scores = &mut scratch[..tile.queries.len() * tile.keys.len()];
+                tile_scores(q, k, s, &tile, scale, mask, scores);
+                scores
+                    .chunks_exact_mut(tile.keys.len())
+                    .for_each(softmax_row);
+                tile_z(scores, v, s, &tile, out);
+            },
+        );
     z
+}
+
+/// Rotary position embedding, in place, for the heads of a `[rows, row_stride]` buffer whose
+/// row `r` is position `r % pos` and whose heads start at column `offset`: each head's halves
+/// `(x₁, x₂)` become `(x₁ cos - x₂ sin, x₂ cos + x₁ sin)`, `transformers`' `x * cos +
+/// rotate_half(x) * sin`. `cos` and `sin` are `[pos, d_head / 2]`.
+pub fn rotary_inplace(
+    data: &mut [f32],
+    row_stride: usize,
+    (offset, heads, d_head): (usize, usize, usize),
+    pos: usize,
+    (cos, sin): (&[f32], &[f32]),
+) {
+    let half = d_head / 2;
+    assert!(
+        offset + heads * d_head <= row_stride
+            && data.len().is_multiple_of(row_stride)
+            && cos.len() == pos * half
+            && sin.len() == pos * half
+    );
+    let rows_per = rows_per_task(heads * d_head);
+    data.par_chunks_mut(row_stride * rows_per)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (i, row) in chunk.chunks_exact_mut(row_stride).enumerate() {
+                let at = (task * rows_per + i) % pos;
+                let (cos, sin) = (&cos[at * half..][..half], &sin[at * half..][..half]);
+                for head in row[offset..offset + heads * d_head].chunks_exact_mut(d_head) {
+                    let (x1, x2) = head.split_at_mut(half);
+                    for (((a, b), c), s) in x1.iter_mut().zip(x2.iter_mut()).zip(cos).zip(sin) {
+                        let (a0, b0) = (*a, *b);
+                        *a = a0 * c - b0 * s;
+                        *b = b0 * c + a0 * s;
+                    }
+                }
+            }
+        });
+}
+
+/// A gated MLP's activation, `act(x[:, ..d]) * x[:, d..]` for rows of `2 d` (the activated half
+/// first, as ModernBERT's `Wi` stacks them), into a new `[rows, d]` buffer.
+pub fn gated_activation(src: &[f32], d: usize, act: Activation) -> Vec<f32> {
+    let rows = src.len() / (2 * d);
+    let mut out = vec![0f32; rows * d];
+    let per_task = rows_per_task(2 * d);
+    out.par_chunks_mut(d * per_task)
+        .zip(src.par_chunks(2 * d * per_task))
+        .for_each(|(out, src)| {
+            for (o, row) in out.chunks_exact_mut(d).zip(src.chunks_exact(2 * d)) {
+                let (pre, linear) = row.split_at(d);
+                for ((o, x), g) in o.iter_mut().zip(pre).zip(linear) {
+                    *o = activate(act, *x) * g;
+                }
+            }
+        });
+    out
 }
 
 /// The most rows [`few_rows_matmul`] is meant for: beyond this, `gemm`'s packed kernels win.
@@ -736,6 +867,7 @@ mod tests {
             bias: Some(&bias),
             padding: Some(&padding),
             causal: false,
+            window: None,
         };
         let fused = attention_fused(heads(0), heads(1), heads(2), s, 0.5, mask);
         let mut pattern = attention_scores(heads(0), heads(1), s, 0.5, mask);
@@ -759,6 +891,81 @@ mod tests {
         let expected: f64 = (0..5).map(|j| weights[j] / total * v(j, d) as f64).sum();
         let got = fused[((b * 5 + i) * 3 + h) * 4 + d] as f64;
         assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+    }
+
+    #[test]
+    fn windowed_attention_sees_only_its_band_and_the_banded_kernel_agrees() {
+        // Long enough that the fused kernel takes blocks of queries against their band only.
+        let s = AttentionShape {
+            batch: 2,
+            pos: 150,
+            heads: 2,
+            d_head: 4,
+        };
+        let a = s.heads * s.d_head;
+        let qkv: Vec<f32> = (0..s.batch * s.pos * 3 * a)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let heads = |i: usize| Heads {
+            data: &qkv[i * a..],
+            row_stride: 3 * a,
+        };
+        let padding: Vec<f32> = (0..s.batch * s.pos)
+            .map(|i| if i > 280 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let mask = KeyMask {
+            bias: None,
+            padding: Some(&padding),
+            causal: false,
+            window: Some(10),
+        };
+        let scores = attention_scores(heads(0), heads(1), s, 0.5, mask);
+        let p = s.pos;
+        for (bh, head) in scores.chunks_exact(p * p).enumerate() {
+            for (i, row) in head.chunks_exact(p).enumerate() {
+                for (j, x) in row.iter().enumerate() {
+                    let padded = (bh / s.heads) * p + j > 280;
+                    assert_eq!(x.is_finite(), i.abs_diff(j) <= 10 && !padded, "{i} {j}");
+                }
+            }
+        }
+        let mut pattern = scores;
+        softmax_rows_inplace(&mut pattern, p);
+        let expected = attention_z(&pattern, heads(2), s);
+        let fused = attention_fused(heads(0), heads(1), heads(2), s, 0.5, mask);
+        let worst = fused
+            .iter()
+            .zip(&expected)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-6, "{worst}");
+    }
+
+    #[test]
+    fn rotary_turns_each_pair_by_its_angle() {
+        // Two rows (positions 0 and 1) of one head of 4 at offset 2 in rows of 7.
+        let (pos, d_head) = (2, 4);
+        let angles = [[0.0f32, 0.0], [0.5, 0.25]];
+        let cos: Vec<f32> = angles.iter().flatten().map(|t| t.cos()).collect();
+        let sin: Vec<f32> = angles.iter().flatten().map(|t| t.sin()).collect();
+        let mut data: Vec<f32> = (0..14).map(|i| i as f32).collect();
+        let before = data.clone();
+        rotary_inplace(&mut data, 7, (2, 1, d_head), pos, (&cos, &sin));
+        assert_eq!(data[..7], before[..7]); // position 0 turns by 0
+        for (c, angle) in [(0, 0.5f32), (1, 0.25)] {
+            let (x1, x2) = (before[7 + 2 + c], before[7 + 4 + c]);
+            let (got1, got2) = (data[7 + 2 + c], data[7 + 4 + c]);
+            assert!((got1 - (x1 * angle.cos() - x2 * angle.sin())).abs() < 1e-5);
+            assert!((got2 - (x2 * angle.cos() + x1 * angle.sin())).abs() < 1e-5);
+        }
+        assert_eq!(data[7..9], before[7..9]); // columns outside the heads stay
+    }
+
+    #[test]
+    fn gated_activation_multiplies_the_activated_half_by_the_other() {
+        let src = [1.0f32, -2.0, 3.0, 4.0, 0.5, -1.0, 2.0, 3.0];
+        let out = gated_activation(&src, 2, Activation::Relu);
+        assert_eq!(out, [3.0, 0.0, 1.0, -0.0]);
     }
 }
 

@@ -1,7 +1,7 @@
 //! A BERT-style encoder forward (and backward) pass on [Candle](https://github.com/huggingface/candle)
 //! with a named hook point on every interesting activation, following TransformerLens's
-//! `HookedEncoder` (3.x); BERT, RoBERTa/XLM-R/CamemBERT, DistilBERT, MPNet and ELECTRA
-//! checkpoints load (what each family changes is in [`Family`]).
+//! `HookedEncoder` (3.x); BERT, RoBERTa/XLM-R/CamemBERT, DistilBERT, MPNet, ELECTRA and
+//! ModernBERT checkpoints load (what each family changes is in [`Family`]).
 //!
 //! The crate is pure Rust: no Python. The PyO3 binding (`hooked_encoder_py`) and the Python
 //! package on top of it implement the user-facing API.
@@ -23,7 +23,7 @@ mod kernels;
 mod model;
 mod weights;
 
-pub use config::{Activation, AttentionDir, BertConfig};
+pub use config::{Activation, AttentionDir, AttnType, BertConfig};
 pub use error::{Error, Result};
 pub use family::{Family, Positions};
 pub use hooks::{BlockHook, HookPoint, HookSet, Hooks, NoHooks, RecordingHooks};

@@ -153,7 +153,8 @@ impl WeightMap {
     }
 
     /// Freshly initialised weights for `cfg`, named as a Hugging Face checkpoint of its family
-    /// (`BertForPreTraining` for BERT, `RobertaForMaskedLM` plus pooler for RoBERTa): matrices and embeddings drawn from N(0, 0.02²) (Hugging Face's
+    /// (`BertForPreTraining` for BERT, `RobertaForMaskedLM` plus pooler for RoBERTa,
+    /// `ModernBertForMaskedLM` for ModernBERT): matrices and embeddings drawn from N(0, 0.02²) (Hugging Face's
     /// `initializer_range`), biases 0, LayerNorm weights 1. The same `seed` gives the same
     /// weights on every platform.
     pub fn random(cfg: &BertConfig, seed: u64, device: &Device) -> Result<Self> {
@@ -212,21 +213,39 @@ impl WeightMap {
                 &mut map,
             )?;
         }
+        // A gated MLP's first layer stacks its two halves.
+        let mlp_rows = if family.gated_mlp() { 2 * m } else { m };
         for l in 0..cfg.n_layers {
             let p = format!("bert.encoder.layer.{l}");
-            for (name, out, inp) in [
-                ("attention.self.query", a, d),
-                ("attention.self.key", a, d),
-                ("attention.self.value", a, d),
+            let mut layers = vec![
                 ("attention.output.dense", d, a),
-                ("intermediate.dense", m, d),
+                ("intermediate.dense", mlp_rows, d),
                 ("output.dense", d, m),
-            ] {
+            ];
+            if family.fused_qkv() {
+                layers.insert(0, ("attention.self.qkv", 3 * a, d));
+            } else {
+                layers.splice(
+                    0..0,
+                    [
+                        ("attention.self.query", a, d),
+                        ("attention.self.key", a, d),
+                        ("attention.self.value", a, d),
+                    ],
+                );
+            }
+            for (name, out, inp) in layers {
                 normal(format!("{p}.{name}.weight"), &[out, inp], &mut map)?;
                 constant(format!("{p}.{name}.bias"), out, 0.0, &mut map)?;
             }
-            layer_norm(&format!("{p}.attention.output"), d, &mut map)?;
+            if family.has_attention_norm(l) {
+                layer_norm(&format!("{p}.attention.output"), d, &mut map)?;
+            }
             layer_norm(&format!("{p}.output"), d, &mut map)?;
+        }
+        if family.pre_layer_norm() {
+            constant("bert.final_norm.weight".into(), d, 1.0, &mut map)?;
+            constant("bert.final_norm.bias".into(), d, 0.0, &mut map)?;
         }
         normal(
             "cls.predictions.transform.dense.weight".into(),

@@ -54,24 +54,24 @@ pub(super) fn missing_head_weights() -> Error {
     Error::Config("per-head weights were not prepared for this config".into())
 }
 
-/// Splits the stacked Hugging Face projections into TransformerLens's per-head layout.
-pub(super) fn head_weights(
-    cfg: &BertConfig,
-    qkv: [&Linear; 3],
-    out: &Linear,
-) -> Result<HeadWeights> {
+/// Splits the stacked query, key and value projection (`[3 * h * dh, d]`) into
+/// TransformerLens's per-head layout.
+pub(super) fn head_weights(cfg: &BertConfig, qkv: &Linear, out: &Linear) -> Result<HeadWeights> {
     let (h, dh, d) = (cfg.n_heads, cfg.d_head, cfg.d_model);
-    let w = |l: &Linear| -> Result<Tensor> {
+    let a = h * dh;
+    let w = |i: usize| -> Result<Tensor> {
         // [h*dh, d] -> [h, dh, d] -> [h, d, dh]
-        Ok(l.weight
+        Ok(qkv
+            .weight
+            .narrow(0, i * a, a)?
             .reshape((h, dh, d))?
             .transpose(1, 2)?
             .contiguous()?)
     };
-    let b = |l: &Linear| -> Result<Tensor> { Ok(l.bias.reshape((h, dh))?) };
+    let b = |i: usize| -> Result<Tensor> { Ok(qkv.bias.narrow(0, i * a, a)?.reshape((h, dh))?) };
     Ok(HeadWeights {
-        w_qkv: [w(qkv[0])?, w(qkv[1])?, w(qkv[2])?],
-        b_qkv: [b(qkv[0])?, b(qkv[1])?, b(qkv[2])?],
+        w_qkv: [w(0)?, w(1)?, w(2)?],
+        b_qkv: [b(0)?, b(1)?, b(2)?],
         // [d, h*dh] -> [d, h, dh] -> [h, dh, d]
         w_o: out
             .weight
@@ -79,6 +79,21 @@ pub(super) fn head_weights(
             .permute((1, 2, 0))?
             .contiguous()?,
     })
+}
+
+/// 0 where `|query - key| <= window`, -inf elsewhere, `[1, 1, pos, pos]`: a local layer's
+/// window, for devices without our CPU kernels (which apply it themselves).
+fn window_mask(window: usize, p: usize, device: &Device, dtype: DType) -> Result<Tensor> {
+    let values: Vec<f32> = (0..p * p)
+        .map(|i| {
+            if (i / p).abs_diff(i % p) <= window {
+                0.0
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
+    Ok(Tensor::from_vec(values, (1, 1, p, p), device)?.to_dtype(dtype)?)
 }
 
 /// `x[b, p, h] @ w[h] + bias[h]` for `x: [b, p, h, d_model]`, `w: [h, d_model, d_head]`.
@@ -177,7 +192,8 @@ impl HookedBert {
         }
     }
 
-    /// q, k and v as `[batch, pos, heads, d_head]` tensors, each passed through its hook.
+    /// q, k and v as `[batch, pos, heads, d_head]` tensors, each passed through its hook; with
+    /// rotary positions, q and k then rotated and passed through `hook_rot_q`/`hook_rot_k`.
     pub(super) fn hooked_qkv(
         &self,
         layer: usize,
@@ -201,11 +217,15 @@ impl HookedBert {
             Qkv::Separate(parts) => parts,
         };
         let [q, k, v] = parts;
-        Ok([
-            hook(hooks, at(BlockHook::Q), q)?.contiguous()?,
-            hook(hooks, at(BlockHook::K), k)?.contiguous()?,
-            hook(hooks, at(BlockHook::V), v)?.contiguous()?,
-        ])
+        let q = hook(hooks, at(BlockHook::Q), q)?.contiguous()?;
+        let k = hook(hooks, at(BlockHook::K), k)?.contiguous()?;
+        let v = hook(hooks, at(BlockHook::V), v)?.contiguous()?;
+        let Some(tables) = self.rotary_tables(layer, p) else {
+            return Ok([q, k, v]);
+        };
+        let q = hook(hooks, at(BlockHook::RotQ), self.rotate(&q, &tables)?)?;
+        let k = hook(hooks, at(BlockHook::RotK), self.rotate(&k, &tables)?)?;
+        Ok([q.contiguous()?, k.contiguous()?, v])
     }
 
     /// Attention up to `z` with the CPU kernels. Unhooked, each head runs scores, mask, softmax
@@ -234,11 +254,33 @@ impl HookedBert {
             padding: mask.padding.as_deref(),
             causal: mask.causal,
             bias: bias.as_ref().map(|view| view.slice()),
+            window: self.cfg.attention_window(layer),
         };
-        let kinds = [BlockHook::Q, BlockHook::K, BlockHook::V];
+        let kinds = [
+            BlockHook::Q,
+            BlockHook::K,
+            BlockHook::V,
+            BlockHook::RotQ,
+            BlockHook::RotK,
+        ];
         let sources: Vec<Tensor> = match qkv {
             Qkv::Fused(fused) if !kinds.iter().any(|kind| wants(hooks, at(*kind))) => {
-                vec![fused.contiguous()?]
+                match self.rotary_tables(layer, p) {
+                    // q's and k's heads lie side by side at the start of each row: turn them
+                    // all in one pass over a copy.
+                    Some(tables) => {
+                        let mut data = cpu::view(&fused.contiguous()?)?.slice().to_vec();
+                        kernels::rotary_inplace(
+                            &mut data,
+                            3 * a,
+                            (0, 2 * h, dh),
+                            p,
+                            (&tables.cos, &tables.sin),
+                        );
+                        vec![cpu::tensor(data, &[b, p, 3 * a])?]
+                    }
+                    None => vec![fused.contiguous()?],
+                }
             }
             qkv => self.hooked_qkv(layer, qkv, hooks)?.to_vec(),
         };
@@ -298,6 +340,13 @@ impl HookedBert {
             Some(mask) => scores.broadcast_add(mask)?,
             None => scores,
         };
+        let window = self.cfg.attention_window(layer);
+        let scores = match window {
+            Some(w) => {
+                scores.broadcast_add(&window_mask(w, p, scores.device(), scores.dtype())?)?
+            }
+            None => scores,
+        };
         let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
         let pattern = if cpu::kernels_on(scores.device(), scores.dtype()) {
             let mut pattern = cpu::view(&scores.contiguous()?)?.slice().to_vec();
@@ -309,7 +358,10 @@ impl HookedBert {
             // A row whose every key is masked is all -inf, and its softmax is 0/0.
             // TransformerLens turns those NaNs into 0 (such a query attends to nothing).
             // (A hook on the scores may have masked whole rows itself.)
-            let pattern = if mask.may_empty_rows || wants(hooks, at(BlockHook::AttnScores)) {
+            // (So may a padding query whose window holds padding only.)
+            let may_empty_rows =
+                mask.may_empty_rows || (window.is_some() && mask.padding.is_some());
+            let pattern = if may_empty_rows || wants(hooks, at(BlockHook::AttnScores)) {
                 pattern
                     .ne(&pattern)?
                     .where_cond(&pattern.zeros_like()?, &pattern)?
@@ -387,15 +439,32 @@ impl HookedBert {
             });
         }
         let scale = 1.0 / (dh as f64).sqrt();
-        let q = heads_first(&tape.take(at(BlockHook::Q))?.after)?;
-        let k = heads_first(&tape.take(at(BlockHook::K))?.after)?;
+        // The scores were made from the rotated q and k where positions are rotary.
+        let tables = self.rotary_tables(layer, p);
+        let [q_point, k_point] = match tables {
+            Some(_) => [BlockHook::RotQ, BlockHook::RotK],
+            None => [BlockHook::Q, BlockHook::K],
+        };
+        let q = heads_first(&tape.take(at(q_point))?.after)?;
+        let k = heads_first(&tape.take(at(k_point))?.after)?;
         let dq = (d_scores.matmul(&k)? * scale)?;
         let dk = (d_scores.t()?.contiguous()?.matmul(&q)? * scale)?;
         // Back to [b, p, h, dh], the layout of the q, k and v hook points.
         let back = |t: Tensor| -> Result<Tensor> { Ok(t.transpose(1, 2)?.contiguous()?) };
+        let (dq, dk) = (back(dq)?, back(dk)?);
+        let (dq, dk) = match tables {
+            // A rotation's gradient is the gradient turned back.
+            Some(tables) => {
+                let dk = grad_hook(hooks, at(BlockHook::RotK), dk)?;
+                let dq = grad_hook(hooks, at(BlockHook::RotQ), dq)?;
+                let inverse = tables.inverse();
+                (self.rotate(&dq, &inverse)?, self.rotate(&dk, &inverse)?)
+            }
+            None => (dq, dk),
+        };
         let dv = grad_hook(hooks, at(BlockHook::V), back(dv)?)?;
-        let dk = grad_hook(hooks, at(BlockHook::K), back(dk)?)?;
-        let dq = grad_hook(hooks, at(BlockHook::Q), back(dq)?)?;
+        let dk = grad_hook(hooks, at(BlockHook::K), dk)?;
+        let dq = grad_hook(hooks, at(BlockHook::Q), dq)?;
         if self.cfg.use_split_qkv_input {
             let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
             let kinds = [BlockHook::QInput, BlockHook::KInput, BlockHook::VInput];

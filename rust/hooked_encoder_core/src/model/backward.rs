@@ -1,10 +1,11 @@
 //! The backward pass: gradients of a metric with respect to every activation (hook point),
 //! written op by op beside each op's forward (`linear.rs`, `layer_norm.rs`, `attention.rs`,
-//! `block.rs`, `embed.rs`, `heads.rs`, `activation.rs`), the way llm.c writes GPT-2's.
+//! `rotary.rs`, `mlp.rs`, `block.rs`, `embed.rs`, `heads.rs`, `activation.rs`), the way llm.c
+//! writes GPT-2's.
 //!
 //! [`HookedBert::run_for_backward`] runs the forward pass keeping only what the backward needs
-//! (q, k, v, the attention pattern, the MLP pre-activation and the LayerNorms' scales and
-//! normalized values, all of them hook points) in a [`Tape`]; [`HookedBert::backward`] then
+//! (q, k (rotated, with rotary positions), v, the attention pattern, the MLP pre-activations
+//! and the LayerNorms' scales and normalized values, all of them hook points) in a [`Tape`]; [`HookedBert::backward`] then
 //! walks the model in reverse from `d metric / d output`, freeing each block's saved
 //! activations as it passes it. Weight gradients are not computed: this is not a training
 //! library.
@@ -32,6 +33,8 @@ pub struct Tape {
     pub(super) pos: usize,
     /// The residual stream entering the MLM head (its dense layer is recomputed).
     pub(super) head_input: Option<Tensor>,
+    /// Whether the pass ran a pre-LN model's final norm.
+    final_norm: bool,
     /// The gradient at `hook_rel_pos_bias` summed over the blocks passed so far.
     pub(super) d_relative_bias: Option<Tensor>,
     output_dims: Vec<usize>,
@@ -128,22 +131,42 @@ impl HookedBert {
             save.insert(HookPoint::EmbedLnScale);
             save.insert(HookPoint::EmbedLnNormalized);
         }
+        let rotary = matches!(self.cfg.positions, Positions::Rotary { .. });
+        // The scores' inputs: q and k as rotated, where positions are rotary.
+        let [q, k] = if rotary {
+            [BlockHook::RotQ, BlockHook::RotK]
+        } else {
+            [BlockHook::Q, BlockHook::K]
+        };
         for layer in first..stop.max(first) {
-            for kind in [
-                BlockHook::Q,
-                BlockHook::K,
+            let mut kinds = vec![
+                q,
+                k,
                 BlockHook::V,
                 BlockHook::Pattern,
-                BlockHook::Ln1Scale,
-                BlockHook::Ln1Normalized,
                 BlockHook::MlpPre,
                 BlockHook::Ln2Scale,
                 BlockHook::Ln2Normalized,
-            ] {
+            ];
+            if self.cfg.family.has_attention_norm(layer) {
+                kinds.extend([BlockHook::Ln1Scale, BlockHook::Ln1Normalized]);
+            }
+            if self.cfg.family.gated_mlp() {
+                kinds.push(BlockHook::MlpPreLinear);
+            }
+            for kind in kinds {
                 save.insert(HookPoint::Block(layer, kind));
             }
         }
-        let last_block_output = (output == Output::Logits && stop > first)
+        // The final norm runs unless the pass stops early.
+        let final_norm = self.ln_final.is_some() && stop_at_layer.is_none();
+        if final_norm {
+            save.insert(HookPoint::LnFinalScale);
+            save.insert(HookPoint::LnFinalNormalized);
+        }
+        // The heads' input, from which their first layer is recomputed: the last block's
+        // output (post-LN) or the final norm's (pre-LN, rebuilt from its normalised input).
+        let last_block_output = (output == Output::Logits && stop > first && !final_norm)
             .then(|| HookPoint::Block(stop - 1, BlockHook::NormalizedResidPost));
         match output {
             Output::Logits => {
@@ -157,7 +180,9 @@ impl HookedBert {
             Output::Residual => {}
         }
         let start_residual = match start_residual {
-            Some(x) if output == Output::Logits && stop <= first => Some(self.own(x)?),
+            Some(x) if output == Output::Logits && stop <= first && !final_norm => {
+                Some(self.own(x)?)
+            }
             _ => None,
         };
         let mut saver = Saver {
@@ -167,9 +192,20 @@ impl HookedBert {
         };
         let out = self.run(start, stop_at_layer, output, &mut saver)?;
         let mut saved = saver.saved;
-        let head_input = match last_block_output {
-            Some(point) => saved.remove(&point).map(|s| s.after),
-            None => start_residual,
+        let head_input = match (last_block_output, &self.ln_final) {
+            (Some(point), _) => saved.remove(&point).map(|s| s.after),
+            (None, Some(ln)) if final_norm && output == Output::Logits => {
+                let normalized = saved
+                    .get(&HookPoint::LnFinalNormalized)
+                    .ok_or_else(|| missing_saved("ln_final.hook_normalized"))?;
+                Some(
+                    normalized
+                        .after
+                        .broadcast_mul(&ln.weight)?
+                        .broadcast_add(&ln.bias)?,
+                )
+            }
+            _ => start_residual,
         };
         let tape = Tape {
             saved,
@@ -179,6 +215,7 @@ impl HookedBert {
             from_tokens,
             pos,
             head_input,
+            final_norm,
             d_relative_bias: None,
             output_dims: out.dims().to_vec(),
         };
@@ -215,6 +252,16 @@ impl HookedBert {
         }
         let d_out = self.own(grad_output)?;
         let mut d = self.head_backward(tape.output, d_out, &mut tape, hooks)?;
+        if let (Some(ln), true) = (&self.ln_final, tape.final_norm) {
+            d = self.layer_norm_backward(
+                &d,
+                ln,
+                HookPoint::LnFinalScale,
+                HookPoint::LnFinalNormalized,
+                &mut tape,
+                hooks,
+            )?;
+        }
         for layer in (tape.first..tape.stop).rev() {
             if hooks.interrupted() {
                 return Err(Error::Interrupted);

@@ -1,4 +1,5 @@
-//! The embeddings (token, position, token type) and their LayerNorm: forward and backward.
+//! The embeddings (token, position, token type; each family has the ones it has) and their
+//! LayerNorm: forward and backward.
 //! Which position row each token uses is the family's ([`Positions`]).
 
 use super::*;
@@ -16,23 +17,28 @@ impl HookedBert {
             .index_select(&ids(input.tokens)?, 0)?
             .reshape((b, p, d))?;
         let embed = hook(hooks, HookPoint::Embed, embed)?;
-        let pos_embed = match self.cfg.positions {
-            // Positions are 0..pos in every row, with no offset for padding (right padding
-            // only): one slice of the table, broadcast over the batch.
-            Positions::Absolute => self
-                .position_embeddings
-                .narrow(0, 0, p)?
-                .unsqueeze(0)?
-                .broadcast_as((b, p, d))?,
-            positions => {
-                let rows = positions.ids(input.tokens, p);
-                self.position_embeddings
-                    .index_select(&Tensor::from_vec(rows, b * p, &self.device)?, 0)?
-                    .reshape((b, p, d))?
+        let mut sum = match &self.position_embeddings {
+            Some(table) => {
+                let pos_embed = match self.cfg.positions {
+                    // Positions are 0..pos in every row, with no offset for padding (right
+                    // padding only): one slice of the table, broadcast over the batch.
+                    Positions::Absolute => table
+                        .narrow(0, 0, p)?
+                        .unsqueeze(0)?
+                        .broadcast_as((b, p, d))?,
+                    positions => {
+                        let rows = positions.ids(input.tokens, p);
+                        table
+                            .index_select(&Tensor::from_vec(rows, b * p, &self.device)?, 0)?
+                            .reshape((b, p, d))?
+                    }
+                };
+                let pos_embed = hook(hooks, HookPoint::PosEmbed, pos_embed)?;
+                (embed + pos_embed)?
             }
+            // Rotary positions enter in every layer's attention instead.
+            None => embed,
         };
-        let pos_embed = hook(hooks, HookPoint::PosEmbed, pos_embed)?;
-        let mut sum = (embed + pos_embed)?;
         if let Some(table) = &self.token_type_embeddings {
             let token_type_embed = match input.token_type_ids {
                 Some(types) => table.index_select(&ids(types)?, 0)?.reshape((b, p, d))?,
@@ -87,9 +93,10 @@ impl HookedBert {
         if self.token_type_embeddings.is_some() {
             grad_hook(hooks, HookPoint::TokenTypeEmbed, d_sum.clone())?;
         }
-        for point in [HookPoint::PosEmbed, HookPoint::Embed] {
-            grad_hook(hooks, point, d_sum.clone())?;
+        if self.position_embeddings.is_some() {
+            grad_hook(hooks, HookPoint::PosEmbed, d_sum.clone())?;
         }
+        grad_hook(hooks, HookPoint::Embed, d_sum.clone())?;
         Ok(d_sum)
     }
 }

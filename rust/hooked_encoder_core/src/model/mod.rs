@@ -23,7 +23,9 @@ mod embed;
 mod heads;
 mod layer_norm;
 mod linear;
+mod mlp;
 mod relative_bias;
+mod rotary;
 
 use activation::{act_backward, apply_act};
 use attention::{head_weights, missing_head_weights, HeadWeights, Mask, Qkv};
@@ -103,11 +105,14 @@ pub struct HookedBert {
     /// dtype of the fused CPU kernels), or float16/bfloat16 (portable ops; see [`Self::to`]).
     dtype: DType,
     word_embeddings: Tensor,
-    position_embeddings: Tensor,
+    /// Absent with rotary positions (ModernBERT).
+    position_embeddings: Option<Tensor>,
     /// Absent when the model has no token types (`n_token_types` 0: DistilBERT).
     token_type_embeddings: Option<Tensor>,
     embed_ln: LayerNorm,
     blocks: Vec<Block>,
+    /// `ln_final`, after the last block of a pre-LN model.
+    ln_final: Option<LayerNorm>,
     mlm_head: Option<MlmHead>,
     /// `tanh(dense(x[:, 0]))`, for next-sentence prediction; absent from many checkpoints.
     pooler: Option<Linear>,
@@ -229,23 +234,58 @@ impl<'a> Loader<'a> {
         }
     }
 
+    /// Whether the family names the weight at all (ModernBERT names no bias but the
+    /// decoder's).
+    fn family_has(&self, name: &str, top_level: bool) -> bool {
+        let canonical = if top_level {
+            name.to_string()
+        } else {
+            format!("bert.{name}")
+        };
+        self.family.checkpoint_name(&canonical).is_some()
+    }
+
     fn linear(&mut self, name: &str, d_out: usize, d_in: usize, top_level: bool) -> Result<Linear> {
-        let full = |suffix: &str| self.name(&format!("{name}.{suffix}"), top_level);
-        let (w, b) = (full("weight"), full("bias"));
+        let weight = self.name(&format!("{name}.weight"), top_level);
         Ok(Linear {
-            weight: self.first_of(&[w], &[d_out, d_in])?,
-            bias: self.first_of(&[b], &[d_out])?,
+            weight: self.first_of(&[weight], &[d_out, d_in])?,
+            bias: self.bias(&format!("{name}.bias"), &[], d_out, top_level)?,
         })
+    }
+
+    /// The bias `name` (or the first of `other_names` present), or zeros where the family has
+    /// no such bias: a bias-free layer is the layer with a zero bias, which keeps one code
+    /// path (and TransformerLens shows bias-free models' `b_Q` as zeros too).
+    fn bias(
+        &mut self,
+        name: &str,
+        other_names: &[&str],
+        d: usize,
+        top_level: bool,
+    ) -> Result<Tensor> {
+        if !self.family_has(name, top_level) {
+            return Ok(Tensor::zeros(d, DType::F32, self.device)?);
+        }
+        let names: Vec<String> = std::iter::once(name)
+            .chain(other_names.iter().copied())
+            .map(|n| self.name(n, top_level))
+            .collect();
+        self.first_of(&names, &[d])
     }
 
     /// A LayerNorm, under its current (`weight`/`bias`) or original TensorFlow
     /// (`gamma`/`beta`) names.
     fn layer_norm(&mut self, name: &str, d: usize, top_level: bool) -> Result<LayerNorm> {
-        let [weight, gamma, bias, beta] = ["weight", "gamma", "bias", "beta"]
-            .map(|part| self.name(&format!("{name}.{part}"), top_level));
+        let [weight, gamma] =
+            ["weight", "gamma"].map(|part| self.name(&format!("{name}.{part}"), top_level));
         Ok(LayerNorm {
             weight: self.first_of(&[weight, gamma], &[d])?,
-            bias: self.first_of(&[bias, beta], &[d])?,
+            bias: self.bias(
+                &format!("{name}.bias"),
+                &[&format!("{name}.beta")],
+                d,
+                top_level,
+            )?,
         })
     }
 
@@ -274,10 +314,14 @@ impl HookedBert {
         let (d, a, m, e) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp, cfg.embed_width());
         let word_embeddings =
             loader.encoder("embeddings.word_embeddings.weight", &[cfg.d_vocab, e])?;
-        let position_embeddings = loader.encoder(
-            "embeddings.position_embeddings.weight",
-            &[cfg.position_rows(), e],
-        )?;
+        let position_embeddings = (cfg.position_rows() > 0)
+            .then(|| {
+                loader.encoder(
+                    "embeddings.position_embeddings.weight",
+                    &[cfg.position_rows(), e],
+                )
+            })
+            .transpose()?;
         let token_type_embeddings = (cfg.n_token_types > 0)
             .then(|| {
                 loader.encoder(
@@ -301,29 +345,45 @@ impl HookedBert {
             })
             .transpose()?;
 
+        let family = cfg.family;
+        // A gated MLP's first layer holds both halves.
+        let mlp_rows = if family.gated_mlp() { 2 * m } else { m };
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         for l in 0..cfg.n_layers {
             let p = format!("encoder.layer.{l}");
-            let q = loader.linear(&format!("{p}.attention.self.query"), a, d, false)?;
-            let k = loader.linear(&format!("{p}.attention.self.key"), a, d, false)?;
-            let v = loader.linear(&format!("{p}.attention.self.value"), a, d, false)?;
-            let attn_out = loader.linear(&format!("{p}.attention.output.dense"), d, a, false)?;
-            let heads = (cfg.use_split_qkv_input || cfg.use_attn_result)
-                .then(|| head_weights(&cfg, [&q, &k, &v], &attn_out))
-                .transpose()?;
-            blocks.push(Block {
-                qkv: Linear {
+            let qkv = if family.fused_qkv() {
+                loader.linear(&format!("{p}.attention.self.qkv"), 3 * a, d, false)?
+            } else {
+                let q = loader.linear(&format!("{p}.attention.self.query"), a, d, false)?;
+                let k = loader.linear(&format!("{p}.attention.self.key"), a, d, false)?;
+                let v = loader.linear(&format!("{p}.attention.self.value"), a, d, false)?;
+                Linear {
                     weight: Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
                     bias: Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
-                },
+                }
+            };
+            let attn_out = loader.linear(&format!("{p}.attention.output.dense"), d, a, false)?;
+            let heads = (cfg.use_split_qkv_input || cfg.use_attn_result)
+                .then(|| head_weights(&cfg, &qkv, &attn_out))
+                .transpose()?;
+            let ln1 = family
+                .has_attention_norm(l)
+                .then(|| loader.layer_norm(&format!("{p}.attention.output.LayerNorm"), d, false))
+                .transpose()?;
+            blocks.push(Block {
+                qkv,
                 attn_out,
-                ln1: loader.layer_norm(&format!("{p}.attention.output.LayerNorm"), d, false)?,
-                mlp_in: loader.linear(&format!("{p}.intermediate.dense"), m, d, false)?,
+                ln1,
+                mlp_in: loader.linear(&format!("{p}.intermediate.dense"), mlp_rows, d, false)?,
                 mlp_out: loader.linear(&format!("{p}.output.dense"), d, m, false)?,
                 ln2: loader.layer_norm(&format!("{p}.output.LayerNorm"), d, false)?,
                 heads,
             });
         }
+        let ln_final = family
+            .pre_layer_norm()
+            .then(|| loader.layer_norm("final_norm", d, false))
+            .transpose()?;
 
         let mlm_head = if loader.has_head("cls.predictions.transform.dense.weight") {
             // The head maps the residual stream back to the embeddings' width to unembed.
@@ -336,13 +396,11 @@ impl HookedBert {
             } else {
                 word_embeddings.clone()
             };
-            let bias_names = [
-                loader.name("cls.predictions.decoder.bias", true),
-                loader.name("cls.predictions.bias", true),
-            ];
-            let bias = loader.first_of(&bias_names, &[cfg.d_vocab])?;
+            let bias_names = ["cls.predictions.decoder.bias", "cls.predictions.bias"];
+            let bias = loader.bias(bias_names[0], &bias_names[1..], cfg.d_vocab, true)?;
             // Both bias names hold the same tied parameter when both are present.
-            loader.used.extend(bias_names);
+            let used = bias_names.map(|name| loader.name(name, true));
+            loader.used.extend(used);
             Some(MlmHead {
                 dense,
                 ln,
@@ -383,6 +441,7 @@ impl HookedBert {
             token_type_embeddings,
             embed_ln,
             blocks,
+            ln_final,
             mlm_head,
             pooler,
             nsp_head,
@@ -406,7 +465,9 @@ impl HookedBert {
 
     /// Every weight under its canonical name, that of a Hugging Face `BertForPreTraining`
     /// checkpoint whatever the family (the MLM head, pooler and NSP head only when the model
-    /// has them), in Hugging Face's layout.
+    /// has them), in Hugging Face's layout. ModernBERT's weights have two names of their own
+    /// (see `family.rs`): each layer's stacked `attention.self.qkv` (in place of `query`, `key`
+    /// and `value`) and `bert.final_norm`; its zero biases are listed like any other.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out: Vec<(String, Tensor)> = Vec::new();
         let mut linear = |name: String, l: &Linear| {
@@ -414,16 +475,13 @@ impl HookedBert {
             out.push((format!("{name}.bias"), l.bias.clone()));
         };
         let e = "bert.embeddings";
-        let mut tensors = vec![
-            (
-                format!("{e}.word_embeddings.weight"),
-                self.word_embeddings.clone(),
-            ),
-            (
-                format!("{e}.position_embeddings.weight"),
-                self.position_embeddings.clone(),
-            ),
-        ];
+        let mut tensors = vec![(
+            format!("{e}.word_embeddings.weight"),
+            self.word_embeddings.clone(),
+        )];
+        if let Some(table) = &self.position_embeddings {
+            tensors.push((format!("{e}.position_embeddings.weight"), table.clone()));
+        }
         if let Some(table) = &self.token_type_embeddings {
             tensors.push((format!("{e}.token_type_embeddings.weight"), table.clone()));
         }
@@ -447,19 +505,29 @@ impl HookedBert {
         let a = self.cfg.d_attn();
         for (l, block) in self.blocks.iter().enumerate() {
             let p = format!("bert.encoder.layer.{l}");
-            for (i, part) in ["query", "key", "value"].iter().enumerate() {
-                let weight = block.qkv.weight.narrow(0, i * a, a)?.contiguous()?;
-                let bias = block.qkv.bias.narrow(0, i * a, a)?.contiguous()?;
-                linear(
-                    format!("{p}.attention.self.{part}"),
-                    &Linear { weight, bias },
-                );
+            if self.cfg.family.fused_qkv() {
+                linear(format!("{p}.attention.self.qkv"), &block.qkv);
+            } else {
+                for (i, part) in ["query", "key", "value"].iter().enumerate() {
+                    let weight = block.qkv.weight.narrow(0, i * a, a)?.contiguous()?;
+                    let bias = block.qkv.bias.narrow(0, i * a, a)?.contiguous()?;
+                    linear(
+                        format!("{p}.attention.self.{part}"),
+                        &Linear { weight, bias },
+                    );
+                }
             }
             linear(format!("{p}.attention.output.dense"), &block.attn_out);
             linear(format!("{p}.intermediate.dense"), &block.mlp_in);
             linear(format!("{p}.output.dense"), &block.mlp_out);
-            tensors.extend(norm(&format!("{p}.attention.output"), &block.ln1));
+            if let Some(ln) = &block.ln1 {
+                tensors.extend(norm(&format!("{p}.attention.output"), ln));
+            }
             tensors.extend(norm(&format!("{p}.output"), &block.ln2));
+        }
+        if let Some(ln) = &self.ln_final {
+            tensors.push(("bert.final_norm.weight".into(), ln.weight.clone()));
+            tensors.push(("bert.final_norm.bias".into(), ln.bias.clone()));
         }
         if let Some(head) = &self.mlm_head {
             linear("cls.predictions.transform.dense".into(), &head.dense);
@@ -525,7 +593,7 @@ impl HookedBert {
                 Ok(Block {
                     qkv: linear(&b.qkv)?,
                     attn_out: linear(&b.attn_out)?,
-                    ln1: norm(&b.ln1)?,
+                    ln1: b.ln1.as_ref().map(norm).transpose()?,
                     mlp_in: linear(&b.mlp_in)?,
                     mlp_out: linear(&b.mlp_out)?,
                     ln2: norm(&b.ln2)?,
@@ -549,10 +617,11 @@ impl HookedBert {
             device: device.clone(),
             dtype,
             word_embeddings: t(&self.word_embeddings)?,
-            position_embeddings: t(&self.position_embeddings)?,
+            position_embeddings: self.position_embeddings.as_ref().map(t).transpose()?,
             token_type_embeddings: self.token_type_embeddings.as_ref().map(t).transpose()?,
             embed_ln: norm(&self.embed_ln)?,
             blocks,
+            ln_final: self.ln_final.as_ref().map(norm).transpose()?,
             mlm_head,
             pooler: self.pooler.as_ref().map(linear).transpose()?,
             nsp_head: self.nsp_head.as_ref().map(linear).transpose()?,
@@ -674,6 +743,17 @@ impl HookedBert {
         }
         if hooks.interrupted() {
             return Err(Error::Interrupted);
+        }
+        // A pre-LN model's output is its final norm's; stopping early skips it, as in
+        // TransformerLens.
+        if let (Some(ln), None) = (&self.ln_final, stop_at_layer) {
+            x = self.layer_norm(
+                &x,
+                ln,
+                HookPoint::LnFinalScale,
+                HookPoint::LnFinalNormalized,
+                hooks,
+            )?;
         }
         match output {
             Output::Residual => Ok(x),

@@ -723,3 +723,169 @@ fn backward_from_a_middle_layer_gives_the_residual_gradient() {
         .iter()
         .all(|(p, _)| !matches!(p, HookPoint::Block(0, _) | HookPoint::Embed)));
 }
+
+/// A tiny ModernBERT: pre-LN, rotary, gated MLP, no biases; layers global, local, local with
+/// a window of 1 (so that the 4-position input is wider than a local layer sees).
+fn modern_config() -> BertConfig {
+    BertConfig {
+        n_token_types: 0,
+        eps: 1e-5,
+        family: Family::ModernBert,
+        positions: Positions::Rotary {
+            base: 10_000.0,
+            local_base: 100.0,
+        },
+        attn_types: Some(vec![
+            crate::AttnType::Global,
+            crate::AttnType::Local,
+            crate::AttnType::Local,
+        ]),
+        window_size: Some(1),
+        ..config(3)
+    }
+}
+
+#[test]
+fn modernbert_weights_round_trip_and_have_no_biases_but_the_decoders() {
+    let original = model(modern_config());
+    let mut weights = WeightMap::new();
+    for (name, tensor) in original.checkpoint_weights().unwrap() {
+        weights.insert(name, tensor);
+    }
+    let names = weights.names();
+    assert!(names.contains(&"model.layers.1.attn.Wqkv.weight".to_string()));
+    assert!(names.contains(&"model.final_norm.weight".to_string()));
+    assert!(!names.contains(&"model.layers.0.attn_norm.weight".to_string()));
+    let biases: Vec<&String> = names.iter().filter(|n| n.ends_with(".bias")).collect();
+    assert_eq!(biases, ["decoder.bias"]);
+    let (rebuilt, unused) = HookedBert::load(modern_config(), &weights, &Device::Cpu).unwrap();
+    assert!(unused.is_empty(), "{unused:?}");
+    let a = original
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap();
+    let b = rebuilt
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap();
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn modernbert_local_layers_see_their_window_and_rotary_keeps_norms() {
+    let model = model(modern_config());
+    let (_, records) = record_all(&model, &input());
+    for layer in 0..3 {
+        let scores = values(&get(
+            &records,
+            HookPoint::Block(layer, BlockHook::AttnScores),
+        ));
+        for (i, score) in scores.iter().enumerate() {
+            let (query, key) = ((i / 4) % 4, i % 4);
+            let padded = key >= 2 && i / 32 == 1; // row 1's last two keys are padding
+            let outside = layer > 0 && query.abs_diff(key) > 1;
+            assert_eq!(
+                score.is_finite(),
+                !padded && !outside,
+                "{layer} {query} {key}"
+            );
+        }
+        // A rotation keeps every head vector's length, and turns position 0 by nothing.
+        let q = get(&records, HookPoint::Block(layer, BlockHook::Q));
+        let rot = get(&records, HookPoint::Block(layer, BlockHook::RotQ));
+        let norms = |t: &Tensor| values(&t.sqr().unwrap().sum(D::Minus1).unwrap());
+        for (a, b) in norms(&q).iter().zip(norms(&rot)) {
+            assert!((a - b).abs() <= 1e-4 * a.max(1.0), "{a} {b}");
+        }
+        let first = |t: &Tensor| t.narrow(1, 0, 1).unwrap();
+        assert_eq!(max_abs_diff(&first(&q), &first(&rot)), 0.0);
+        assert!(max_abs_diff(&q, &rot) > 1e-3);
+    }
+    // Layer 0's attention reads the embedding itself: it has no ln1.
+    assert!(records
+        .iter()
+        .all(|(p, _)| *p != HookPoint::Block(0, BlockHook::Ln1Scale)));
+}
+
+#[test]
+fn modernbert_portable_ops_and_kernels_agree_and_hooks_change_nothing() {
+    let model = model(modern_config());
+    let plain = model
+        .forward(&input(), Output::Logits, &mut NoHooks)
+        .unwrap();
+    let (logits, records) = record_all(&model, &input());
+    assert_eq!(max_abs_diff(&plain, &logits), 0.0);
+    let (portable_logits, portable_records) =
+        cpu::portable_ops::with(|| record_all(&model, &input()));
+    assert!(max_abs_diff(&logits, &portable_logits) < 1e-4);
+    for ((point, fast), (_, portable)) in records.iter().zip(&portable_records) {
+        for (a, b) in values(fast).iter().zip(values(portable)) {
+            assert!(
+                *a == b || (a - b).abs() <= 1e-4 * (1.0 + a.abs()),
+                "{}: {a} vs {b}",
+                point.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn modernbert_gradients_match_finite_differences() {
+    let model = scaled_model(modern_config(), 5.0);
+    for output in [Output::Logits, Output::Residual] {
+        let (out, tape) = model
+            .run_for_backward(Start::Tokens(input()), None, output, &mut NoHooks)
+            .unwrap();
+        let r = pseudo_random(out.dims(), 7);
+        let mut recorder = GradRecorder::default();
+        model.backward(tape, &r, &mut recorder).unwrap();
+        let fired: Vec<HookPoint> = record_all(&model, &input())
+            .1
+            .into_iter()
+            .map(|(p, _)| p)
+            .filter(|p| {
+                output == Output::Logits
+                    || !matches!(
+                        p,
+                        HookPoint::MlmLnScale
+                            | HookPoint::MlmLnNormalized
+                            | HookPoint::UnembedIn
+                            | HookPoint::UnembedOut
+                    )
+            })
+            .collect();
+        let mut reported: Vec<HookPoint> = recorder.grads.iter().map(|(p, _)| *p).collect();
+        reported.reverse();
+        assert_eq!(
+            reported, fired,
+            "{output:?}: gradients come in reverse firing order"
+        );
+        for (i, (point, grad)) in recorder.grads.iter().enumerate() {
+            let u = pseudo_random(grad.dims(), 100 + i as u64);
+            let project = |delta: &Tensor| {
+                let delta = delta.clone();
+                let mut hooks = Replace(*point, move |a: Tensor| (a + &delta).unwrap());
+                let out = model.forward(&input(), output, &mut hooks).unwrap();
+                values(&out)
+                    .iter()
+                    .zip(values(&r))
+                    .map(|(o, r)| *o as f64 * r as f64)
+                    .sum::<f64>()
+            };
+            let central = |h: f64| {
+                let step = (&u * h).unwrap();
+                (project(&step) - project(&step.neg().unwrap())) / (2.0 * h)
+            };
+            let numeric = (4.0 * central(5e-3) - central(1e-2)) / 3.0;
+            let analytic: f64 = values(grad)
+                .iter()
+                .zip(values(&u))
+                .map(|(g, u)| *g as f64 * u as f64)
+                .sum();
+            let tol = 2e-3 * (1.0 + analytic.abs().max(numeric.abs()));
+            assert!(
+                (numeric - analytic).abs() <= tol,
+                "{output:?} {}: finite difference {numeric}, backward {analytic}",
+                point.name()
+            );
+        }
+    }
+}
