@@ -78,7 +78,9 @@ def randomize(model):
     hidden = model.config.hidden_size
     with torch.no_grad():
         for name, param in model.named_parameters():
-            norm = "layernorm" in name.lower() or "layer_norm" in name
+            module = name.rsplit(".", 2)[-2] if name.count(".") else ""
+            # BERT's "LayerNorm", DistilBERT's "sa_layer_norm", ModernBERT's "attn_norm".
+            norm = "layernorm" in name.lower() or "layer_norm" in name or module.endswith("norm")
             if norm and name.endswith("weight"):
                 param.copy_(1 + 0.2 * torch.randn_like(param))
             elif name.endswith("bias") or norm:
@@ -215,6 +217,37 @@ def make_mpnet_checkpoint(
         **settings,
     )
     cls = transformers.MPNetModel if base else transformers.MPNetForMaskedLM
+    return save_random(directory, cls, config, seed)
+
+
+def make_modernbert_checkpoint(
+    directory: Path,
+    shape: str = "wide",
+    base: bool = False,
+    seed: int = 0,
+    local_attention: int = 6,
+    **overrides,
+) -> Checkpoint:
+    """A tiny ModernBERT checkpoint (``ModernBertForMaskedLM``, or ``ModernBertModel``) of four
+    layers (global, local, local, global, as every third layer is global), with a local window
+    of ``local_attention // 2`` either side (3 by default), narrower than the sequences the
+    tests run, and small rotary bases so that positions turn q and k visibly."""
+    settings = {**shape_settings(shape), "num_hidden_layers": 4, **overrides}
+    config = transformers.ModernBertConfig(
+        **settings,
+        max_position_embeddings=SHAPES[shape][-1],
+        local_attention=local_attention,
+        global_rope_theta=1000.0,
+        local_rope_theta=100.0,
+        pad_token_id=0,
+        cls_token_id=1,
+        sep_token_id=2,
+        mask_token_id=3,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
+    cls = transformers.ModernBertModel if base else transformers.ModernBertForMaskedLM
     return save_random(directory, cls, config, seed)
 
 

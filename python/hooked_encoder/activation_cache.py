@@ -306,12 +306,21 @@ class ActivationCache:
             raise ValueError(f"layer must be in {-n}..{n - 1}, got {layer}")
         return int(layer) % n
 
+    @property
+    def _pre_ln(self) -> bool:
+        """Whether the model's blocks are pre-LN (ModernBERT), where the residual stream is a
+        plain sum of the embedding and every block's writes, as in TransformerLens's
+        ``HookedTransformer``."""
+        return self.model.cfg.pre_layer_norm
+
     def _resid_entering(self, layer: int) -> np.ndarray:
         """The residual stream that enters block ``layer`` (``blocks.{layer}.hook_resid_pre``),
-        or for ``layer == n_layers`` the final residual stream (the last block's
-        ``hook_normalized_resid_post``, what the MLM head reads)."""
+        or for ``layer == n_layers`` the final residual stream: the last block's
+        ``hook_normalized_resid_post`` (post-LN: what the MLM head reads) or ``hook_resid_post``
+        (pre-LN: what ``ln_final`` reads)."""
         if layer == self._n_layers:
-            return self._np(f"blocks.{layer - 1}.hook_normalized_resid_post")
+            last = "hook_resid_post" if self._pre_ln else "hook_normalized_resid_post"
+            return self._np(f"blocks.{layer - 1}.{last}")
         return self._np(f"blocks.{layer}.hook_resid_pre")
 
     def _require_mlm_head(self, what: str) -> None:
@@ -329,8 +338,17 @@ class ActivationCache:
                 raise ValueError(
                     "mlp_input=True needs a block: there is no MLP after the final residual stream"
                 )
+            if self._pre_ln:
+                return "ln_final.hook_scale"
             self._require_mlm_head("the LayerNorm in front of the unembedding")
             return "mlm_head.ln.hook_scale"
+        if self._pre_ln:
+            # TransformerLens's choice: the LayerNorm reading the residual in front of the
+            # component. ModernBERT's block 0 has none: its input is embed.ln's output.
+            if mlp_input:
+                return f"blocks.{layer}.ln2.hook_scale"
+            key = f"blocks.{layer}.ln1.hook_scale"
+            return key if key in self.model.hook_dict else "embed.ln.hook_scale"
         if mlp_input:
             return f"blocks.{layer}.ln1.hook_scale"
         return "embed.ln.hook_scale" if layer == 0 else f"blocks.{layer - 1}.ln2.hook_scale"
@@ -547,7 +565,8 @@ class ActivationCache:
         ``mlp_input`` ``blocks.{layer}.hook_resid_mid``. For ``layer`` None, -1 or ``n_layers``
         the last entry is the model's final residual stream, the last block's
         ``hook_normalized_resid_post`` (after its ``ln2``; ``encoder_output``, Hugging Face's
-        ``last_hidden_state``), labelled ``final_post``. (TransformerLens used the last
+        ``last_hidden_state``), labelled ``final_post``; in a pre-LN model (ModernBERT) the
+        last ``hook_resid_post``, as in TransformerLens. (TransformerLens used the last
         ``hook_resid_post``, which for BERT is the sum before ``ln2``.) ``mlp_input`` with the
         final layer is a ValueError.
 
@@ -559,6 +578,9 @@ class ActivationCache:
         outputs read by attention or by the MLM head's dense layer, not by a LayerNorm, so they
         come back unchanged. This is not a logit lens: for BERT that would need the MLM head's
         dense layer, GELU and LayerNorm, which are not linear.
+
+        Pre-LN models (ModernBERT) follow TransformerLens's ``HookedTransformer``: ``apply_ln``
+        passes every entry through the LayerNorm at ``layer`` (see :meth:`apply_ln_to_stack`).
         """
         layer = self._stack_layer(layer)
         n = self._n_layers
@@ -575,11 +597,14 @@ class ActivationCache:
             entries.append((f"{lay}_pre", self._np(f"blocks.{lay}.hook_resid_pre")))
             if (incl_mid and lay < layer) or (mlp_input and lay == layer):
                 mid = self._np(f"blocks.{lay}.hook_resid_mid")
-                if apply_ln:  # ln1 reads resid_mid
+                if apply_ln and not self._pre_ln:  # post-LN: ln1 reads resid_mid
                     mid = _to_numpy(self.apply_ln_to_stack(mid[None], lay, mlp_input=True))[0]
                 entries.append((f"{lay}_mid", mid))
         stack = np.stack([_take(value, index, -2, "pos_slice") for _, value in entries])
         out = self._out(stack)
+        if apply_ln and self._pre_ln:
+            # As TransformerLens: every entry through the LayerNorm at `layer`.
+            out = self.apply_ln_to_stack(out, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         labels = [label for label, _ in entries]
         return (out, labels) if return_labels else out
 
@@ -610,6 +635,12 @@ class ActivationCache:
         ``layer=0`` is an exact decomposition (of the embedding LayerNorm's input), and larger
         ``layer`` values are a list of writes, not a sum.
 
+        Pre-LN models (ModernBERT) are what TransformerLens's decomposition assumes: the
+        residual stream is the sum of its writes. Their embedding term is ``embed``, the
+        normalised embedding ``hook_full_embed`` (= ``blocks.0.hook_resid_pre``; the raw token
+        embedding passes a LayerNorm first), so the components sum exactly to
+        ``blocks.{layer}.hook_resid_pre`` (with ``mlp_input``, ``hook_resid_mid``).
+
         ``apply_ln=True`` returns ``apply_ln_to_stack(stack, layer, mlp_input)``: every component
         centred and divided by the cached scale of the LayerNorm in front of ``layer`` (see
         there). That is exact for ``layer=0`` without ``mlp_input`` (the normalised embedding
@@ -625,7 +656,10 @@ class ActivationCache:
             )
         index = _index(pos_slice, "pos_slice")
         names: list[tuple[str, str]] = []
-        if incl_embeds:
+        if incl_embeds and self._pre_ln:
+            # The residual stream starts from the normalised embedding (blocks.0.hook_resid_pre).
+            names.append(("embed", "hook_full_embed"))
+        elif incl_embeds:
             names += [("embed", "embed.hook_embed"), ("pos_embed", "embed.hook_pos_embed")]
             if "embed.hook_token_type_embed" in self.model.hook_dict:  # not in DistilBERT
                 names.append(("token_type_embed", "embed.hook_token_type_embed"))
@@ -665,6 +699,11 @@ class ActivationCache:
         Which LayerNorm: the one whose output feeds the component at ``(layer, mlp_input)``,
         the post-LN counterpart of TransformerLens's choice (there the LN that reads the
         residual in front of that component):
+
+        In a pre-LN model (ModernBERT) it is TransformerLens's choice: ``ln_final`` for
+        ``layer`` None, -1 or ``n_layers`` (exact for residual-stream components),
+        ``blocks.{l}.ln2`` with ``mlp_input``, else ``blocks.{l}.ln1`` (``embed.ln`` for block
+        0, which has no ``ln1``). Post-LN models (every other family):
 
         - ``layer`` None, -1 or ``n_layers``: ``mlm_head.ln``, the LayerNorm in front of the
           unembedding. It normalises ``GELU(final_residual @ mlm_head.W + mlm_head.b)``, not

@@ -41,6 +41,7 @@ FAMILIES = {
     "distilbert": "distilbert",
     "mpnet": "mpnet",
     "electra": "electra",
+    "modernbert": "modern_bert",
 }
 # The architecture assumed when config.json names none.
 _DEFAULT_ARCHITECTURE = {
@@ -49,11 +50,23 @@ _DEFAULT_ARCHITECTURE = {
     "distilbert": "DistilBertForMaskedLM",
     "mpnet": "MPNetForMaskedLM",
     "electra": "ElectraForPreTraining",
+    "modern_bert": "ModernBertForMaskedLM",
 }
 # Families whose positions are numbered from the ids, after the padding row (RoBERTa's way).
 _OFFSET_POSITIONS = ("roberta", "mpnet")
 # Families without token-type embeddings.
-_NO_TOKEN_TYPES = ("distilbert", "mpnet")
+_NO_TOKEN_TYPES = ("distilbert", "mpnet", "modern_bert")
+# ModernBERT's options that no public checkpoint changes and the core does not implement, with
+# the value every checkpoint has.
+_MODERNBERT_FIXED = {
+    "attention_bias": False,
+    "mlp_bias": False,
+    "norm_bias": False,
+    "classifier_bias": False,
+    "decoder_bias": True,
+}
+# ModernBERT's rope_theta defaults (transformers' ModernBertConfig): global and local layers.
+_MODERNBERT_ROPE_BASES = (160_000.0, 10_000.0)
 # DistilBERT's config.json keys -> BERT's. Its LayerNorms use eps 1e-12, not a config key.
 _DISTILBERT_KEYS = {
     "dim": "hidden_size",
@@ -118,6 +131,15 @@ class HookedEncoderConfig:
     # ELECTRA's embedding width (its config's embedding_size) when it differs from d_model: the
     # embeddings are projected into the residual stream (hook_embed_proj). None otherwise.
     d_embed: int | None = None
+    # ModernBERT (rotary positions): the rotary frequency base (rope_theta) of global-attention
+    # layers and of local ones. None for other families (their defaults are transformers').
+    rotary_base: float | None = None
+    rotary_base_local: float | None = None
+    # Each layer's attention, "global" or "local" (TransformerLens's attn_types, as in Gemma 2),
+    # and how far a local layer's queries see either side: query i attends to key j only if
+    # |i - j| <= window_size (Hugging Face ModernBERT's local_attention // 2). None: all global.
+    attn_types: list[str] | None = None
+    window_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_heads == -1 and isinstance(self.d_model, int) and isinstance(self.d_head, int):
@@ -126,6 +148,11 @@ class HookedEncoderConfig:
             self.d_mlp = 4 * self.d_model
         if self.model_type == "mpnet" and self.relative_attention_num_buckets is None:
             self.relative_attention_num_buckets = 32  # transformers' MPNetConfig default
+        if self.model_type == "modernbert":
+            if self.rotary_base is None:
+                self.rotary_base = _MODERNBERT_ROPE_BASES[0]
+            if self.rotary_base_local is None:
+                self.rotary_base_local = _MODERNBERT_ROPE_BASES[1]
         self._validate()
 
     def _validate(self) -> None:
@@ -174,6 +201,7 @@ class HookedEncoderConfig:
                 raise ValueError(
                     f"padding_idx {self.padding_idx} is not a token id (d_vocab is {self.d_vocab})"
                 )
+        self._validate_modernbert()
         dtype = str(self.dtype).removeprefix("torch.")  # torch.float16 works too
         if dtype not in DTYPE_ALIASES:
             raise ValueError(
@@ -181,6 +209,68 @@ class HookedEncoderConfig:
             )
         # One spelling per dtype from here on (the Rust model and torch use these names).
         self.dtype = DTYPE_ALIASES[dtype]
+
+    def _validate_modernbert(self) -> None:
+        """Rotary bases, attention types and window: ModernBERT's, and only ModernBERT's."""
+        modern = self.family == "modern_bert"
+        for name in ("rotary_base", "rotary_base_local", "attn_types", "window_size"):
+            if not modern and getattr(self, name) is not None:
+                raise ValueError(
+                    f"config field {name} is ModernBERT's; model_type {self.model_type!r} has none"
+                )
+        if not modern:
+            return
+        for name in ("rotary_base", "rotary_base_local"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"config field {name} must be a number, got {value!r}")
+            if not (_finite(value) and value > 1):
+                raise ValueError(f"config field {name} must be finite and above 1, got {value}")
+        if self.d_head % 2:
+            raise ValueError(f"rotary positions need an even d_head, got {self.d_head}")
+        if self.use_split_qkv_input:
+            raise ValueError("use_split_qkv_input is not supported for ModernBERT (pre-LN blocks)")
+        if self.attn_types is not None:
+            if not isinstance(self.attn_types, list) or any(
+                t not in ("global", "local") for t in self.attn_types
+            ):
+                raise ValueError(
+                    f"config field attn_types must be a list of 'global' / 'local', got "
+                    f"{self.attn_types!r}"
+                )
+            if len(self.attn_types) != self.n_layers:
+                raise ValueError(
+                    f"config field attn_types has {len(self.attn_types)} entries for "
+                    f"{self.n_layers} layers"
+                )
+        if self.window_size is not None and (
+            isinstance(self.window_size, bool)
+            or not isinstance(self.window_size, int)
+            or self.window_size < 0
+        ):
+            raise ValueError(
+                f"config field window_size must be a non-negative int, got {self.window_size!r}"
+            )
+        if "local" in (self.attn_types or []) and self.window_size is None:
+            raise ValueError("local attention layers (attn_types) need a window_size")
+
+    @property
+    def positional_embedding_type(self) -> str:
+        """TransformerLens's name for how positions enter: ``"standard"`` (a learned table,
+        ``W_pos``) or ``"rotary"`` (ModernBERT)."""
+        return "rotary" if self.family == "modern_bert" else "standard"
+
+    @property
+    def pre_layer_norm(self) -> bool:
+        """Whether blocks normalise their inputs (``ln1`` before attention, ``ln2`` before the
+        MLP, ``ln_final`` after the last block: ModernBERT) rather than their outputs (BERT's
+        post-LN blocks)."""
+        return self.family == "modern_bert"
+
+    @property
+    def gated_mlp(self) -> bool:
+        """Whether the MLP is gated (``mlp.hook_pre_linear``; ``W_gate`` beside ``W_in``)."""
+        return self.family == "modern_bert"
 
     @property
     def family(self) -> str:
@@ -210,6 +300,9 @@ class HookedEncoderConfig:
         if hf.get("model_type") == "distilbert":
             renamed = {_DISTILBERT_KEYS.get(key, key): value for key, value in hf.items()}
             hf = {"layer_norm_eps": 1e-12, **renamed}
+        modern = hf.get("model_type") == "modernbert"
+        if modern:
+            hf = _modernbert_as_bert_keys(hf)
         required = (
             "hidden_size",
             "num_attention_heads",
@@ -241,6 +334,7 @@ class HookedEncoderConfig:
             "type_vocab_size",
             "relative_attention_num_buckets",
             "embedding_size",
+            "local_attention",
         ):
             if key not in hf:
                 continue
@@ -321,11 +415,23 @@ class HookedEncoderConfig:
                 if family == "electra" and hf.get("embedding_size", hidden) != hidden
                 else None
             ),
+            **(_modernbert_fields(hf) if modern else {}),
         )
 
     def to_dict(self) -> dict[str, Any]:
         """All fields as a plain dict."""
         return dataclasses.asdict(self)
+
+    def _core_positions(self) -> dict[str, Any]:
+        if self.family in _OFFSET_POSITIONS:
+            return {"kind": "from_ids", "padding_idx": self.padding_idx}
+        if self.positional_embedding_type == "rotary":
+            return {
+                "kind": "rotary",
+                "base": float(self.rotary_base),
+                "local_base": float(self.rotary_base_local),
+            }
+        return {"kind": "absolute"}
 
     def _core_json(self) -> str:
         """The subset the Rust core needs, as JSON."""
@@ -346,12 +452,80 @@ class HookedEncoderConfig:
                 "use_split_qkv_input": self.use_split_qkv_input,
                 "use_hook_mlp_in": self.use_hook_mlp_in,
                 "family": self.family,
-                "positions": (
-                    {"kind": "from_ids", "padding_idx": self.padding_idx}
-                    if self.family in _OFFSET_POSITIONS
-                    else {"kind": "absolute"}
-                ),
+                "positions": self._core_positions(),
                 "relative_attention_buckets": self.relative_attention_num_buckets,
                 "d_embed": self.d_embed,
+                "attn_types": self.attn_types,
+                "window_size": self.window_size,
             }
         )
+
+
+def _modernbert_as_bert_keys(hf: dict[str, Any]) -> dict[str, Any]:
+    """A ModernBERT ``config.json`` under BERT's key names (``norm_eps`` -> ``layer_norm_eps``,
+    ``hidden_activation`` -> ``hidden_act``), after refusing what the core does not implement:
+    biases where checkpoints have none, a head activation other than the MLP's, rope scaling."""
+    for key, value in _MODERNBERT_FIXED.items():
+        if hf.get(key, value) != value:
+            raise ValueError(
+                f"config.json field {key} = {hf[key]!r} is not supported for ModernBERT (every "
+                f"public checkpoint has {value})"
+            )
+    act = hf.get("hidden_activation", "gelu")
+    head_act = hf.get("classifier_activation", act)
+    if head_act != act:
+        raise ValueError(
+            f"config.json field classifier_activation ({head_act!r}) must equal "
+            f"hidden_activation ({act!r}) for ModernBERT"
+        )
+    for rope in (hf.get("rope_parameters") or {}).values():
+        if isinstance(rope, dict) and rope.get("rope_type", "default") != "default":
+            raise ValueError(
+                f"rope_type {rope['rope_type']!r} is not supported for ModernBERT (only 'default')"
+            )
+    if hf.get("rope_scaling"):
+        raise ValueError("config.json field rope_scaling is not supported for ModernBERT")
+    return {
+        **hf,
+        "layer_norm_eps": hf.get("norm_eps", 1e-5),
+        "hidden_act": act,
+    }
+
+
+def _modernbert_fields(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModernBERT's attention types, window and rotary bases from its ``config.json``: as
+    ``transformers`` 5 saves them (``layer_types``, ``rope_parameters``) or as the original
+    checkpoints do (``global_attn_every_n_layers``, ``global_rope_theta``,
+    ``local_rope_theta``)."""
+    n_layers = hf["num_hidden_layers"]
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        every = hf.get("global_attn_every_n_layers", 3)
+        if isinstance(every, bool) or not isinstance(every, int) or every <= 0:
+            raise ValueError(
+                "config.json field global_attn_every_n_layers must be a positive int, got "
+                f"{every!r}"
+            )
+        layer_types = [
+            "full_attention" if i % every == 0 else "sliding_attention" for i in range(n_layers)
+        ]
+    names = {"full_attention": "global", "sliding_attention": "local"}
+    if not isinstance(layer_types, list) or any(t not in names for t in layer_types):
+        raise ValueError(
+            f"config.json field layer_types must list 'full_attention' / 'sliding_attention', "
+            f"got {layer_types!r}"
+        )
+    rope = hf.get("rope_parameters") or {}
+
+    def base(layer_type: str, old_key: str, default: float) -> float:
+        params = rope.get(layer_type) or {}
+        return params.get("rope_theta", hf.get(old_key, default))
+
+    return {
+        "attn_types": [names[t] for t in layer_types],
+        "window_size": hf.get("local_attention", 128) // 2,
+        "rotary_base": base("full_attention", "global_rope_theta", _MODERNBERT_ROPE_BASES[0]),
+        "rotary_base_local": base(
+            "sliding_attention", "local_rope_theta", _MODERNBERT_ROPE_BASES[1]
+        ),
+    }

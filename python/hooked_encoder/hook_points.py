@@ -152,18 +152,26 @@ HOOK_DOCS = {
     "attn.hook_q": ("[batch, pos, head, d_head]", "queries"),
     "attn.hook_k": ("[batch, pos, head, d_head]", "keys"),
     "attn.hook_v": ("[batch, pos, head, d_head]", "values"),
-    "attn.hook_attn_scores": ("[batch, head, query, key]", "q.k / sqrt(d_head) + mask (-inf)"),
+    "attn.hook_rot_q": ("[batch, pos, head, d_head]", "queries after rotary (ModernBERT)"),
+    "attn.hook_rot_k": ("[batch, pos, head, d_head]", "keys after rotary (ModernBERT)"),
+    "attn.hook_attn_scores": (
+        "[batch, head, query, key]",
+        "q.k / sqrt(d_head) + mask (-inf: padding, and outside a local layer's window)",
+    ),
     "attn.hook_pattern": ("[batch, head, query, key]", "attention probabilities"),
     "attn.hook_z": ("[batch, pos, head, d_head]", "pattern @ v"),
     "attn.hook_result": ("[batch, pos, head, d_model]", "per-head output, without b_O"),
     "hook_attn_out": ("[batch, pos, d_model]", "attention output (with b_O)"),
     "hook_resid_mid": ("[batch, pos, d_model]", "resid_pre + attn_out, before ln1"),
     "hook_mlp_in": ("[batch, pos, d_model]", "input of ln1 (= resid_mid unless edited)"),
-    "mlp.hook_pre": ("[batch, pos, d_mlp]", "MLP pre-activation"),
-    "mlp.hook_post": ("[batch, pos, d_mlp]", "MLP activation (GELU)"),
+    "mlp.hook_pre": ("[batch, pos, d_mlp]", "MLP pre-activation (gated: x W_gate)"),
+    "mlp.hook_pre_linear": ("[batch, pos, d_mlp]", "gated MLP's linear half x W_in (ModernBERT)"),
+    "mlp.hook_post": ("[batch, pos, d_mlp]", "MLP activation (gated: act(pre) * pre_linear)"),
     "hook_mlp_out": ("[batch, pos, d_model]", "MLP output"),
     "hook_resid_post": ("[batch, pos, d_model]", "ln1 output + mlp_out, before ln2 (post-LN)"),
     "hook_normalized_resid_post": ("[batch, pos, d_model]", "block output (after ln2)"),
+    "ln_final.hook_scale": ("[batch, pos, 1]", "scale of the final LayerNorm (pre-LN)"),
+    "ln_final.hook_normalized": ("[batch, pos, d_model]", "normalised input of ln_final"),
     "unembed.hook_in": ("[batch, pos, d_model]", "MLM head output"),
     "unembed.hook_out": ("[batch, pos, d_vocab]", "logits"),
     "pooler.hook_pooler_out": ("[batch, d_model]", "tanh(dense(first token)), NSP only"),
@@ -189,9 +197,24 @@ _EMBEDDING_WIDE = (
 )
 
 
+# Pre-LN blocks (ModernBERT) place their norms and residual sums as HookedTransformer does.
+_PRE_LN_MEANINGS = {
+    "ln1.hook_scale": "scale of the LayerNorm before attention",
+    "ln2.hook_scale": "scale of the LayerNorm before the MLP",
+    "hook_resid_mid": "resid_pre + attn_out",
+    "hook_mlp_in": "input of ln2 (= resid_mid unless edited)",
+    "hook_resid_post": "resid_mid + mlp_out, the block output (pre-LN)",
+}
+
+
 def describe_hook(name: str, cfg: Any = None) -> tuple[str, str]:
     """A hook point's shape, with symbolic dims (``[batch, pos, d_model]``), and meaning; with
-    the model's ``cfg``, ``d_embed`` where the point is as wide as ELECTRA's embeddings."""
+    the model's ``cfg``, ``d_embed`` where the point is as wide as ELECTRA's embeddings, and
+    the pre-LN meanings of a pre-LN model's norms and residual sums."""
+    if getattr(cfg, "pre_layer_norm", False):
+        for suffix, meaning in _PRE_LN_MEANINGS.items():
+            if name.endswith(suffix):
+                return HOOK_DOCS[suffix][0], meaning
     for suffix, (shape, meaning) in _DOCS_BY_SUFFIX:
         if name.endswith(suffix):
             if getattr(cfg, "d_embed", None) is not None and name in _EMBEDDING_WIDE:

@@ -471,17 +471,26 @@ class HookedEncoder:
         """Token embeddings ``[d_vocab, d_model]``."""
         return self._weight(self._tl_weights["embed.embed.W_E"])
 
+    def _position_table(self) -> np.ndarray:
+        if self.cfg.positional_embedding_type == "rotary":
+            raise AttributeError(
+                f"this {self.cfg.model_type} model has rotary positions (attn.hook_rot_q / "
+                "hook_rot_k), so it has no position embeddings W_pos"
+            )
+        return self._tl_weights["embed.pos_embed.W_pos"]
+
     @property
     def W_pos(self) -> Any:
-        """Position embeddings ``[n_ctx, d_model]``."""
-        return self._weight(self._tl_weights["embed.pos_embed.W_pos"])
+        """Position embeddings ``[n_ctx, d_model]`` (none with rotary positions:
+        ``AttributeError``)."""
+        return self._weight(self._position_table())
 
     @property
     def W_E_pos(self) -> Any:
         """``W_E`` and ``W_pos`` stacked, ``[d_vocab + n_ctx, d_model]``: a full basis of the
         input space."""
         w = self._tl_weights
-        return self._weight(np.concatenate([w["embed.embed.W_E"], w["embed.pos_embed.W_pos"]]))
+        return self._weight(np.concatenate([w["embed.embed.W_E"], self._position_table()]))
 
     @property
     def W_U(self) -> Any:
@@ -535,8 +544,17 @@ class HookedEncoder:
 
     @property
     def W_in(self) -> Any:
-        """MLP input weights ``[n_layers, d_model, d_mlp]``."""
+        """MLP input weights ``[n_layers, d_model, d_mlp]`` (of a gated MLP, the linear half:
+        ``mlp.hook_pre_linear``)."""
         return self._stacked("mlp.W_in")
+
+    @property
+    def W_gate(self) -> Any:
+        """A gated MLP's activated weights ``[n_layers, d_model, d_mlp]`` (``mlp.hook_pre``;
+        ModernBERT only)."""
+        if not self.cfg.gated_mlp:
+            raise AttributeError(f"this {self.cfg.model_type} model's MLP is not gated: no W_gate")
+        return self._stacked("mlp.W_gate")
 
     @property
     def W_out(self) -> Any:
