@@ -18,9 +18,9 @@ What it does:
   Hugging Face's own initialisation, eager attention) and saves it with ``save_pretrained`` under
   ``bench/.cache/`` (bert-base shape: 12 layers, hidden 768, 12 heads, intermediate 3072, vocab
   28996, 512 positions; ``--small``: 2 layers, hidden 64). ``--model-shape roberta-base``,
-  ``mpnet-base`` or ``distilbert-base`` build that family's ``...ForMaskedLM`` at its base
-  shape instead (``AutoModelForMaskedLM``); those run against HF eager and sdpa only (the ONNX
-  export and TransformerLens here are BERT's).
+  ``mpnet-base``, ``distilbert-base`` or ``modernbert-base`` build that family's
+  ``...ForMaskedLM`` at its base shape instead (``AutoModelForMaskedLM``); those run against HF
+  eager and sdpa only (the ONNX export and TransformerLens here are BERT's).
 * Measures every (system, workload, shape) cell in a separate process (this script re-invoked
   with ``--worker``), so that peak RSS (``ru_maxrss``) belongs to one system and one workload.
   Each worker also records its RSS after loading the model (weights paged in), before the first
@@ -145,6 +145,17 @@ MODEL_SHAPES: dict[str, dict[str, int]] = {
         num_attention_heads=12,
         intermediate_size=3072,
         max_position_embeddings=514,
+    ),
+    # ModernBERT-base: 22 pre-LN layers, gated MLP, every third layer global, the others
+    # within 64 positions (transformers' defaults for local_attention and the rest).
+    "modernbert-base": dict(
+        model_type="modernbert",
+        vocab_size=50368,
+        hidden_size=768,
+        num_hidden_layers=22,
+        num_attention_heads=12,
+        intermediate_size=1152,
+        max_position_embeddings=8192,
     ),
     "distilbert-base": dict(
         model_type="distilbert",
@@ -296,6 +307,8 @@ def _hf_attention_module(model, layer: int):
     base = model.base_model
     if hasattr(base, "transformer"):  # DistilBERT
         return base.transformer.layer[layer].attention
+    if hasattr(base, "layers"):  # ModernBERT
+        return base.layers[layer].attn
     attention = base.encoder.layer[layer].attention
     return attention.self if hasattr(attention, "self") else attention.attn  # BERT / MPNet
 

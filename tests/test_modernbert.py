@@ -10,6 +10,7 @@ their values (and the logits there) agree."""
 
 from __future__ import annotations
 
+import copy
 import json
 import pickle
 import warnings
@@ -19,7 +20,14 @@ import pytest
 import torch
 from transformers.models.modernbert import modeling_modernbert
 
-from conftest import ATOL, RTOL, make_modernbert_checkpoint, retaining
+from conftest import (
+    ATOL,
+    RTOL,
+    assert_half_parity,
+    make_modernbert_checkpoint,
+    retaining,
+    write_tokenizer,
+)
 from hooked_encoder import HookedEncoder, HookedEncoderConfig
 from test_parity import layer_norm_parts
 
@@ -324,12 +332,42 @@ def test_weights_have_transformer_lens_names_and_modernbert_shapes(ck, model):
     assert model.QK.shape == (N_LAYERS, h, d, d)
 
 
-def test_pickling_round_trips_the_checkpoint_names(ck, model, batch, tmp_path):
+def test_pickling_and_half_precision(ck, model, batch):
     tokens, _, mask = batch
     again = pickle.loads(pickle.dumps(model))
+    assert again.cfg == model.cfg
     np.testing.assert_array_equal(
         again(tokens, one_zero_attention_mask=mask), model(tokens, one_zero_attention_mask=mask)
     )
+    half = HookedEncoder.from_pretrained(ck.path, dtype="bfloat16")
+    hf32 = ck.hf_logits(tokens, mask=mask)
+    with torch.no_grad():
+        # A copy: rounding the shared model's weights to bfloat16 and back would change them.
+        hf_half_model = copy.deepcopy(ck.hf).to(torch.bfloat16)
+        hf_half = hf_half_model(torch.tensor(tokens), attention_mask=torch.tensor(mask))
+    ours = np.asarray(half(tokens, one_zero_attention_mask=mask), dtype=np.float32)
+    assert_half_parity(
+        real(mask, ours), real(mask, hf_half.logits.float().numpy()), real(mask, hf32), "bfloat16"
+    )
+
+
+def test_text_input_pads_and_masks_with_the_tokenizer_s_tokens(tmp_path, ck):
+    """A ``[CLS] ... [SEP]`` tokenizer (ModernBERT's special tokens): padding uses ``[PAD]``
+    (``pad_token_id`` 0 here), no token types reach the model, and ``predictions`` fill
+    ``[MASK]`` from the same logits as Hugging Face's."""
+    for file in ck.path.iterdir():
+        (tmp_path / file.name).write_bytes(file.read_bytes())
+    write_tokenizer(tmp_path, ck.config.vocab_size)
+    model = HookedEncoder.from_pretrained(tmp_path)
+    texts = ["the cat sat on the mat", "[MASK] cat"]
+    tokens, _, mask = model.to_tokens(texts)
+    assert tokens[1, -1] == ck.config.pad_token_id and mask[1, -1] == 0
+    close(model(texts), ck.hf_logits(tokens, mask=mask), mask)
+    predicted = model(texts[1], return_type="predictions")
+    single = model.to_tokens(texts[1])[0]
+    assert single[0, 1] == model.tokenizer.mask_token_id
+    expected = ck.hf_logits(single)[0, 1].argmax()
+    assert predicted == model.tokenizer.decode([int(expected)])
 
 
 def test_the_base_model_and_an_original_config_json_load(tmp_path, ck, model, batch):
@@ -388,3 +426,23 @@ def test_the_cache_decomposes_the_residual_stream_exactly(model, batch):
     stack, labels = cache.accumulated_resid(return_labels=True)
     assert labels[-1] == "final_post"
     np.testing.assert_array_equal(stack[-1], cache["blocks.3.hook_resid_post"])
+
+
+def test_info_shows_the_pre_ln_hook_table(ck):
+    import subprocess
+    import sys
+
+    info = subprocess.run(
+        [sys.executable, "-m", "hooked_encoder.cli", "info", "--model", str(ck.path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert info.returncode == 0, info.stderr
+    lines = info.stdout.splitlines()
+    assert "  model_type: modernbert" in lines and "  window_size: 3" in lines
+    meaning = {line.split()[0]: line for line in lines if line.startswith("  blocks.1.")}
+    assert "before attention" in meaning["blocks.1.ln1.hook_scale"]
+    assert "after rotary" in meaning["blocks.1.attn.hook_rot_q"]
+    assert "linear half" in meaning["blocks.1.mlp.hook_pre_linear"]
+    assert any(line.startswith("  ln_final.hook_normalized") for line in lines)

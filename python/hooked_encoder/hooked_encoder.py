@@ -229,8 +229,8 @@ class HookedEncoder:
         **from_pretrained_kwargs: Any,
     ) -> HookedEncoder:
         """Loads a Hugging Face checkpoint of a supported family (``model_type`` ``bert``,
-        ``roberta``, ``xlm-roberta``, ``camembert``, ``distilbert``, ``mpnet`` or ``electra``; the
-        README's "Encoder families" says what each changes).
+        ``roberta``, ``xlm-roberta``, ``camembert``, ``distilbert``, ``mpnet``, ``electra`` or
+        ``modernbert``; the README's "Encoder families" says what each changes).
 
         ``model_name`` is a local directory with ``config.json`` and ``model.safetensors`` (or
         sharded safetensors with ``model.safetensors.index.json``), an embedded model
