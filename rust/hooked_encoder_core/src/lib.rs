@@ -16,6 +16,7 @@
 mod config;
 mod cpu;
 mod cuda;
+mod edits;
 mod error;
 mod family;
 mod hooks;
@@ -24,6 +25,7 @@ mod model;
 mod weights;
 
 pub use config::{Activation, AttentionDir, AttnType, BertConfig};
+pub use edits::{Edit, EditOp};
 pub use error::{Error, Result};
 pub use family::{Family, Positions};
 pub use hooks::{BlockHook, HookPoint, HookSet, Hooks, NoHooks, RecordingHooks};

@@ -1,11 +1,12 @@
-//! The core's `Hooks` interface, served from Python: a set of points to record (done in Rust,
-//! no Python call) and a set of points whose activation goes through a Python dispatcher.
+//! The core's `Hooks` interface, served from Python: declarative edits (applied in Rust, no
+//! Python call), a set of points to record (done in Rust, no Python call) and a set of points
+//! whose activation goes through a Python dispatcher.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::Tensor;
-use hooked_encoder_core::{Error, HookPoint, HookSet, Hooks};
+use hooked_encoder_core::{Edit, Error, HookPoint, HookSet, Hooks};
 use numpy::{PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
@@ -36,6 +37,10 @@ pub struct PyHooks {
     /// `name` in order and returns the final activation (see `HookedEncoder._dispatch`).
     dispatcher: Option<Py<PyAny>>,
     pub records: Vec<(HookPoint, Tensor)>,
+    /// Declarative edits (`hooked_encoder.interventions`), applied in list order at their
+    /// points before any Python hook; `edited` holds their points.
+    edits: Vec<Edit>,
+    edited: HookSet,
     /// Whether these hooks serve a backward pass: then `record` and `python` name the points
     /// whose *gradients* are recorded or dispatched, and no activation is.
     backward: bool,
@@ -49,8 +54,18 @@ impl PyHooks {
             python,
             dispatcher,
             records: Vec::new(),
+            edits: Vec::new(),
+            edited: HookSet::new(0),
             backward: false,
         }
+    }
+
+    /// These hooks with `edits` applied at their points (forward passes only), before the
+    /// Python hooks there; `edited` is the set of their points.
+    pub fn with_edits(mut self, edits: Vec<Edit>, edited: HookSet) -> Self {
+        self.edits = edits;
+        self.edited = edited;
+        self
     }
 
     /// Hooks for a backward pass: gradients at `record` come back, and those at `python` go
@@ -70,6 +85,12 @@ impl PyHooks {
         // same grad_output), before a user's hook replaces it.
         if self.backward && self.record.contains(point) {
             self.records.push((point, value.clone()));
+        }
+        let mut value = value;
+        if !self.backward && self.edited.contains(point) {
+            for edit in self.edits.iter().filter(|edit| edit.point == point) {
+                value = edit.apply(value)?;
+            }
         }
         let value = if self.python.contains(point) {
             self.dispatch(point, value)?
@@ -137,7 +158,10 @@ impl PyHooks {
 impl Hooks for PyHooks {
     #[inline]
     fn wants(&self, point: HookPoint) -> bool {
-        !self.backward && (self.record.contains(point) || self.python.contains(point))
+        !self.backward
+            && (self.record.contains(point)
+                || self.python.contains(point)
+                || self.edited.contains(point))
     }
 
     fn call(

@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use hooked_encoder_core::{
-    BertConfig, ForwardInput, HookPoint, HookSet, HookedBert, Output, Part, Start, Tape,
-    WeightFiles, WeightMap,
+    BertConfig, Edit, EditOp, ForwardInput, HookPoint, HookSet, HookedBert, Output, Part, Start,
+    Tape, WeightFiles, WeightMap,
 };
 use numpy::{PyReadonlyArray2, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyKeyError, PyValueError};
@@ -17,6 +17,16 @@ use crate::convert::{export, tensor_from_numpy, tensor_to_numpy};
 use crate::dlpack::{device_name, dtype_name};
 use crate::errors::to_py_err;
 use crate::hooks::PyHooks;
+
+/// A declarative edit as Python resolves it: `(hook name, mask (uint8, broadcast against the
+/// activation), op ("set", "scale", "add" or "from_rows"), value (float32; for "from_rows"
+/// the source row of each row))`.
+type EditSpec<'py> = (
+    String,
+    PyReadonlyArrayDyn<'py, u8>,
+    String,
+    PyReadonlyArrayDyn<'py, f32>,
+);
 
 /// `forward`'s result: the output array and the recorded `(name, array)` pairs.
 type ForwardResult<'py> = (Bound<'py, PyAny>, Vec<(String, Bound<'py, PyAny>)>);
@@ -275,7 +285,8 @@ impl Model {
     /// `dispatch` names those whose activations go through `dispatcher(name, array)`, which
     /// returns the activation to continue with.
     /// With `tape`, the pass also keeps what `backward` needs, in `tape`.
-    #[pyo3(signature = (tokens, residual, token_type_ids, attention_mask, start_layer, stop_layer, output, record, dispatch, dispatcher, tape=None))]
+    /// `edits` are applied at their points, in order, before Python hooks (see [`EditSpec`]).
+    #[pyo3(signature = (tokens, residual, token_type_ids, attention_mask, start_layer, stop_layer, output, record, dispatch, dispatcher, tape=None, edits=None))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -291,6 +302,7 @@ impl Model {
         dispatch: Vec<String>,
         dispatcher: Option<Py<PyAny>>,
         tape: Option<PyRef<'py, GradTape>>,
+        edits: Option<Vec<EditSpec<'py>>>,
     ) -> PyResult<ForwardResult<'py>> {
         let output = match output {
             "logits" => Output::Logits,
@@ -315,6 +327,13 @@ impl Model {
         };
         let attention_mask = attention_mask.as_ref().map(rows);
         let hooks = self.hooks(&record, &dispatch, dispatcher)?;
+        let hooks = match edits {
+            Some(specs) if !specs.is_empty() => {
+                let (edits, edited) = self.edits(specs)?;
+                hooks.with_edits(edits, edited)
+            }
+            _ => hooks,
+        };
         match (tokens, residual) {
             (Some(tokens), None) => {
                 let [batch, pos] = [tokens.shape()[0], tokens.shape()[1]];
@@ -465,6 +484,35 @@ impl Model {
 }
 
 impl Model {
+    /// The core's edits from their Python form, with the set of their points.
+    fn edits(&self, specs: Vec<EditSpec<'_>>) -> PyResult<(Vec<Edit>, HookSet)> {
+        let cfg = self.inner.config();
+        let mut edited = HookSet::new(cfg.n_layers);
+        let mut edits = Vec::with_capacity(specs.len());
+        let tensor = |array: &PyReadonlyArrayDyn<'_, f32>| {
+            tensor_from_numpy(array, &Device::Cpu).map_err(|e| to_py_err(e.into()))
+        };
+        for (name, mask, op, value) in specs {
+            let point = HookPoint::parse(&name, cfg)
+                .ok_or_else(|| PyKeyError::new_err(format!("unknown hook point {name:?}")))?;
+            let mask_values: Vec<u8> = mask.as_array().iter().copied().collect();
+            let mask = Tensor::from_vec(mask_values, mask.shape(), &Device::Cpu)
+                .map_err(|e| to_py_err(e.into()))?;
+            let op = match op.as_str() {
+                "set" => EditOp::Set(tensor(&value)?),
+                "scale" => EditOp::Scale(tensor(&value)?),
+                "add" => EditOp::Add(tensor(&value)?),
+                "from_rows" => {
+                    EditOp::FromRows(value.as_array().iter().map(|r| *r as u32).collect())
+                }
+                other => return Err(PyValueError::new_err(format!("unknown edit op {other:?}"))),
+            };
+            edited.insert(point);
+            edits.push(Edit { point, mask, op });
+        }
+        Ok((edits, edited))
+    }
+
     fn hooks(
         &self,
         record: &[String],
