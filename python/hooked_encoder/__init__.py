@@ -27,6 +27,7 @@ except ImportError as _error:
     except ImportError as _still_missing:
         raise ImportError(_cuda_libs.missing_library_message(_still_missing)) from _error
 
+from . import interventions
 from ._core import (
     CheckpointError,
     HookedEncoderError,
@@ -61,6 +62,7 @@ __all__ = [
     "cuda_available",
     "get_act_name",
     "get_num_threads",
+    "interventions",
     "load_extraction",
     "metrics",
     "set_num_threads",

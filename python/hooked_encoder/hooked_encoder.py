@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from . import _core
+from . import interventions as interventions_module
 from ._memory import check_fits
 from .activation_cache import ActivationCache
 from .components import Component
@@ -716,8 +717,15 @@ class HookedEncoder:
             backward.output = output
         return output
 
-    def _run(self, prepared: _Prepared, output: str, stop_at_layer: int | None = None) -> Any:
-        """Runs from tokens: ``output`` is "logits", "residual" (no head) or "next_sentence"."""
+    def _run(
+        self,
+        prepared: _Prepared,
+        output: str,
+        stop_at_layer: int | None = None,
+        edits: list | None = None,
+    ) -> Any:
+        """Runs from tokens: ``output`` is "logits", "residual" (no head) or "next_sentence";
+        ``edits`` are resolved interventions (see ``_edits``)."""
         self._check_memory(prepared.tokens.shape, output if stop_at_layer is None else "residual")
         return self._core_call(
             prepared.as_torch,
@@ -730,7 +738,30 @@ class HookedEncoder:
                 stop_at_layer,
                 output,
                 *hooks,
+                edits=edits,
             ),
+        )
+
+    def _edits(
+        self,
+        interventions: Sequence[Any] | None,
+        batch_pos: tuple[int, ...],
+        tokens: np.ndarray | None,
+        mask: np.ndarray | None,
+    ) -> list | None:
+        """``interventions`` resolved for a pass over ``batch_pos`` (every selector checked,
+        before anything runs), or None."""
+        if not interventions:
+            return None
+        if _BACKWARD.get() is not None:
+            raise NotImplementedError(
+                "gradients through declarative interventions are not computed in this version; "
+                "write the edit as a hook (intervention.as_hook()) to differentiate through it"
+            )
+        if len(batch_pos) != 2:
+            raise ValueError(f"interventions need a [batch, pos] input, got {list(batch_pos)}")
+        return interventions_module.resolve(
+            interventions, self, batch_pos[0], batch_pos[1], tokens, mask
         )
 
     def _check_memory(self, batch_pos: tuple[int, ...], output: str) -> None:
@@ -916,6 +947,7 @@ class HookedEncoder:
         one_zero_attention_mask: Any = None,
         start_at_layer: int | None = None,
         stop_at_layer: int | None = None,
+        interventions: Sequence[Any] | None = None,
     ) -> Any:
         """Runs the model.
 
@@ -934,6 +966,10 @@ class HookedEncoder:
         ``stop_at_layer=k`` returns the residual stream entering block ``k`` (the output of block
         ``k - 1``; ``0`` gives ``hook_full_embed``) instead of running the rest. Together they
         make activation patching cheap: rerun only the blocks after the patch.
+
+        ``interventions`` (from :mod:`hooked_encoder.interventions`) are applied by the Rust
+        pass at their hook points, before any Python hook there (see
+        :meth:`run_with_interventions`).
         """
         if return_type not in ("logits", "predictions", None):
             raise ValueError(
@@ -951,16 +987,26 @@ class HookedEncoder:
             residual = _float_array(input, "a residual-stream input")
             mask = _optional_mask(one_zero_attention_mask)
             as_torch = self._wants_torch(input)
+            edits = self._edits(interventions, residual.shape[:2], None, mask)
             self._check_memory(residual.shape[:2], head if stop_at_layer is None else "residual")
             output = self._core_call(
                 as_torch,
                 lambda *hooks: self._model.forward(
-                    None, residual, None, mask, start_at_layer, stop_at_layer, head, *hooks
+                    None,
+                    residual,
+                    None,
+                    mask,
+                    start_at_layer,
+                    stop_at_layer,
+                    head,
+                    *hooks,
+                    edits=edits,
                 ),
             )
             return output if stop_at_layer is not None or return_type == "logits" else None
         prepared = self._prepare(input, token_type_ids, one_zero_attention_mask)
-        output = self._run(prepared, head, stop_at_layer)
+        edits = self._edits(interventions, prepared.tokens.shape, prepared.tokens, prepared.mask)
+        output = self._run(prepared, head, stop_at_layer, edits)
         if stop_at_layer is not None:
             return output
         if return_type == "predictions":
@@ -1228,6 +1274,17 @@ class HookedEncoder:
                     clear_contexts, including_permanent=False, level=self.context_level
                 )
             self.context_level -= 1
+
+    def run_with_interventions(
+        self, input: Any, interventions: Sequence[Any], *model_args: Any, **model_kwargs: Any
+    ) -> Any:
+        """Runs ``forward`` with declarative ``interventions``
+        (:mod:`hooked_encoder.interventions`: ``zero``, ``mean``, ``patch``, ``add``, ``scale``,
+        ``replace``) applied by the Rust pass at their hook points, with no Python call during
+        the pass. Every selector is checked before the pass (a ``ValueError`` names the
+        intervention). At one point, interventions apply in list order, then Python hooks; a
+        cache (``run_with_cache(..., interventions=...)``) records the values after them."""
+        return self.forward(input, *model_args, interventions=interventions, **model_kwargs)
 
     def run_with_hooks(
         self,

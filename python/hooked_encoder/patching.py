@@ -1,0 +1,520 @@
+"""Activation patching with TransformerLens's functions, names, arguments and output shapes
+(``transformer_lens.patching``), run as batched forwards.
+
+    >>> from hooked_encoder import patching
+    >>> _, clean_cache = model.run_with_cache(clean_tokens)
+    >>> results = patching.get_act_patch_resid_pre(
+    ...     model, corrupted_tokens, clean_cache, patching_metric
+    ... )  # [n_layers, pos]
+
+TransformerLens runs one full forward per patch. Here the corrupted run's residual stream is
+computed once; every patch of layer ``l`` then starts from it at ``start_at_layer=l``, so only
+the blocks from ``l`` on are rerun, and many patched runs go through one batched forward: each
+patched run is a group of the corrupted batch's rows carrying its own patch, applied by the Rust
+pass as a declarative edit (:mod:`hooked_encoder.interventions`), with no Python call during the
+pass. ``rows_per_chunk`` bounds the rows of one forward (by default, a quarter of the available
+memory). ``patching_metric(logits)`` is called once per patched run on that run's logits, as in
+TransformerLens (torch tensors for torch input, NumPy arrays otherwise). With TransformerLens's
+setters (``layer_pos_patch_setter``, ...) the patch is batched; any other ``patch_setter`` runs
+one ``run_with_hooks`` per patch, as TransformerLens does.
+
+Unlike TransformerLens's, every function takes ``one_zero_attention_mask`` and
+``token_type_ids`` for the corrupted run (the clean cache must come from inputs of the same
+shape). Patches apply to padding positions too, as TransformerLens's setters do.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import interventions as iv
+from ._memory import available_bytes
+
+__all__ = [
+    "generic_activation_patch",
+    "get_act_patch_attn_head_all_pos_every",
+    "get_act_patch_attn_head_by_pos_every",
+    "get_act_patch_attn_head_k_all_pos",
+    "get_act_patch_attn_head_k_by_pos",
+    "get_act_patch_attn_head_out_all_pos",
+    "get_act_patch_attn_head_out_by_pos",
+    "get_act_patch_attn_head_pattern_all_pos",
+    "get_act_patch_attn_head_pattern_by_pos",
+    "get_act_patch_attn_head_pattern_dest_src_pos",
+    "get_act_patch_attn_head_q_all_pos",
+    "get_act_patch_attn_head_q_by_pos",
+    "get_act_patch_attn_head_v_all_pos",
+    "get_act_patch_attn_head_v_by_pos",
+    "get_act_patch_attn_out",
+    "get_act_patch_block_every",
+    "get_act_patch_mlp_out",
+    "get_act_patch_resid_mid",
+    "get_act_patch_resid_pre",
+    "layer_head_dest_src_pos_pattern_patch_setter",
+    "layer_head_pattern_patch_setter",
+    "layer_head_pos_pattern_patch_setter",
+    "layer_head_vector_patch_setter",
+    "layer_pos_head_vector_patch_setter",
+    "layer_pos_patch_setter",
+]
+
+# TransformerLens's short activation names -> the hook suffix inside block {layer}.
+_ACTIVATIONS = {
+    "resid_pre": "hook_resid_pre",
+    "resid_mid": "hook_resid_mid",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "z": "attn.hook_z",
+    "q": "attn.hook_q",
+    "k": "attn.hook_k",
+    "v": "attn.hook_v",
+    "pattern": "attn.hook_pattern",
+    "attn_scores": "attn.hook_attn_scores",
+    "result": "attn.hook_result",
+    "pre": "mlp.hook_pre",
+    "post": "mlp.hook_post",
+}
+
+
+# ---------------------------------------------------------------------- TransformerLens's setters
+
+
+def layer_pos_patch_setter(corrupted_activation, index, clean_activation):
+    """Patches ``[:, pos, ...]`` for ``index = [layer, pos]`` (``[batch, pos, ...]`` points)."""
+    _, pos = index
+    corrupted_activation[:, pos, ...] = clean_activation[:, pos, ...]
+    return corrupted_activation
+
+
+def layer_pos_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """Patches ``[:, pos, head]`` for ``index = [layer, pos, head]`` (per-head vectors)."""
+    _, pos, head = index
+    corrupted_activation[:, pos, head] = clean_activation[:, pos, head]
+    return corrupted_activation
+
+
+def layer_head_vector_patch_setter(corrupted_activation, index, clean_activation):
+    """Patches ``[:, :, head]`` for ``index = [layer, head]`` (per-head vectors)."""
+    _, head = index
+    corrupted_activation[:, :, head] = clean_activation[:, :, head]
+    return corrupted_activation
+
+
+def layer_head_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """Patches ``[:, head, :, :]`` for ``index = [layer, head]`` (scores and patterns)."""
+    _, head = index
+    corrupted_activation[:, head, :, :] = clean_activation[:, head, :, :]
+    return corrupted_activation
+
+
+def layer_head_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """Patches ``[:, head, dest_pos, :]`` for ``index = [layer, head, dest_pos]``."""
+    _, head, dest = index
+    corrupted_activation[:, head, dest, :] = clean_activation[:, head, dest, :]
+    return corrupted_activation
+
+
+def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation, index, clean_activation):
+    """Patches ``[:, head, dest_pos, src_pos]`` for ``index = [layer, head, dest, src]``."""
+    _, head, dest, src = index
+    corrupted_activation[:, head, dest, src] = clean_activation[:, head, dest, src]
+    return corrupted_activation
+
+
+def _selection(setter: Callable, index: Sequence[int], shape: tuple[int, ...]) -> np.ndarray | None:
+    """Where ``setter`` writes for ``index`` in one row's activation of ``shape`` (without the
+    batch axis), as booleans broadcast against it; None for a setter we do not know."""
+    rest = tuple(int(i) for i in index[1:])
+    if setter is layer_pos_patch_setter:
+        mask = np.zeros((shape[0],) + (1,) * (len(shape) - 1), bool)
+    elif setter is layer_pos_head_vector_patch_setter:
+        mask = np.zeros((shape[0], shape[1]) + (1,) * (len(shape) - 2), bool)
+    elif setter is layer_head_vector_patch_setter:
+        mask = np.zeros((1, shape[1]) + (1,) * (len(shape) - 2), bool)
+        rest = (0, *rest)
+    elif setter is layer_head_pattern_patch_setter:
+        mask = np.zeros((shape[0], 1, 1), bool)
+    elif setter is layer_head_pos_pattern_patch_setter:
+        mask = np.zeros((shape[0], shape[1], 1), bool)
+    elif setter is layer_head_dest_src_pos_pattern_patch_setter:
+        mask = np.zeros(shape, bool)
+    else:
+        return None
+    mask[rest] = True
+    return mask
+
+
+# ---------------------------------------------------------------------- the sweep
+
+
+def generic_activation_patch(
+    model: Any,
+    corrupted_tokens: Any,
+    clean_cache: Any,
+    patching_metric: Callable[[Any], Any],
+    patch_setter: Callable,
+    activation_name: str,
+    index_axis_names: Sequence[str] | None = None,
+    index_df: Any = None,
+    return_index_df: bool = False,
+    *,
+    one_zero_attention_mask: Any = None,
+    token_type_ids: Any = None,
+    rows_per_chunk: int | None = None,
+) -> Any:
+    """TransformerLens's ``generic_activation_patch``: the metric of the corrupted run with the
+    clean activation ``activation_name`` (``"resid_pre"``, ``"z"``, ``"pattern"``, ...) patched
+    in by ``patch_setter`` at every index tuple (``index_axis_names`` such as ``("layer",
+    "pos")``, or the rows of a pandas ``index_df``, whose first column is the layer). Returns one
+    value per index, shaped by the axes' ranges (flat with ``index_df``), as a torch tensor for
+    torch input and a NumPy array otherwise."""
+    if activation_name not in _ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation_name {activation_name!r}; known: {sorted(_ACTIVATIONS)}"
+        )
+    is_torch = type(corrupted_tokens).__module__.startswith("torch")
+    tokens = np.asarray(iv._host(corrupted_tokens)).astype(np.int64)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    batch, pos = tokens.shape
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("give index_axis_names or index_df")
+        ranges = {
+            "layer": model.cfg.n_layers,
+            "pos": pos,
+            "head_index": model.cfg.n_heads,
+            "head": model.cfg.n_heads,
+            "src_pos": pos,
+            "dest_pos": pos,
+        }
+        unknown = [axis for axis in index_axis_names if axis not in ranges]
+        if unknown:
+            raise ValueError(f"unknown index axes {unknown}; known: {sorted(ranges)}")
+        shape = tuple(ranges[axis] for axis in index_axis_names)
+        indices = list(itertools.product(*(range(n) for n in shape)))
+    else:
+        if index_axis_names is not None:
+            raise ValueError("give index_axis_names or index_df, not both")
+        indices = [tuple(int(v) for v in row) for row in np.asarray(index_df)]
+        shape = (len(indices),)
+    results = np.zeros(len(indices), dtype=np.float32)
+    mask = (
+        None if one_zero_attention_mask is None else np.asarray(iv._host(one_zero_attention_mask))
+    )
+    types = None if token_type_ids is None else np.asarray(iv._host(token_type_ids))
+    suffix = _ACTIVATIONS[activation_name]
+    model_input = corrupted_tokens if is_torch else tokens
+
+    def metric_of(logits: Any) -> float:
+        value = patching_metric(logits)
+        return float(value.item() if hasattr(value, "item") else value)
+
+    # The corrupted run's residual stream entering every block, computed once.
+    _, corrupted = model.run_with_cache(
+        tokens,
+        names_filter=lambda name: name.endswith("hook_resid_pre"),
+        one_zero_attention_mask=mask,
+        token_type_ids=types,
+    )
+    by_layer: dict[int, list[int]] = {}
+    for i, index in enumerate(indices):
+        by_layer.setdefault(int(index[0]), []).append(i)
+    for layer, members in by_layer.items():
+        name = f"blocks.{layer}.{suffix}"
+        if name not in model.hook_dict:
+            raise ValueError(f"{name} is not a hook point of this model")
+        clean = np.asarray(iv._host(clean_cache[name]), dtype=np.float32)
+        if clean.shape[0] != batch:
+            raise ValueError(
+                f"the clean cache's {name} has {clean.shape[0]} rows, the corrupted input {batch}"
+            )
+        selections = [_selection(patch_setter, indices[i], clean.shape[1:]) for i in members]
+        if any(selection is None for selection in selections):
+            # A setter of the caller's own: one run per patch, as TransformerLens.
+            for i in members:
+                hook = functools.partial(_setter_hook, patch_setter, indices[i], clean)
+                logits = model.run_with_hooks(
+                    model_input,
+                    fwd_hooks=[(name, hook)],
+                    one_zero_attention_mask=mask,
+                    token_type_ids=types,
+                )
+                results[i] = metric_of(logits)
+            continue
+        resid = np.asarray(iv._host(corrupted[f"blocks.{layer}.hook_resid_pre"]), np.float32)
+        per_chunk = max(1, _rows_per_chunk(model, batch, pos, clean, rows_per_chunk) // batch)
+        for start in range(0, len(members), per_chunk):
+            chunk = list(range(start, min(start + per_chunk, len(members))))
+            n = len(chunk)
+            # [n * batch, ...]: each patched run's rows carry its own selection.
+            where = np.repeat(np.stack([selections[j] for j in chunk]), batch, axis=0)
+            patch = iv.replace(
+                name,
+                np.tile(clean, (n,) + (1,) * (clean.ndim - 1)),
+                where=where,
+                include_padding=True,
+            )
+            x = np.tile(resid, (n, 1, 1))
+            logits = model.forward(
+                _like(x, corrupted_tokens) if is_torch else x,
+                start_at_layer=layer,
+                one_zero_attention_mask=None if mask is None else np.tile(mask, (n, 1)),
+                interventions=[patch],
+            )
+            for k, j in enumerate(chunk):
+                results[members[j]] = metric_of(logits[k * batch : (k + 1) * batch])
+    out = results.reshape(shape)
+    if is_torch:
+        import torch
+
+        out = torch.from_numpy(out)
+    if return_index_df:
+        return out, index_df if index_df is not None else _index_frame(indices, index_axis_names)
+    return out
+
+
+def _setter_hook(setter: Callable, index: Sequence[int], clean: np.ndarray, activation, hook):
+    return setter(activation, list(index), clean)
+
+
+def _like(x: np.ndarray, example: Any) -> Any:
+    import torch
+
+    return torch.from_numpy(x).to(example.device) if hasattr(example, "device") else x
+
+
+def _rows_per_chunk(model: Any, batch: int, pos: int, clean: np.ndarray, given: int | None) -> int:
+    """Rows per batched forward: ``given``, or what a quarter of the available memory holds
+    (the logits, the working set of a block, the patch values and mask), at least one patched
+    run and at most 4096 rows."""
+    if given is not None:
+        if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+            raise ValueError(f"rows_per_chunk must be a positive int, got {given!r}")
+        return max(given, batch)
+    cfg = model.cfg
+    per_row = (
+        4 * pos * (cfg.d_vocab + 6 * cfg.d_model + 3 * cfg.n_heads * cfg.d_head + 2 * cfg.d_mlp)
+    )
+    per_row += 5 * clean[0].size  # the patch value (float32) and its mask (uint8)
+    available = available_bytes() or 4 << 30
+    return int(min(4096, max(batch, available // 4 // per_row)))
+
+
+def _index_frame(indices: list[tuple[int, ...]], names: Sequence[str]) -> Any:
+    import pandas as pd
+
+    return pd.DataFrame(indices, columns=list(names))
+
+
+def _specialised(
+    name: str, setter: Callable, activation: str, axes: tuple[str, ...], doc: str
+) -> Callable:
+    def patch(
+        model: Any,
+        corrupted_tokens: Any,
+        clean_cache: Any,
+        patching_metric: Callable[[Any], Any],
+        **kwargs: Any,
+    ) -> Any:
+        return generic_activation_patch(
+            model,
+            corrupted_tokens,
+            clean_cache,
+            patching_metric,
+            patch_setter=setter,
+            activation_name=activation,
+            index_axis_names=axes,
+            **kwargs,
+        )
+
+    patch.__name__ = patch.__qualname__ = name
+    patch.__doc__ = (
+        f"{doc} (TransformerLens's; also takes ``one_zero_attention_mask``, "
+        "``token_type_ids`` and ``rows_per_chunk``)."
+    )
+    return patch
+
+
+get_act_patch_resid_pre = _specialised(
+    "get_act_patch_resid_pre",
+    layer_pos_patch_setter,
+    "resid_pre",
+    ("layer", "pos"),
+    "``[n_layers, pos]``: resid_pre patches",
+)
+get_act_patch_resid_mid = _specialised(
+    "get_act_patch_resid_mid",
+    layer_pos_patch_setter,
+    "resid_mid",
+    ("layer", "pos"),
+    "``[n_layers, pos]``: resid_mid patches",
+)
+get_act_patch_attn_out = _specialised(
+    "get_act_patch_attn_out",
+    layer_pos_patch_setter,
+    "attn_out",
+    ("layer", "pos"),
+    "``[n_layers, pos]``: attn_out patches",
+)
+get_act_patch_mlp_out = _specialised(
+    "get_act_patch_mlp_out",
+    layer_pos_patch_setter,
+    "mlp_out",
+    ("layer", "pos"),
+    "``[n_layers, pos]``: mlp_out patches",
+)
+get_act_patch_attn_head_out_by_pos = _specialised(
+    "get_act_patch_attn_head_out_by_pos",
+    layer_pos_head_vector_patch_setter,
+    "z",
+    ("layer", "pos", "head"),
+    "``[n_layers, pos, n_heads]``: each head's z at each position",
+)
+get_act_patch_attn_head_q_by_pos = _specialised(
+    "get_act_patch_attn_head_q_by_pos",
+    layer_pos_head_vector_patch_setter,
+    "q",
+    ("layer", "pos", "head"),
+    "``[n_layers, pos, n_heads]``: each head's queries at each position",
+)
+get_act_patch_attn_head_k_by_pos = _specialised(
+    "get_act_patch_attn_head_k_by_pos",
+    layer_pos_head_vector_patch_setter,
+    "k",
+    ("layer", "pos", "head"),
+    "``[n_layers, pos, n_heads]``: each head's keys at each position",
+)
+get_act_patch_attn_head_v_by_pos = _specialised(
+    "get_act_patch_attn_head_v_by_pos",
+    layer_pos_head_vector_patch_setter,
+    "v",
+    ("layer", "pos", "head"),
+    "``[n_layers, pos, n_heads]``: each head's values at each position",
+)
+get_act_patch_attn_head_pattern_by_pos = _specialised(
+    "get_act_patch_attn_head_pattern_by_pos",
+    layer_head_pos_pattern_patch_setter,
+    "pattern",
+    ("layer", "head_index", "dest_pos"),
+    "``[n_layers, n_heads, dest_pos]``: each head's pattern row at each destination",
+)
+get_act_patch_attn_head_pattern_dest_src_pos = _specialised(
+    "get_act_patch_attn_head_pattern_dest_src_pos",
+    layer_head_dest_src_pos_pattern_patch_setter,
+    "pattern",
+    ("layer", "head_index", "dest_pos", "src_pos"),
+    "``[n_layers, n_heads, dest_pos, src_pos]``: each pattern entry",
+)
+get_act_patch_attn_head_out_all_pos = _specialised(
+    "get_act_patch_attn_head_out_all_pos",
+    layer_head_vector_patch_setter,
+    "z",
+    ("layer", "head"),
+    "``[n_layers, n_heads]``: each head's z at every position",
+)
+get_act_patch_attn_head_q_all_pos = _specialised(
+    "get_act_patch_attn_head_q_all_pos",
+    layer_head_vector_patch_setter,
+    "q",
+    ("layer", "head"),
+    "``[n_layers, n_heads]``: each head's queries at every position",
+)
+get_act_patch_attn_head_k_all_pos = _specialised(
+    "get_act_patch_attn_head_k_all_pos",
+    layer_head_vector_patch_setter,
+    "k",
+    ("layer", "head"),
+    "``[n_layers, n_heads]``: each head's keys at every position",
+)
+get_act_patch_attn_head_v_all_pos = _specialised(
+    "get_act_patch_attn_head_v_all_pos",
+    layer_head_vector_patch_setter,
+    "v",
+    ("layer", "head"),
+    "``[n_layers, n_heads]``: each head's values at every position",
+)
+get_act_patch_attn_head_pattern_all_pos = _specialised(
+    "get_act_patch_attn_head_pattern_all_pos",
+    layer_head_pattern_patch_setter,
+    "pattern",
+    ("layer", "head_index"),
+    "``[n_layers, n_heads]``: each head's whole pattern",
+)
+
+
+def _stack(results: list[Any]) -> Any:
+    if type(results[0]).__module__.startswith("torch"):
+        import torch
+
+        return torch.stack(results)
+    return np.stack(results)
+
+
+def get_act_patch_block_every(model, corrupted_tokens, clean_cache, metric, **kwargs) -> Any:
+    """``[3, n_layers, pos]``: resid_pre, attn_out and mlp_out patches (TransformerLens's)."""
+    return _stack(
+        [
+            get_act_patch_resid_pre(model, corrupted_tokens, clean_cache, metric, **kwargs),
+            get_act_patch_attn_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
+            get_act_patch_mlp_out(model, corrupted_tokens, clean_cache, metric, **kwargs),
+        ]
+    )
+
+
+def get_act_patch_attn_head_all_pos_every(
+    model, corrupted_tokens, clean_cache, metric, **kwargs
+) -> Any:
+    """``[5, n_layers, n_heads]``: every head's z, q, k, v and pattern, each at every position
+    (TransformerLens's)."""
+    return _stack(
+        [
+            get_act_patch_attn_head_out_all_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+            get_act_patch_attn_head_q_all_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+            get_act_patch_attn_head_k_all_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+            get_act_patch_attn_head_v_all_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+            get_act_patch_attn_head_pattern_all_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+        ]
+    )
+
+
+def get_act_patch_attn_head_by_pos_every(
+    model, corrupted_tokens, clean_cache, metric, **kwargs
+) -> Any:
+    """``[5, n_layers, pos, n_heads]``: every head's z, q, k, v at each position, and its
+    pattern row at each destination (TransformerLens's)."""
+    pattern = get_act_patch_attn_head_pattern_by_pos(
+        model, corrupted_tokens, clean_cache, metric, **kwargs
+    )
+    return _stack(
+        [
+            get_act_patch_attn_head_out_by_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+            get_act_patch_attn_head_q_by_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+            get_act_patch_attn_head_k_by_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+            get_act_patch_attn_head_v_by_pos(
+                model, corrupted_tokens, clean_cache, metric, **kwargs
+            ),
+            pattern.permute(0, 2, 1) if hasattr(pattern, "permute") else pattern.transpose(0, 2, 1),
+        ]
+    )
