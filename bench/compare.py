@@ -350,8 +350,8 @@ def _setup_hf(spec: dict, tokens: np.ndarray, attention: str = "eager"):
     return calls[spec["workload"]], lambda out: out.logits.numpy(), transformers.__version__
 
 
-def _setup_tl(spec: dict, tokens: np.ndarray):
-    """Loads TransformerLens's HookedEncoder; returns ``(call, to_logits, version)``.
+def load_tl_model(checkpoint: str | Path):
+    """TransformerLens's HookedEncoder with the weights of a BERT checkpoint directory.
 
     Offline, without ``HookedEncoder.from_pretrained`` (which fetches the config and the
     tokenizer of a hub model): the config is built from the checkpoint's own, as TransformerLens
@@ -369,7 +369,7 @@ def _setup_tl(spec: dict, tokens: np.ndarray):
     # The converter reads a BertForPreTraining. The checkpoint is a BertForMaskedLM: HF
     # initialises the missing pooler and NSP head randomly; the MLM forward does not use them.
     hf_model = transformers.BertForPreTraining.from_pretrained(
-        spec["checkpoint"], attn_implementation="eager", dtype=torch.float32
+        checkpoint, attn_implementation="eager", dtype=torch.float32
     ).eval()
     hf = hf_model.config
     cfg = {
@@ -399,6 +399,15 @@ def _setup_tl(spec: dict, tokens: np.ndarray):
     model.to(model.cfg.device)
     model.eval()
     _touch_weights(model)
+    return model, version
+
+
+def _setup_tl(spec: dict, tokens: np.ndarray):
+    """Loads TransformerLens's HookedEncoder (:func:`load_tl_model`); returns ``(call,
+    to_logits, version)``."""
+    import torch
+
+    model, version = load_tl_model(spec["checkpoint"])
     ids = torch.from_numpy(tokens)
     hook = f"blocks.{spec['hook_layer']}.attn.hook_pattern"
     calls = {

@@ -222,3 +222,86 @@ def test_bad_arguments_are_named(setup):
         patching.get_act_patch_resid_pre(model, corrupted, cache, metric, rows_per_chunk=0)
     partial = functools.partial(patching.get_act_patch_resid_pre, model, corrupted)
     assert partial(cache, metric).shape == (model.cfg.n_layers, POS)
+
+
+@pytest.mark.parametrize(
+    "activation, axes",
+    [
+        ("resid_pre", ("layer", "pos")),
+        ("z", ("layer", "pos", "head")),
+        ("v", ("layer", "head")),
+        ("pattern", ("layer", "head_index", "dest_pos")),
+    ],
+)
+def test_attribution_patching_is_the_first_order_change_of_each_patch(setup, activation, axes):
+    """Each entry equals the derivative of the metric along the straight line from the
+    corrupted activation towards the clean one at that index (central differences of patched
+    runs, with the patch applied by interventions), and the result has the shape of the
+    matching sweep."""
+    from hooked_encoder import interventions as iv
+
+    model, clean, corrupted, types, mask = setup
+    kwargs = {"one_zero_attention_mask": mask, "token_type_ids": types}
+    _, clean_cache = model.run_with_cache(clean, **kwargs)
+    _, corrupted_cache = model.run_with_cache(corrupted, **kwargs)
+    attribution = patching.attribution_patch(
+        model, corrupted, clean_cache, metric, activation, axes, **kwargs
+    )
+    setter = {
+        ("layer", "pos"): patching.layer_pos_patch_setter,
+        ("layer", "pos", "head"): patching.layer_pos_head_vector_patch_setter,
+        ("layer", "head"): patching.layer_head_vector_patch_setter,
+        ("layer", "head_index", "dest_pos"): patching.layer_head_pos_pattern_patch_setter,
+    }[axes]
+    sweep = patching.generic_activation_patch(
+        model, corrupted, clean_cache, metric, setter, activation, axes, **kwargs
+    )
+    assert attribution.shape == sweep.shape
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        index = tuple(int(rng.integers(n)) for n in attribution.shape)
+        name = f"blocks.{index[0]}.{patching._ACTIVATIONS[activation]}"
+        base = np.asarray(corrupted_cache[name])
+        delta = np.asarray(clean_cache[name]) - base
+        where = patching._selection(setter, index, base.shape[1:])[None]
+
+        def along(step, name=name, base=base, delta=delta, where=where):
+            edit = iv.replace(name, base + step * delta, where=where, include_padding=True)
+            return float(metric(model(corrupted, interventions=[edit], **kwargs)))
+
+        h = 1e-2
+        numeric = (along(h) - along(-h)) / (2 * h)
+        assert abs(attribution[index] - numeric) <= 2e-3 * (1 + abs(numeric)), index
+
+
+def test_logit_diff_runs_no_full_head_and_gives_the_same_sweep(setup, monkeypatch):
+    model, clean, corrupted, types, mask = setup
+    kwargs = {"one_zero_attention_mask": mask, "token_type_ids": types}
+    _, cache = model.run_with_cache(clean, **kwargs)
+    metric_object = patching.logit_diff(position=4, good=5, bad=7)
+    slow = patching.get_act_patch_attn_head_out_by_pos(
+        model, corrupted, cache, lambda logits: metric_object(logits), **kwargs
+    )
+    heads = []
+
+    class Recording:
+        """The Rust model, noting which head each pass ran."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def forward(self, *args, **kw):
+            heads.append(args[6])  # "logits" or "residual"
+            return self.inner.forward(*args, **kw)
+
+    monkeypatch.setattr(model, "_model", Recording(model._model))
+    fast = patching.get_act_patch_attn_head_out_by_pos(
+        model, corrupted, cache, metric_object, **kwargs
+    )
+    close(fast, slow)
+    assert heads and "logits" not in heads  # no patched run computed the full MLM head
+    with pytest.raises(ValueError, match="position is outside"):
+        patching.get_act_patch_resid_pre(model, corrupted, cache, patching.logit_diff(99, 1, 2))

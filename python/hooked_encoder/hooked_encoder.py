@@ -742,6 +742,37 @@ class HookedEncoder:
             ),
         )
 
+    def _run_from_residual(
+        self,
+        input: Any,
+        start_at_layer: int,
+        stop_at_layer: int | None,
+        head: str,
+        one_zero_attention_mask: Any = None,
+        interventions: Sequence[Any] | None = None,
+    ) -> Any:
+        """Runs from the residual stream ``input`` entering block ``start_at_layer``: up to
+        block ``stop_at_layer``, or through the last block and ``head`` ("logits", or
+        "residual": the stream the MLM head reads, after a pre-LN model's final norm)."""
+        residual = _float_array(input, "a residual-stream input")
+        mask = _optional_mask(one_zero_attention_mask)
+        edits = self._edits(interventions, residual.shape[:2], None, mask)
+        self._check_memory(residual.shape[:2], head if stop_at_layer is None else "residual")
+        return self._core_call(
+            self._wants_torch(input),
+            lambda *hooks: self._model.forward(
+                None,
+                residual,
+                None,
+                mask,
+                start_at_layer,
+                stop_at_layer,
+                head,
+                *hooks,
+                edits=edits,
+            ),
+        )
+
     def _edits(
         self,
         interventions: Sequence[Any] | None,
@@ -984,24 +1015,8 @@ class HookedEncoder:
                 )
             if return_type == "predictions":
                 raise ValueError("return_type='predictions' needs token input, not start_at_layer")
-            residual = _float_array(input, "a residual-stream input")
-            mask = _optional_mask(one_zero_attention_mask)
-            as_torch = self._wants_torch(input)
-            edits = self._edits(interventions, residual.shape[:2], None, mask)
-            self._check_memory(residual.shape[:2], head if stop_at_layer is None else "residual")
-            output = self._core_call(
-                as_torch,
-                lambda *hooks: self._model.forward(
-                    None,
-                    residual,
-                    None,
-                    mask,
-                    start_at_layer,
-                    stop_at_layer,
-                    head,
-                    *hooks,
-                    edits=edits,
-                ),
+            output = self._run_from_residual(
+                input, start_at_layer, stop_at_layer, head, one_zero_attention_mask, interventions
             )
             return output if stop_at_layer is not None or return_type == "logits" else None
         prepared = self._prepare(input, token_type_ids, one_zero_attention_mask)

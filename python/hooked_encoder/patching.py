@@ -12,7 +12,10 @@ computed once; every patch of layer ``l`` then starts from it at ``start_at_laye
 the blocks from ``l`` on are rerun, and many patched runs go through one batched forward: each
 patched run is a group of the corrupted batch's rows carrying its own patch, applied by the Rust
 pass as a declarative edit (:mod:`hooked_encoder.interventions`), with no Python call during the
-pass. ``rows_per_chunk`` bounds the rows of one forward (by default, a quarter of the available
+pass. With the :func:`logit_diff` metric the MLM head runs only at its position and the
+unembedding only for its two tokens. :func:`attribution_patch` estimates a whole sweep from one
+backward pass instead.
+``rows_per_chunk`` bounds the rows of one forward (by default, a quarter of the available
 memory). ``patching_metric(logits)`` is called once per patched run on that run's logits, as in
 TransformerLens (torch tensors for torch input, NumPy arrays otherwise). With TransformerLens's
 setters (``layer_pos_patch_setter``, ...) the patch is batched; any other ``patch_setter`` runs
@@ -36,6 +39,8 @@ from . import interventions as iv
 from ._memory import available_bytes
 
 __all__ = [
+    "LogitDiff",
+    "attribution_patch",
     "generic_activation_patch",
     "get_act_patch_attn_head_all_pos_every",
     "get_act_patch_attn_head_by_pos_every",
@@ -61,6 +66,7 @@ __all__ = [
     "layer_head_vector_patch_setter",
     "layer_pos_head_vector_patch_setter",
     "layer_pos_patch_setter",
+    "logit_diff",
 ]
 
 # TransformerLens's short activation names -> the hook suffix inside block {layer}.
@@ -149,6 +155,44 @@ def _selection(setter: Callable, index: Sequence[int], shape: tuple[int, ...]) -
     return mask
 
 
+# ---------------------------------------------------------------------- metrics
+
+
+class LogitDiff:
+    """A patching metric: the mean over the batch of ``logits[:, position, good] -
+    logits[:, position, bad]`` (TransformerLens's usual logit difference). Called on full
+    logits like any metric; a sweep given one computes the MLM head only at ``position`` and the
+    unembedding only for ``good`` and ``bad``, so a patched run costs its blocks alone."""
+
+    def __init__(self, position: int, good: int, bad: int) -> None:
+        for what, value in (("position", position), ("good", good), ("bad", bad)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"logit_diff's {what} must be an int, got {value!r}")
+        self.position, self.good, self.bad = int(position), int(good), int(bad)
+
+    def __call__(self, logits: Any) -> Any:
+        return (logits[:, self.position, self.good] - logits[:, self.position, self.bad]).mean()
+
+    def __repr__(self) -> str:
+        return f"logit_diff(position={self.position}, good={self.good}, bad={self.bad})"
+
+    def _on_final_residual(self, model: Any, residual: np.ndarray) -> np.ndarray:
+        """The metric of each row of ``residual`` (the stream the MLM head reads, ``[rows, pos,
+        d_model]``), computing the head at ``position`` only: ``[rows]``."""
+        at = residual[:, self.position : self.position + 1]
+        hidden = np.asarray(iv._host(model.mlm_head(at)), np.float64)
+        w_u, b_u = np.asarray(iv._host(model.W_U)), np.asarray(iv._host(model.b_U))
+        tokens = [self.good, self.bad]
+        logits = hidden[:, 0] @ w_u[:, tokens] + b_u[tokens]  # [rows, 2]
+        return logits[:, 0] - logits[:, 1]
+
+
+def logit_diff(position: int, good: int, bad: int) -> LogitDiff:
+    """A :class:`LogitDiff` metric: ``mean(logits[:, position, good] - logits[:, position,
+    bad])``, which sweeps compute without the full MLM head."""
+    return LogitDiff(position, good, bad)
+
+
 # ---------------------------------------------------------------------- the sweep
 
 
@@ -210,6 +254,9 @@ def generic_activation_patch(
     types = None if token_type_ids is None else np.asarray(iv._host(token_type_ids))
     suffix = _ACTIVATIONS[activation_name]
     model_input = corrupted_tokens if is_torch else tokens
+    fast = isinstance(patching_metric, LogitDiff) and model.has_mlm_head
+    if fast and not 0 <= patching_metric.position < pos:
+        raise ValueError(f"{patching_metric!r}: position is outside the {pos} positions")
 
     def metric_of(logits: Any) -> float:
         value = patching_metric(logits)
@@ -218,6 +265,7 @@ def generic_activation_patch(
     # The corrupted run's residual stream entering every block, computed once.
     _, corrupted = model.run_with_cache(
         tokens,
+        return_type=None,
         names_filter=lambda name: name.endswith("hook_resid_pre"),
         one_zero_attention_mask=mask,
         token_type_ids=types,
@@ -261,10 +309,19 @@ def generic_activation_patch(
                 include_padding=True,
             )
             x = np.tile(resid, (n, 1, 1))
+            chunk_mask = None if mask is None else np.tile(mask, (n, 1))
+            if fast:
+                # Only the metric's position and tokens: the head on one position per row.
+                final = model._run_from_residual(x, layer, None, "residual", chunk_mask, [patch])
+                residual = np.asarray(iv._host(final), np.float32)
+                values = patching_metric._on_final_residual(model, residual)
+                for k, j in enumerate(chunk):
+                    results[members[j]] = values[k * batch : (k + 1) * batch].mean()
+                continue
             logits = model.forward(
                 _like(x, corrupted_tokens) if is_torch else x,
                 start_at_layer=layer,
-                one_zero_attention_mask=None if mask is None else np.tile(mask, (n, 1)),
+                one_zero_attention_mask=chunk_mask,
                 interventions=[patch],
             )
             for k, j in enumerate(chunk):
@@ -518,3 +575,86 @@ def get_act_patch_attn_head_by_pos_every(
             pattern.permute(0, 2, 1) if hasattr(pattern, "permute") else pattern.transpose(0, 2, 1),
         ]
     )
+
+
+# What each attribution sums over, by the axes of its result (after "layer"): the activation's
+# axes, without batch, named as in the hook table.
+_ATTRIBUTION_AXES = {
+    ("pos",): ("pos", None),
+    ("pos", "head"): ("pos", "head", None),
+    ("head",): (None, "head", None),
+    ("head_index", "dest_pos"): ("head", "dest", None),
+    ("head_index",): ("head", None, None),
+}
+
+
+def attribution_patch(
+    model: Any,
+    corrupted_tokens: Any,
+    clean_cache: Any,
+    patching_metric: Callable[[Any], Any] | None,
+    activation_name: str,
+    index_axis_names: Sequence[str],
+    *,
+    grad_output: Any = None,
+    one_zero_attention_mask: Any = None,
+    token_type_ids: Any = None,
+) -> Any:
+    """Attribution patching: the first-order estimate of every patch of a sweep
+    (``generic_activation_patch`` with the same ``activation_name`` and ``index_axis_names``,
+    same output shape) from one forward and one backward pass of the corrupted run:
+    ``Σ (clean - corrupted) · d metric / d activation`` over the batch and the axes the index
+    leaves out. ``patching_metric`` is differentiated by torch on the corrupted logits
+    (or give ``grad_output``, d metric / d logits, without torch).
+
+    Axes: ``("layer", "pos")`` for ``resid_pre``, ``resid_mid``, ``attn_out``, ``mlp_out``;
+    ``("layer", "pos", "head")`` and ``("layer", "head")`` for ``z``, ``q``, ``k``, ``v``;
+    ``("layer", "head_index", "dest_pos")`` and ``("layer", "head_index")`` for ``pattern``.
+    """
+    if activation_name not in _ACTIVATIONS:
+        raise ValueError(
+            f"unknown activation_name {activation_name!r}; known: {sorted(_ACTIVATIONS)}"
+        )
+    axes = tuple(index_axis_names)
+    if not axes or axes[0] != "layer" or axes[1:] not in _ATTRIBUTION_AXES:
+        raise ValueError(
+            f"index_axis_names must be 'layer' then one of {sorted(_ATTRIBUTION_AXES)}, "
+            f"got {axes!r}"
+        )
+    is_torch = type(corrupted_tokens).__module__.startswith("torch")
+    names = [
+        f"blocks.{layer}.{_ACTIVATIONS[activation_name]}" for layer in range(model.cfg.n_layers)
+    ]
+    _, cache = model.run_with_cache(
+        corrupted_tokens,
+        names_filter=names,
+        incl_bwd=True,
+        metric=patching_metric if grad_output is None else None,
+        grad_output=grad_output,
+        one_zero_attention_mask=one_zero_attention_mask,
+        token_type_ids=token_type_ids,
+    )
+    keep = _ATTRIBUTION_AXES[axes[1:]]
+    per_layer = []
+    for name in names:
+        corrupted = np.asarray(iv._host(cache[name]), np.float64)
+        clean = np.asarray(iv._host(clean_cache[name]), np.float64)
+        grad = np.asarray(iv._host(cache[f"{name}_grad"]), np.float64)
+        if clean.shape != corrupted.shape:
+            raise ValueError(
+                f"the clean cache's {name} has shape {list(clean.shape)}, the corrupted run's "
+                f"{list(corrupted.shape)}"
+            )
+        product = ((clean - corrupted) * grad).sum(axis=0)  # over the batch
+        if len(keep) != product.ndim:
+            raise ValueError(
+                f"index axes {axes!r} do not fit {activation_name} (shape {list(clean.shape)})"
+            )
+        summed = tuple(i for i, axis in enumerate(keep) if axis is None)
+        per_layer.append(product.sum(axis=summed))
+    out = np.stack(per_layer).astype(np.float32)
+    if is_torch:
+        import torch
+
+        return torch.from_numpy(out)
+    return out
