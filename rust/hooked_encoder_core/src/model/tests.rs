@@ -565,6 +565,7 @@ fn typed_input() -> ForwardInput<'static> {
 /// `Σ output ⊙ r` in float64, with `delta` added to the activation at `point`.
 fn projected(
     model: &HookedBert,
+    input: &ForwardInput<'_>,
     output: Output,
     r: &Tensor,
     point: HookPoint,
@@ -572,12 +573,45 @@ fn projected(
 ) -> f64 {
     let delta = delta.clone();
     let mut hooks = Replace(point, move |a: Tensor| (a + &delta).unwrap());
-    let out = model.forward(&typed_input(), output, &mut hooks).unwrap();
+    let out = model.forward(input, output, &mut hooks).unwrap();
     values(&out)
         .iter()
         .zip(values(r))
         .map(|(o, r)| *o as f64 * r as f64)
         .sum()
+}
+
+/// Checks every recorded gradient `d Σ output ⊙ r / d activation` against central differences
+/// along a pseudo-random direction, at steps h and h/2 combined (Richardson) to cancel the h²
+/// error term: the scaled-up weights make the model strongly curved.
+fn assert_matches_finite_differences(
+    model: &HookedBert,
+    input: &ForwardInput<'_>,
+    output: Output,
+    r: &Tensor,
+    grads: &[(HookPoint, Tensor)],
+) {
+    for (i, (point, grad)) in grads.iter().enumerate() {
+        let u = pseudo_random(grad.dims(), 100 + i as u64);
+        let central = |h: f64| {
+            let step = (&u * h).unwrap();
+            let plus = projected(model, input, output, r, *point, &step);
+            let minus = projected(model, input, output, r, *point, &step.neg().unwrap());
+            (plus - minus) / (2.0 * h)
+        };
+        let numeric = (4.0 * central(5e-3) - central(1e-2)) / 3.0;
+        let analytic: f64 = values(grad)
+            .iter()
+            .zip(values(&u))
+            .map(|(g, u)| *g as f64 * u as f64)
+            .sum();
+        let tol = 2e-3 * (1.0 + analytic.abs().max(numeric.abs()));
+        assert!(
+            (numeric - analytic).abs() <= tol,
+            "{output:?} {}: finite difference {numeric}, backward {analytic}",
+            point.name()
+        );
+    }
 }
 
 #[test]
@@ -623,29 +657,7 @@ fn every_hook_points_gradient_matches_finite_differences() {
                 .count()
                 + usize::from(output == Output::NextSentence) * 2;
             assert_eq!(recorder.grads.len(), fired, "{output:?}");
-            for (i, (point, grad)) in recorder.grads.iter().enumerate() {
-                let u = pseudo_random(grad.dims(), 100 + i as u64);
-                // Central differences at steps h and h/2, combined (Richardson) to cancel the
-                // h² error term: the ×20 weights make the model strongly curved.
-                let central = |h: f64| {
-                    let step = (&u * h).unwrap();
-                    let plus = projected(&model, output, &r, *point, &step);
-                    let minus = projected(&model, output, &r, *point, &step.neg().unwrap());
-                    (plus - minus) / (2.0 * h)
-                };
-                let numeric = (4.0 * central(5e-3) - central(1e-2)) / 3.0;
-                let analytic: f64 = values(grad)
-                    .iter()
-                    .zip(values(&u))
-                    .map(|(g, u)| *g as f64 * u as f64)
-                    .sum();
-                let tol = 2e-3 * (1.0 + analytic.abs().max(numeric.abs()));
-                assert!(
-                    (numeric - analytic).abs() <= tol,
-                    "{output:?} {}: finite difference {numeric}, backward {analytic}",
-                    point.name()
-                );
-            }
+            assert_matches_finite_differences(&model, &typed_input(), output, &r, &recorder.grads);
         }
     }
 }
@@ -858,34 +870,6 @@ fn modernbert_gradients_match_finite_differences() {
             reported, fired,
             "{output:?}: gradients come in reverse firing order"
         );
-        for (i, (point, grad)) in recorder.grads.iter().enumerate() {
-            let u = pseudo_random(grad.dims(), 100 + i as u64);
-            let project = |delta: &Tensor| {
-                let delta = delta.clone();
-                let mut hooks = Replace(*point, move |a: Tensor| (a + &delta).unwrap());
-                let out = model.forward(&input(), output, &mut hooks).unwrap();
-                values(&out)
-                    .iter()
-                    .zip(values(&r))
-                    .map(|(o, r)| *o as f64 * r as f64)
-                    .sum::<f64>()
-            };
-            let central = |h: f64| {
-                let step = (&u * h).unwrap();
-                (project(&step) - project(&step.neg().unwrap())) / (2.0 * h)
-            };
-            let numeric = (4.0 * central(5e-3) - central(1e-2)) / 3.0;
-            let analytic: f64 = values(grad)
-                .iter()
-                .zip(values(&u))
-                .map(|(g, u)| *g as f64 * u as f64)
-                .sum();
-            let tol = 2e-3 * (1.0 + analytic.abs().max(numeric.abs()));
-            assert!(
-                (numeric - analytic).abs() <= tol,
-                "{output:?} {}: finite difference {numeric}, backward {analytic}",
-                point.name()
-            );
-        }
+        assert_matches_finite_differences(&model, &input(), output, &r, &recorder.grads);
     }
 }
