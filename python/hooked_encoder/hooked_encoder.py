@@ -92,6 +92,9 @@ class _Backward:
         # Forward hooks run on torch tensors that require grad: name -> (input, output), so the
         # backward pulls the gradient through each edit with torch.autograd.grad.
         self.edits: dict[str, tuple[Any, Any]] = {}
+        # Declarative interventions the differentiated pass applied (resolved), whose
+        # gradients the Rust backward takes.
+        self.declared: list | None = None
 
 
 # The gradient-taking call in progress in this thread (or task), if any.
@@ -784,16 +787,15 @@ class HookedEncoder:
         before anything runs), or None."""
         if not interventions:
             return None
-        if _BACKWARD.get() is not None:
-            raise NotImplementedError(
-                "gradients through declarative interventions are not computed in this version; "
-                "write the edit as a hook (intervention.as_hook()) to differentiate through it"
-            )
         if len(batch_pos) != 2:
             raise ValueError(f"interventions need a [batch, pos] input, got {list(batch_pos)}")
-        return interventions_module.resolve(
+        edits = interventions_module.resolve(
             interventions, self, batch_pos[0], batch_pos[1], tokens, mask
         )
+        backward = _BACKWARD.get()
+        if backward is not None and backward.tape is None and backward.declared is None:
+            backward.declared = edits  # the pass a backward will follow
+        return edits
 
     def _check_memory(self, batch_pos: tuple[int, ...], output: str) -> None:
         if len(batch_pos) < 2:
@@ -909,7 +911,7 @@ class HookedEncoder:
         ]
         dispatcher = functools.partial(self._dispatch_grad, backward) if dispatch else None
         start, records = self._model.backward(
-            backward.tape, grad, backward.names, dispatch, dispatcher
+            backward.tape, grad, backward.names, dispatch, dispatcher, edits=backward.declared
         )
         convert = self._converter(backward.as_torch)
         # In firing order, as a TransformerLens cache lists them.

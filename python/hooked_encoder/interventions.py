@@ -22,7 +22,9 @@ Selectors are checked and resolved into a mask before anything runs; a selector 
 value of the wrong shape raises a ``ValueError`` naming the intervention. ``dumps`` / ``loads``
 write and read a list of interventions as JSON (arrays as nested lists; a patch from an in-memory
 cache is stored with the cache's values). ``intervention.as_hook()`` is the same edit as a
-TransformerLens hook function, for ``fwd_hooks=[(name, hook)]``.
+TransformerLens hook function, for ``fwd_hooks=[(name, hook)]``. Gradient calls
+(``model.grad``, ``run_with_cache(incl_bwd=True)``) differentiate through interventions: the Rust
+backward takes each edit's own gradient.
 """
 
 from __future__ import annotations

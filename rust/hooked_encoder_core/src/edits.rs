@@ -81,6 +81,38 @@ impl Edit {
             .map_err(|_| refuse("mask", self.mask.dims()))?;
         Ok(mask.where_cond(&edited, &activation)?)
     }
+
+    /// The gradient to the activation before the edit from `grad`, the gradient to the one
+    /// after it: zero where a value was set, times the factor where scaled, unchanged where
+    /// added to; a row patched from another row sends its gradient there.
+    pub fn backward(&self, grad: Tensor) -> Result<Tensor> {
+        let shape = grad.shape().clone();
+        let device = grad.device().clone();
+        let mask = self
+            .mask
+            .to_device(&device)?
+            .to_dtype(DType::U8)?
+            .broadcast_as(&shape)?;
+        let zeros = grad.zeros_like()?;
+        Ok(match &self.op {
+            EditOp::Add(_) => grad,
+            EditOp::Set(_) => mask.where_cond(&zeros, &grad)?,
+            EditOp::Scale(v) => {
+                let v = v
+                    .to_device(&device)?
+                    .to_dtype(grad.dtype())?
+                    .broadcast_as(&shape)?;
+                mask.where_cond(&(&grad * v)?, &grad)?
+            }
+            EditOp::FromRows(rows) => {
+                // Selected entries of row i came from row rows[i]: their gradient goes there.
+                let moved = mask.where_cond(&grad, &zeros)?;
+                let index = Tensor::from_slice(rows, rows.len(), &device)?;
+                mask.where_cond(&zeros, &grad)?
+                    .index_add(&index, &moved, 0)?
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -130,6 +162,40 @@ mod tests {
             values(&all_but.apply(x.clone()).unwrap()),
             [0.0, 2.0, 0.0, f32::NEG_INFINITY]
         );
+    }
+
+    #[test]
+    fn each_backward_is_the_transpose_of_its_edit() {
+        // For a linear edit e, <e(x + d) - e(x), g> = <d, backward(g)> for every d and g.
+        let cpu = Device::Cpu;
+        let point = HookPoint::Block(0, BlockHook::ResidMid);
+        let x = Tensor::new(&[[1f32, -2.0, 0.5], [3.0, 4.0, -1.0]], &cpu).unwrap();
+        let d = Tensor::new(&[[0.3f32, 0.1, -0.7], [0.2, -0.4, 0.9]], &cpu).unwrap();
+        let g = Tensor::new(&[[1f32, 2.0, 3.0], [-1.0, 0.5, 2.0]], &cpu).unwrap();
+        let mask = Tensor::new(&[[1u8, 0, 1]], &cpu).unwrap();
+        let dot = |a: &Tensor, b: &Tensor| -> f32 {
+            values(a).iter().zip(values(b)).map(|(x, y)| x * y).sum()
+        };
+        for op in [
+            EditOp::Set(Tensor::new(5f32, &cpu).unwrap()),
+            EditOp::Scale(Tensor::new(&[2f32, 3.0, -1.0], &cpu).unwrap()),
+            EditOp::Add(Tensor::new(1f32, &cpu).unwrap()),
+            EditOp::FromRows(vec![1, 1]),
+        ] {
+            let edit = Edit {
+                point,
+                mask: mask.clone(),
+                op,
+            };
+            let change =
+                (edit.apply((&x + &d).unwrap()).unwrap() - edit.apply(x.clone()).unwrap()).unwrap();
+            let back = edit.backward(g.clone()).unwrap();
+            assert!(
+                (dot(&change, &g) - dot(&d, &back)).abs() < 1e-5,
+                "{:?}",
+                edit.op
+            );
+        }
     }
 
     #[test]

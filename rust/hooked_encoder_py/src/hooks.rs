@@ -60,8 +60,9 @@ impl PyHooks {
         }
     }
 
-    /// These hooks with `edits` applied at their points (forward passes only), before the
-    /// Python hooks there; `edited` is the set of their points.
+    /// These hooks with `edits` at their points: applied before the Python hooks there in a
+    /// forward pass; in a backward pass, their gradients taken after the Python hooks' (the
+    /// reverse order). `edited` is the set of their points.
     pub fn with_edits(mut self, edits: Vec<Edit>, edited: HookSet) -> Self {
         self.edits = edits;
         self.edited = edited;
@@ -92,11 +93,16 @@ impl PyHooks {
                 value = edit.apply(value)?;
             }
         }
-        let value = if self.python.contains(point) {
+        let mut value = if self.python.contains(point) {
             self.dispatch(point, value)?
         } else {
             value
         };
+        if self.backward && self.edited.contains(point) {
+            for edit in self.edits.iter().rev().filter(|edit| edit.point == point) {
+                value = edit.backward(value)?;
+            }
+        }
         if !self.backward && self.record.contains(point) {
             self.records.push((point, value.clone()));
         }
@@ -178,7 +184,10 @@ impl Hooks for PyHooks {
 
     #[inline]
     fn wants_grad(&self, point: HookPoint) -> bool {
-        self.backward && (self.record.contains(point) || self.python.contains(point))
+        self.backward
+            && (self.record.contains(point)
+                || self.python.contains(point)
+                || self.edited.contains(point))
     }
 
     fn call_grad(&mut self, point: HookPoint, grad: Tensor) -> hooked_encoder_core::Result<Tensor> {

@@ -384,7 +384,9 @@ impl Model {
     /// order); `dispatch` those whose gradients go through `dispatcher(name, grad)`. Returns
     /// the gradient where the forward started (the summed embeddings, or the residual stream
     /// entering `start_layer`) and the recorded `(name, gradient)` pairs.
-    #[pyo3(signature = (tape, grad_output, record, dispatch, dispatcher))]
+    /// `edits` are those the forward pass applied: their gradients are taken at their points.
+    #[pyo3(signature = (tape, grad_output, record, dispatch, dispatcher, edits=None))]
+    #[allow(clippy::too_many_arguments)]
     fn backward<'py>(
         &self,
         py: Python<'py>,
@@ -393,6 +395,7 @@ impl Model {
         record: Vec<String>,
         dispatch: Vec<String>,
         dispatcher: Option<Py<PyAny>>,
+        edits: Option<Vec<EditSpec<'py>>>,
     ) -> PyResult<ForwardResult<'py>> {
         let kept = tape
             .inner
@@ -411,6 +414,13 @@ impl Model {
             self.hook_set(&dispatch)?,
             dispatcher,
         );
+        let hooks = match edits {
+            Some(specs) if !specs.is_empty() => {
+                let (edits, edited) = self.edits(specs)?;
+                hooks.with_edits(edits, edited)
+            }
+            _ => hooks,
+        };
         let positions = grad_output.shape().iter().take(2).product();
         self.run_hooked(py, hooks, positions, move |model, hooks| {
             let grad = grad.to_device(model.device())?;
