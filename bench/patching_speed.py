@@ -17,6 +17,10 @@ metric is a logit difference at the last position):
 * ``tl``: ``transformer_lens.patching``'s functions on TransformerLens's ``HookedEncoder``
   with the same weights (skipped where transformer_lens is not installed).
 
+Memory against chunk size: ``get_act_patch_resid_pre`` at ``--chunk-shape`` (4x32) with
+``rows_per_chunk`` each of ``--chunk-rows`` (4, 32, 256), full logits (a plain metric), and the
+peak RSS of the sweep over the loaded model's.
+
 Head ablation, at 8x128: a plain forward, the forward with ``iv.zero("blocks.3.attn.hook_z",
 heads=5)``, and the same edit as a Python hook.
 
@@ -114,7 +118,16 @@ def worker(spec: dict) -> dict:
         from hooked_encoder import interventions as iv
 
         model = HookedEncoder.from_pretrained(checkpoint)
-        if cell.startswith(("ours:", "loop:")):
+        if cell.startswith("chunk:"):
+            _, cache = model.run_with_cache(clean)
+            rows = int(cell.split(":", 1)[1])
+            loaded = compare._proc_status_mib("VmRSS")
+            compare._reset_peak()  # the peak of the sweep alone, over the loaded model
+            call = lambda: patching.get_act_patch_resid_pre(  # noqa: E731
+                model, corrupted, cache, _metric, rows_per_chunk=rows
+            )
+            times, result = _time(call, spec["repeats"], False)
+        elif cell.startswith(("ours:", "loop:")):
             _, cache = model.run_with_cache(clean)
             sweep = cell.split(":", 1)[1]
             if cell.startswith("ours:"):
@@ -142,6 +155,11 @@ def worker(spec: dict) -> dict:
             }
             times, _ = _time(calls[kind], spec["repeats"])
     out = {
+        **(
+            {"run_peak_over_loaded_mib": compare._peak_mib() - loaded}
+            if cell.startswith("chunk:")
+            else {}
+        ),
         "cell": cell,
         "median_ms": 1000 * statistics.median(times),
         "min_ms": 1000 * min(times),
@@ -174,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ablation-repeats", type=int, default=5, help="calls per ablation cell")
     parser.add_argument("--sweep-shape", default="1x16", help="BATCHxPOS of the sweeps")
     parser.add_argument("--ablation-shape", default="8x128", help="BATCHxPOS of the ablation")
+    parser.add_argument("--chunk-shape", default="4x32", help="BATCHxPOS of the chunk cells")
+    parser.add_argument("--chunk-rows", default="4,32,256", help="rows_per_chunk values")
+    parser.add_argument(
+        "--only", choices=("sweeps", "chunks", "ablation"), help="run one group of cells"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -187,11 +210,15 @@ def main(argv: list[str] | None = None) -> int:
         compare.parse_shapes(args.sweep_shape)[0],
         compare.parse_shapes(args.ablation_shape)[0],
     )
-    cells = [(f"{system}:{sweep}", sb, sp) for sweep in SWEEPS for system in ("ours", "loop")]
+    cb, cp = compare.parse_shapes(args.chunk_shape)[0]
     tl_missing = compare.tl_unavailable()
-    if tl_missing is None:
-        cells += [(f"tl:{sweep}", sb, sp) for sweep in SWEEPS]
-    cells += [(f"ablation:{kind}", ab, ap) for kind in ("plain", "declarative", "hook")]
+    groups = {
+        "sweeps": [(f"{system}:{sweep}", sb, sp) for sweep in SWEEPS for system in ("ours", "loop")]
+        + ([(f"tl:{sweep}", sb, sp) for sweep in SWEEPS] if tl_missing is None else []),
+        "chunks": [(f"chunk:{int(rows)}", cb, cp) for rows in args.chunk_rows.split(",")],
+        "ablation": [(f"ablation:{kind}", ab, ap) for kind in ("plain", "declarative", "hook")],
+    }
+    cells = [cell for name, group in groups.items() if args.only in (None, name) for cell in group]
     results = []
     for cell, batch, pos in cells:
         spec = {
@@ -246,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             f"({declared['median_ms'] / plain['median_ms'] - 1:+.1%}), Python hook "
             f"{hooked['median_ms']:.0f} ms ({hooked['median_ms'] / plain['median_ms'] - 1:+.1%})"
         )
+    for result in results:
+        if result["cell"].startswith("chunk:") and "median_ms" in result:
+            print(
+                f"get_act_patch_resid_pre at {args.chunk_shape}, rows_per_chunk "
+                f"{result['cell'][6:]}: {result['median_ms']:.0f} ms, peak RSS "
+                f"{result['run_peak_over_loaded_mib']:.0f} MiB over the loaded model"
+            )
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
     return 0

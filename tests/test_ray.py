@@ -7,7 +7,9 @@ One local Ray cluster for the module (a start costs seconds), sized for a 2-core
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -136,6 +138,38 @@ def test_parquet_files_are_read_by_the_actors(cluster, text_checkpoint, referenc
         run(str(text_checkpoint.path), tmp_path / "other", data=files)
 
 
+def test_text_and_json_lines_files_are_read_by_the_actors(
+    cluster, text_checkpoint, references, tmp_path
+):
+    from hooked_encoder.ray import LineRows, _line_index, _line_windows
+
+    files = [tmp_path / "a.txt", tmp_path / "b.jsonl"]
+    # Blank lines are skipped, as the command line reads such files; a blank line of non-ASCII
+    # spaces checks that positions are exact (tell() positions count bytes, not characters).
+    blank = "\n\n \u00a0\u2003\n"
+    files[0].write_text(
+        "\n".join(TEXTS[:5]) + blank + "\n".join(TEXTS[5:13]) + "\n", encoding="utf-8"
+    )
+    lines = [json.dumps({"id": i, "body": t}) for i, t in enumerate(TEXTS[13:])]
+    files[1].write_text("\n".join([*lines[:4], "", *lines[4:]]) + "\n", encoding="utf-8")
+    manifest = {"shards": [], "arguments": {"shard_rows": SHARD_ROWS}}
+    index = _line_index(files, "body", SHARD_ROWS)
+    assert [count for _, count, _ in index] == [13, len(TEXTS) - 13]
+    windows = list(_line_windows(index, "body", manifest))
+    assert [(k, start) for k, start, _ in windows] == [(0, 0), (1, 8), (2, 16), (3, 24)]
+    assert [(Path(p).name, n) for p, _, n in windows[1][2].segments] == [
+        ("a.txt", 5),
+        ("b.jsonl", 3),
+    ]
+    for _, start, rows in windows:
+        assert isinstance(rows, LineRows)
+        assert rows.read() == TEXTS[start : start + SHARD_ROWS]
+    run(str(text_checkpoint.path), tmp_path / "out", data=files, text_column="body")
+    assert digests(tmp_path / "out") == digests(references[None])
+    with pytest.raises(ValueError, match="no field 'text'"):
+        run(str(text_checkpoint.path), tmp_path / "other", data=files)
+
+
 def test_resume_computes_only_missing_shards(cluster, text_checkpoint, references, tmp_path):
     with pytest.raises(_DriverStopped):
         run(str(text_checkpoint.path), tmp_path, _stop_after_shards=2)
@@ -213,14 +247,22 @@ def test_embedder_adds_pooled_columns_in_map_batches(cluster, text_checkpoint, t
         np.testing.assert_allclose(r["embedding"], expected[r["id"]], atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["txt", "parquet"])
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet", "csv"])
 def test_command_line_engine_ray_uses_ray_address(
     cluster, text_checkpoint, references, tmp_path, fmt
 ):
-    """A text file passes through the driver; a Parquet file is read by the actors."""
+    """Text, JSON-lines and Parquet files are read by the actors; CSV passes through the
+    driver."""
     source = tmp_path / f"input.{fmt}"
     if fmt == "txt":
         source.write_text("\n".join(TEXTS) + "\n")
+    elif fmt == "jsonl":
+        source.write_text("\n".join(json.dumps({"text": t}) for t in TEXTS) + "\n")
+    elif fmt == "csv":
+        with open(source, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text"])
+            writer.writerows([t] for t in TEXTS)
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from .corpus import CorpusError, open_lines, records
 from .hook_points import describe_hook
 from .loading import DEFAULT_MODEL
 
@@ -49,7 +50,7 @@ def _read_texts(path: str, field: str | None) -> Iterator[str]:
             )
         yield from (str(v) for v in table.column(field).to_pylist())
         return
-    handle = stream or open(path, encoding="utf-8", newline="")  # noqa: SIM115
+    handle = stream or open_lines(path)
     with handle:
         if suffix == ".csv":
             reader = csv.DictReader(handle)
@@ -59,21 +60,11 @@ def _read_texts(path: str, field: str | None) -> Iterator[str]:
                     f"{reader.fieldnames}"
                 )
             yield from (row[field] for row in reader)
-        elif suffix in (".jsonl", ".ndjson"):
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}, line {number}: not JSON ({e.msg})") from None
-                if not isinstance(record, dict) or field not in record:
-                    raise UserError(
-                        f"{path}, line {number}: no field {field!r} (choose one with --text-field)"
-                    )
-                yield str(record[field])
-        else:
-            yield from (line.rstrip("\n") for line in handle if line.strip())
+            return
+        try:
+            yield from records(handle, suffix, field, path)
+        except CorpusError as e:
+            raise UserError(str(e)) from None
 
 
 def _cmd_extract(args: argparse.Namespace) -> None:
@@ -123,10 +114,11 @@ def _extract_on_ray(args: argparse.Namespace) -> Path:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     try:
-        parquet = args.input != "-" and Path(args.input).suffix.lower() == ".parquet"
+        # A Parquet, text or JSON-lines file is read by the actors, window by window; standard
+        # input and CSV pass through the driver.
+        described = args.input != "-" and Path(args.input).suffix.lower() != ".csv"
         return extract_ray(
-            # A Parquet file's rows are read by the actors, window by window.
-            [Path(args.input)] if parquet else _read_texts(args.input, args.text_field),
+            [Path(args.input)] if described else _read_texts(args.input, args.text_field),
             model=args.model,
             hooks=args.hooks,
             out=args.out,

@@ -14,12 +14,11 @@ patched run is a group of the corrupted batch's rows carrying its own patch, app
 pass as a declarative edit (:mod:`hooked_encoder.interventions`), with no Python call during the
 pass. With the :func:`logit_diff` metric the MLM head runs only at its position and the
 unembedding only for its two tokens. :func:`attribution_patch` estimates a whole sweep from one
-backward pass instead.
-``rows_per_chunk`` bounds the rows of one forward (by default, a quarter of the available
-memory). ``patching_metric(logits)`` is called once per patched run on that run's logits, as in
-TransformerLens (torch tensors for torch input, NumPy arrays otherwise). With TransformerLens's
-setters (``layer_pos_patch_setter``, ...) the patch is batched; any other ``patch_setter`` runs
-one ``run_with_hooks`` per patch, as TransformerLens does.
+backward pass instead. ``rows_per_chunk`` bounds the rows of one forward (by default, what
+512 MiB holds). ``patching_metric(logits)`` is called once per patched run on that run's
+logits, as in TransformerLens (torch tensors for torch input, NumPy arrays otherwise). With
+TransformerLens's setters (``layer_pos_patch_setter``, ...) the patch is batched; any other
+``patch_setter`` runs one ``run_with_hooks`` per patch, as TransformerLens does.
 
 Unlike TransformerLens's, every function takes ``one_zero_attention_mask`` and
 ``token_type_ids`` for the corrupted run (the clean cache must come from inputs of the same
@@ -347,9 +346,10 @@ def _like(x: np.ndarray, example: Any) -> Any:
 
 
 def _rows_per_chunk(model: Any, batch: int, pos: int, clean: np.ndarray, given: int | None) -> int:
-    """Rows per batched forward: ``given``, or what a quarter of the available memory holds
-    (the logits, the working set of a block, the patch values and mask), at least one patched
-    run and at most 4096 rows."""
+    """Rows per batched forward: ``given``, or what 512 MiB holds (a quarter of the available
+    memory if that is less): the logits, the working set of a block, the patch values and mask;
+    at least one patched run. Peak memory follows the chunk while time hardly does
+    (``bench/patching_speed.py --only chunks``)."""
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, int) or given < 1:
             raise ValueError(f"rows_per_chunk must be a positive int, got {given!r}")
@@ -359,8 +359,8 @@ def _rows_per_chunk(model: Any, batch: int, pos: int, clean: np.ndarray, given: 
         4 * pos * (cfg.d_vocab + 6 * cfg.d_model + 3 * cfg.n_heads * cfg.d_head + 2 * cfg.d_mlp)
     )
     per_row += 5 * clean[0].size  # the patch value (float32) and its mask (uint8)
-    available = available_bytes() or 4 << 30
-    return int(min(4096, max(batch, available // 4 // per_row)))
+    budget = min(512 << 20, (available_bytes() or 4 << 30) // 4)
+    return int(max(batch, budget // per_row))
 
 
 def _index_frame(indices: list[tuple[int, ...]], names: Sequence[str]) -> Any:

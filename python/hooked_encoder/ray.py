@@ -20,6 +20,7 @@ is set; the input columns travel with the new ones, so carry an id column when o
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .corpus import JSON_LINES, open_lines, records
 from .extract import (
     Pooling,
     add_shard,
@@ -43,7 +45,7 @@ from .extract import (
 if TYPE_CHECKING:
     from .hooked_encoder import HookedEncoder
 
-__all__ = ["Embedder", "ParquetRows", "extract_ray"]
+__all__ = ["Embedder", "LineRows", "ParquetRows", "extract_ray"]
 
 
 def require_ray() -> Any:
@@ -161,7 +163,10 @@ def extract_ray(
     through the driver, which cuts them into windows of ``shard_rows``. Or ``data`` is a
     ``pathlib.Path`` of a Parquet file, or a list of them (one corpus, in that order): then the
     driver reads only their metadata and each window is described as (file, row range); the
-    actors read their own rows of ``text_column``. ``model`` is a checkpoint
+    actors read their own rows of ``text_column``. Text files (one text per line) and JSON-lines
+    files (``.jsonl``/``.ndjson``, ``text_column`` of each object) work the same way: the
+    driver scans them once for where every window starts, and the actors read their windows'
+    lines (blank lines skipped, as the command line reads them). ``model`` is a checkpoint
     name or directory (loaded by the driver, to check the arguments, and by every actor) or an
     in-memory :class:`HookedEncoder` (put in the object store once, shared by the actors).
     ``concurrency`` actors each hold ``num_cpus`` CPUs (and run that many threads) and
@@ -181,15 +186,18 @@ def extract_ray(
     local = model if isinstance(model, HookedEncoder) else _load_model(model, "cpu")
     names = check_arguments(local, hooks, batch_size, shard_rows, pooling)
     directory = Path(out)
-    files = _parquet_files(data)
+    files = _input_files(data)
+    parquet = bool(files) and files[0].suffix.lower() == ".parquet"
     items = None if files else _rows(ray, data, text_column)
-    counts = _parquet_counts(files, text_column) if files else None
+    counts = _parquet_counts(files, text_column) if parquet else None
+    lines = _line_index(files, text_column, shard_rows) if files and not parquet else None
     manifest = open_output(directory, local, names, pooling, batch_size, max_length, shard_rows)
-    pending = (
-        _parquet_windows(counts, text_column, manifest)
-        if counts
-        else pending_windows(manifest, items)
-    )
+    if counts:
+        pending = _parquet_windows(counts, text_column, manifest)
+    elif lines is not None:
+        pending = _line_windows(lines, text_column, manifest)
+    else:
+        pending = pending_windows(manifest, items)
     windows = [
         {"shard": shard, "start": start, "texts": pickle.dumps(chunk)}
         for shard, start, chunk in pending
@@ -259,19 +267,94 @@ class ParquetRows:
         return texts
 
 
+@dataclass(frozen=True)
+class LineRows:
+    """A window of a corpus made of text or JSON-lines files read one after another, described
+    rather than shipped: ``(file, position, texts)`` in each file it spans, where ``position``
+    is where its first text's line starts (a ``tell()`` of the file opened as
+    :func:`hooked_encoder.corpus.open_lines` opens it)."""
+
+    segments: tuple[tuple[str, int, int], ...]
+    field: str
+
+    def read(self) -> list[str]:
+        texts: list[str] = []
+        for path, position, count in self.segments:
+            with open_lines(path) as handle:
+                handle.seek(position)
+                suffix = Path(path).suffix.lower()
+                texts.extend(records(handle, suffix, self.field, path, limit=count))
+        return texts
+
+
 def _read(payload: Any) -> list[Any]:
-    return payload.read() if isinstance(payload, ParquetRows) else payload
+    return payload.read() if isinstance(payload, ParquetRows | LineRows) else payload
 
 
-def _parquet_files(data: Any) -> list[Path] | None:
-    """``data`` as Parquet files: a ``pathlib.Path`` or a list of them, all ``.parquet``."""
+def _input_files(data: Any) -> list[Path] | None:
+    """``data`` as input files: a ``pathlib.Path`` or a list of them, all ``.parquet`` or all
+    line files (text, ``.jsonl``, ``.ndjson``); CSV is read by the command line only."""
     paths = [data] if isinstance(data, Path) else data
-    if isinstance(paths, list | tuple) and paths and all(isinstance(p, Path) for p in paths):
-        wrong = [str(p) for p in paths if p.suffix.lower() != ".parquet"]
-        if wrong:
-            raise ValueError(f"files given as input must be .parquet files, got {wrong}")
-        return list(paths)
-    return None
+    if not (isinstance(paths, list | tuple) and paths and all(isinstance(p, Path) for p in paths)):
+        return None
+    suffixes = {p.suffix.lower() for p in paths}
+    if ".csv" in suffixes or (".parquet" in suffixes and len(suffixes) > 1):
+        raise ValueError(
+            "files given as input must be all .parquet, or all text / .jsonl / .ndjson files, "
+            f"got {[str(p) for p in paths]}"
+        )
+    return list(paths)
+
+
+def _line_index(
+    files: list[Path], field: str, shard_rows: int
+) -> list[tuple[str, int, dict[int, int]]]:
+    """Each line file's absolute path, number of texts, and the position of every text whose
+    index in the whole corpus is a multiple of ``shard_rows`` (where windows start). Reads the
+    files once, without keeping or parsing the texts (a JSON-lines file's first record is
+    checked for ``field``)."""
+    index, total = [], 0
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"input file {path} does not exist")
+        starts: dict[int, int] = {}
+        count = 0
+        with open_lines(str(path)) as handle:
+            while True:
+                position = handle.tell()
+                line = handle.readline()
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                if count == 0 and path.suffix.lower() in JSON_LINES:
+                    next(records(io.StringIO(line), path.suffix.lower(), field, str(path)))
+                if (total + count) % shard_rows == 0:
+                    starts[count] = position
+                count += 1
+        index.append((str(path.resolve()), count, starts))
+        total += count
+    return index
+
+
+def _line_windows(
+    index: list[tuple[str, int, dict[int, int]]], field: str, manifest: dict[str, Any]
+):
+    """The windows ``pending_windows`` would give for these files' texts, as LineRows."""
+    done = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
+    shard_rows = manifest["arguments"]["shard_rows"]
+    total = sum(count for _, count, _ in index)
+    for k, start in enumerate(range(done, total, shard_rows)):
+        stop = min(start + shard_rows, total)
+        segments, offset = [], 0
+        for path, count, starts in index:
+            if offset < stop and offset + count > start:
+                first = max(start - offset, 0)
+                # A window starts in a file at a multiple of shard_rows, or at the file's start.
+                position = starts[first] if first else 0
+                segments.append((path, position, min(stop - offset, count) - first))
+            offset += count
+        yield len(manifest["shards"]) + k, start, LineRows(tuple(segments), field)
 
 
 def _parquet_counts(files: list[Path], column: str) -> list[tuple[str, int]]:
