@@ -341,20 +341,30 @@ def _line_windows(
     index: list[tuple[str, int, dict[int, int]]], field: str, manifest: dict[str, Any]
 ):
     """The windows ``pending_windows`` would give for these files' texts, as LineRows."""
+    for shard, start, spans in _file_windows([count for _, count, _ in index], manifest):
+        segments = []
+        for i, first, stop in spans:
+            path, _, starts = index[i]
+            # A window starts in a file at a multiple of shard_rows, or at the file's start.
+            segments.append((path, starts[first] if first else 0, stop - first))
+        yield shard, start, LineRows(tuple(segments), field)
+
+
+def _file_windows(counts: list[int], manifest: dict[str, Any]):
+    """The windows ``pending_windows`` would give for a corpus made of files of ``counts``
+    rows each, read one after another: ``(shard, first row, spans)`` with one ``(file index,
+    first row, end row)`` span, in that file's rows, for each file the window covers."""
     done = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
     shard_rows = manifest["arguments"]["shard_rows"]
-    total = sum(count for _, count, _ in index)
+    total = sum(counts)
     for k, start in enumerate(range(done, total, shard_rows)):
         stop = min(start + shard_rows, total)
-        segments, offset = [], 0
-        for path, count, starts in index:
-            if offset < stop and offset + count > start:
-                first = max(start - offset, 0)
-                # A window starts in a file at a multiple of shard_rows, or at the file's start.
-                position = starts[first] if first else 0
-                segments.append((path, position, min(stop - offset, count) - first))
-            offset += count
-        yield len(manifest["shards"]) + k, start, LineRows(tuple(segments), field)
+        spans, offset = [], 0
+        for i, rows in enumerate(counts):
+            if offset < stop and offset + rows > start:
+                spans.append((i, max(start - offset, 0), min(stop - offset, rows)))
+            offset += rows
+        yield len(manifest["shards"]) + k, start, spans
 
 
 def _parquet_counts(files: list[Path], column: str) -> list[tuple[str, int]]:
@@ -376,17 +386,9 @@ def _parquet_counts(files: list[Path], column: str) -> list[tuple[str, int]]:
 
 def _parquet_windows(counts: list[tuple[str, int]], column: str, manifest: dict[str, Any]):
     """The windows ``pending_windows`` would give for these files' rows, as ParquetRows."""
-    done = sum(s["rows"][1] - s["rows"][0] for s in manifest["shards"])
-    shard_rows = manifest["arguments"]["shard_rows"]
-    total = sum(n for _, n in counts)
-    for k, start in enumerate(range(done, total, shard_rows)):
-        stop = min(start + shard_rows, total)
-        segments, offset = [], 0
-        for path, rows in counts:
-            if offset < stop and offset + rows > start:
-                segments.append((path, max(start - offset, 0), min(stop - offset, rows)))
-            offset += rows
-        yield len(manifest["shards"]) + k, start, ParquetRows(tuple(segments), column)
+    for shard, start, spans in _file_windows([rows for _, rows in counts], manifest):
+        segments = tuple((counts[i][0], first, stop) for i, first, stop in spans)
+        yield shard, start, ParquetRows(segments, column)
 
 
 def _rows(ray: Any, data: Any, text_column: str) -> Iterable[Any]:
