@@ -175,14 +175,24 @@ class LogitDiff:
     def __repr__(self) -> str:
         return f"logit_diff(position={self.position}, good={self.good}, bad={self.bad})"
 
-    def _on_final_residual(self, model: Any, residual: np.ndarray) -> np.ndarray:
+    def _unembedding(self, model: Any) -> tuple[np.ndarray, np.ndarray]:
+        """The unembedding's columns and biases for ``good`` and ``bad``, ``[d, 2]`` and
+        ``[2]``: read once per sweep (``W_U`` is the whole vocabulary, and a torch-format model
+        copies it on every read)."""
+        tokens = [self.good, self.bad]
+        w_u, b_u = np.asarray(iv._host(model.W_U)), np.asarray(iv._host(model.b_U))
+        return w_u[:, tokens], b_u[tokens]
+
+    def _on_final_residual(
+        self, model: Any, residual: np.ndarray, unembedding: tuple[np.ndarray, np.ndarray]
+    ) -> np.ndarray:
         """The metric of each row of ``residual`` (the stream the MLM head reads, ``[rows, pos,
-        d_model]``), computing the head at ``position`` only: ``[rows]``."""
+        d_model]``), computing the head at ``position`` only, with ``unembedding`` from
+        :meth:`_unembedding`: ``[rows]``."""
         at = residual[:, self.position : self.position + 1]
         hidden = np.asarray(iv._host(model.mlm_head(at)), np.float64)
-        w_u, b_u = np.asarray(iv._host(model.W_U)), np.asarray(iv._host(model.b_U))
-        tokens = [self.good, self.bad]
-        logits = hidden[:, 0] @ w_u[:, tokens] + b_u[tokens]  # [rows, 2]
+        w_u, b_u = unembedding
+        logits = hidden[:, 0] @ w_u + b_u  # [rows, 2]
         return logits[:, 0] - logits[:, 1]
 
 
@@ -256,6 +266,7 @@ def generic_activation_patch(
     fast = isinstance(patching_metric, LogitDiff) and model.has_mlm_head
     if fast and not 0 <= patching_metric.position < pos:
         raise ValueError(f"{patching_metric!r}: position is outside the {pos} positions")
+    unembedding = patching_metric._unembedding(model) if fast else None
 
     def metric_of(logits: Any) -> float:
         value = patching_metric(logits)
@@ -313,7 +324,7 @@ def generic_activation_patch(
                 # Only the metric's position and tokens: the head on one position per row.
                 final = model._run_from_residual(x, layer, None, "residual", chunk_mask, [patch])
                 residual = np.asarray(iv._host(final), np.float32)
-                values = patching_metric._on_final_residual(model, residual)
+                values = patching_metric._on_final_residual(model, residual, unembedding)
                 for k, j in enumerate(chunk):
                     results[members[j]] = values[k * batch : (k + 1) * batch].mean()
                 continue
