@@ -834,6 +834,23 @@ mod tests {
         assert!(normalized.iter().all(|v| (v.abs() - 1.0).abs() < 0.1));
     }
 
+    /// Deterministic fused q, k, v rows for `s`, `[batch * pos, 3 * heads * d_head]`, in
+    /// [-1, 1).
+    fn fused_qkv(s: AttentionShape) -> Vec<f32> {
+        (0..s.batch * s.pos * 3 * s.heads * s.d_head)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect()
+    }
+
+    /// Part `i` (0: q, 1: k, 2: v) of a fused buffer from [`fused_qkv`].
+    fn part(qkv: &[f32], s: AttentionShape, i: usize) -> Heads<'_> {
+        let a = s.heads * s.d_head;
+        Heads {
+            data: &qkv[i * a..],
+            row_stride: 3 * a,
+        }
+    }
+
     #[test]
     fn fused_attention_equals_its_parts() {
         let s = AttentionShape {
@@ -843,13 +860,8 @@ mod tests {
             d_head: 4,
         };
         let a = s.heads * s.d_head;
-        let qkv: Vec<f32> = (0..s.batch * s.pos * 3 * a)
-            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
-            .collect();
-        let heads = |i: usize| Heads {
-            data: &qkv[i * a..],
-            row_stride: 3 * a,
-        };
+        let qkv = fused_qkv(s);
+        let heads = |i: usize| part(&qkv, s, i);
         let padding: Vec<f32> = (0..10)
             .map(|i| {
                 if i == 4 || i >= 8 {
@@ -902,14 +914,8 @@ mod tests {
             heads: 2,
             d_head: 4,
         };
-        let a = s.heads * s.d_head;
-        let qkv: Vec<f32> = (0..s.batch * s.pos * 3 * a)
-            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
-            .collect();
-        let heads = |i: usize| Heads {
-            data: &qkv[i * a..],
-            row_stride: 3 * a,
-        };
+        let qkv = fused_qkv(s);
+        let heads = |i: usize| part(&qkv, s, i);
         let padding: Vec<f32> = (0..s.batch * s.pos)
             .map(|i| if i > 280 { f32::NEG_INFINITY } else { 0.0 })
             .collect();

@@ -378,14 +378,9 @@ fn missing_and_misshaped_weights_are_named() {
     );
 }
 
-#[test]
-fn named_weights_rebuild_the_same_model() {
-    let original = model(config(2));
-    let mut weights = WeightMap::new();
-    for (name, tensor) in original.named_weights().unwrap() {
-        weights.insert(name, tensor);
-    }
-    let (rebuilt, unused) = HookedBert::load(config(2), &weights, &Device::Cpu).unwrap();
+/// Loading `weights` with `cfg` uses every tensor and gives `original`'s logits exactly.
+fn assert_rebuilds(original: &HookedBert, cfg: BertConfig, weights: &WeightMap) {
+    let (rebuilt, unused) = HookedBert::load(cfg, weights, &Device::Cpu).unwrap();
     assert!(unused.is_empty(), "{unused:?}");
     let a = original
         .forward(&input(), Output::Logits, &mut NoHooks)
@@ -394,6 +389,16 @@ fn named_weights_rebuild_the_same_model() {
         .forward(&input(), Output::Logits, &mut NoHooks)
         .unwrap();
     assert_eq!(max_abs_diff(&a, &b), 0.0);
+}
+
+#[test]
+fn named_weights_rebuild_the_same_model() {
+    let original = model(config(2));
+    let mut weights = WeightMap::new();
+    for (name, tensor) in original.named_weights().unwrap() {
+        weights.insert(name, tensor);
+    }
+    assert_rebuilds(&original, config(2), &weights);
     let names: Vec<String> = weights.names();
     assert!(names.contains(&"bert.pooler.dense.weight".to_string()));
     assert!(names.contains(&"cls.seq_relationship.bias".to_string()));
@@ -770,15 +775,7 @@ fn modernbert_weights_round_trip_and_have_no_biases_but_the_decoders() {
     assert!(!names.contains(&"model.layers.0.attn_norm.weight".to_string()));
     let biases: Vec<&String> = names.iter().filter(|n| n.ends_with(".bias")).collect();
     assert_eq!(biases, ["decoder.bias"]);
-    let (rebuilt, unused) = HookedBert::load(modern_config(), &weights, &Device::Cpu).unwrap();
-    assert!(unused.is_empty(), "{unused:?}");
-    let a = original
-        .forward(&input(), Output::Logits, &mut NoHooks)
-        .unwrap();
-    let b = rebuilt
-        .forward(&input(), Output::Logits, &mut NoHooks)
-        .unwrap();
-    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    assert_rebuilds(&original, modern_config(), &weights);
 }
 
 #[test]
