@@ -181,3 +181,57 @@ def test_repeated_bert_sized_passes_finish():
         assert model.unembed(x).shape == (1, 16, 28996)
         assert model(tokens).shape == (32, 128, 28996)
     torch.cuda.synchronize()
+
+
+@on_gpu
+def test_gradients_on_the_gpu_match_the_cpu(checkpoint, gpu_model):
+    """The backward pass on a CUDA model (Candle's ops on the GPU): every hook point's gradient
+    equals the CPU's, through a torch metric on the GPU logits, a backward hook, a forward edit
+    that torch differentiates, and padding; also from a NumPy grad_output."""
+    tokens, types, mask = checkpoint.batch(seed=11)
+    cpu_model = HookedEncoder.from_pretrained(checkpoint.path)
+    position, good, bad = 1, 5, 7
+
+    def metric(logits):
+        return (logits[:, position, good] - logits[:, position, bad]).sum()
+
+    def ablate_head_0(pattern, hook):
+        pattern = pattern.clone()
+        pattern[:, 0] = 0.0
+        return pattern
+
+    def halve_head_1(grad, hook):
+        grad = grad.clone()
+        grad[:, :, 1] *= 0.5
+        return grad
+
+    def run(model, device):
+        as_device = lambda a: torch.tensor(a, device=device)  # noqa: E731
+        with model.hooks(
+            fwd_hooks=[("blocks.0.attn.hook_pattern", ablate_head_0)],
+            bwd_hooks=[("blocks.1.attn.hook_z", halve_head_1)],
+        ):
+            _, cache = model.run_with_cache(
+                as_device(tokens),
+                token_type_ids=as_device(types),
+                one_zero_attention_mask=as_device(mask),
+                incl_bwd=True,
+                metric=metric,
+            )
+        return cache
+
+    cpu, gpu = run(cpu_model, "cpu"), run(gpu_model, "cuda")
+    grads = [name for name in cpu if name.endswith("_grad")]
+    assert grads and sorted(gpu.keys()) == sorted(cpu.keys())
+    for name in grads:
+        assert gpu[name].is_cuda, name
+        torch.testing.assert_close(gpu[name].cpu(), cpu[name], atol=1e-5, rtol=1e-4, msg=name)
+    grad_output = (
+        np.random.default_rng(0)
+        .standard_normal((*tokens.shape, checkpoint.config.vocab_size))
+        .astype(np.float32)
+    )
+    from_numpy = gpu_model.grad(tokens, grad_output=grad_output, one_zero_attention_mask=mask)
+    expected = cpu_model.grad(tokens, grad_output=grad_output, one_zero_attention_mask=mask)
+    for name, value in expected.items():
+        np.testing.assert_allclose(from_numpy[name], value, atol=1e-5, rtol=1e-4, err_msg=name)

@@ -856,13 +856,13 @@ class HookedEncoder:
             leaf, edited = backward.edits.pop(name)
             if edited.requires_grad:
                 (through,) = torch.autograd.grad(
-                    edited, leaf, torch.as_tensor(grad), allow_unused=True
+                    edited, leaf, _to_torch(grad).to(edited.device), allow_unused=True
                 )
             else:
                 through = None  # the hook replaced the activation with a constant
             replaced = torch.zeros_like(leaf) if through is None else through
         if replaced is None:
-            return grad
+            return _to_numpy(grad)  # on a GPU, Rust takes the gradient back as NumPy
         if _is_torch_tensor(replaced):
             replaced = replaced.detach().float().cpu().numpy()
         return np.ascontiguousarray(replaced, dtype=np.float32)
@@ -902,7 +902,7 @@ class HookedEncoder:
                 raise ValueError("metric's result does not depend on the output")
             (d_output,) = torch.autograd.grad(value.reshape(()), out, allow_unused=True)
             grad = np.ascontiguousarray(
-                np.zeros(out.shape, np.float32) if d_output is None else d_output.numpy()
+                np.zeros(out.shape, np.float32) if d_output is None else d_output.cpu().numpy()
             )
         dispatch = [
             name
@@ -930,10 +930,6 @@ class HookedEncoder:
             raise ValueError(
                 f"gradients are computed in float32 only; this model is {self._model.dtype}: "
                 "use model.to('float32')"
-            )
-        if not self._model.device.startswith("cpu"):
-            raise NotImplementedError(
-                "gradients run on the CPU only in this version; use model.to('cpu')"
             )
         backward = _Backward(names, metric, grad_output)
         token = _BACKWARD.set(backward)
