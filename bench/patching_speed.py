@@ -197,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=("sweeps", "chunks", "ablation"), help="run one group of cells"
     )
+    parser.add_argument(
+        "--systems", default="ours,loop,tl", help="sweep columns to run (ours,loop,tl)"
+    )
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -212,9 +215,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     cb, cp = compare.parse_shapes(args.chunk_shape)[0]
     tl_missing = compare.tl_unavailable()
+    systems = set(args.systems.split(","))
     groups = {
-        "sweeps": [(f"{system}:{sweep}", sb, sp) for sweep in SWEEPS for system in ("ours", "loop")]
-        + ([(f"tl:{sweep}", sb, sp) for sweep in SWEEPS] if tl_missing is None else []),
+        "sweeps": [
+            (f"{system}:{sweep}", sb, sp)
+            for sweep in SWEEPS
+            for system in ("ours", "loop")
+            if system in systems
+        ]
+        + (
+            [(f"tl:{sweep}", sb, sp) for sweep in SWEEPS]
+            if tl_missing is None and "tl" in systems
+            else []
+        ),
         "chunks": [(f"chunk:{int(rows)}", cb, cp) for rows in args.chunk_rows.split(",")],
         "ablation": [(f"ablation:{kind}", ab, ap) for kind in ("plain", "declarative", "hook")],
     }

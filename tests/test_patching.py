@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import make_checkpoint
+from conftest import make_checkpoint, make_modernbert_checkpoint
 from hooked_encoder import HookedEncoder, patching
 
 POS = 6
@@ -141,6 +141,54 @@ def test_padding_masks_and_token_types_reach_every_patched_run(setup):
         setter, activation, axes = CASES[name]
         ours = getattr(patching, name)(model, corrupted, cache, metric, **kwargs)
         close(ours, loop(model, corrupted, cache, setter, activation, axes, **kwargs))
+
+
+@pytest.mark.parametrize("family", ["bert", "modernbert"])
+def test_patches_after_attention_equal_the_loop_on_post_and_pre_ln_blocks(tmp_path_factory, family):
+    """A patch at an activation computed after attention (z, result, attn_out, resid_mid, the
+    MLP's pre/post, mlp_out) reruns its block at the patched positions alone; with padding, on
+    BERT's post-LN blocks (hook_result on) and ModernBERT's pre-LN ones (windowed attention,
+    gated MLP), every sweep still equals the per-patch loop, also with the logit_diff metric."""
+    directory = tmp_path_factory.mktemp(f"local-{family}")
+    if family == "bert":
+        ck = make_checkpoint(directory, seed=8)
+        model = HookedEncoder.from_pretrained(ck.path, use_attn_result=True)
+    else:
+        ck = make_modernbert_checkpoint(directory, seed=8)
+        model = HookedEncoder.from_pretrained(ck.path)
+    clean, _, mask = ck.batch(seed=3, batch=2, pos=POS)
+    corrupted, _, _ = ck.batch(seed=4, batch=2, pos=POS)
+    assert not mask.all()
+    _, cache = model.run_with_cache(clean, one_zero_attention_mask=mask)
+    by_pos = (patching.layer_pos_head_vector_patch_setter, ("layer", "pos", "head"))
+    at_pos = (patching.layer_pos_patch_setter, ("layer", "pos"))
+    cases = {"z": by_pos, "attn_out": at_pos, "resid_mid": at_pos, "pre": at_pos}
+    cases |= {"post": at_pos, "mlp_out": at_pos}
+    if family == "bert":
+        cases["result"] = by_pos
+    for activation, (setter, axes) in cases.items():
+        ours = patching.generic_activation_patch(
+            model,
+            corrupted,
+            cache,
+            metric,
+            setter,
+            activation,
+            axes,
+            one_zero_attention_mask=mask,
+        )
+        expected = loop(
+            model, corrupted, cache, setter, activation, axes, one_zero_attention_mask=mask
+        )
+        assert np.abs(expected).max() > 0
+        close(ours, expected)
+    fast = patching.get_act_patch_attn_head_out_by_pos(
+        model, corrupted, cache, patching.logit_diff(POS - 1, 5, 7), one_zero_attention_mask=mask
+    )
+    expected = loop(
+        model, corrupted, cache, *by_pos[:1], "z", by_pos[1], one_zero_attention_mask=mask
+    )
+    close(fast, expected)
 
 
 def test_the_every_helpers_stack_their_parts(setup):

@@ -12,13 +12,17 @@ computed once; every patch of layer ``l`` then starts from it at ``start_at_laye
 the blocks from ``l`` on are rerun, and many patched runs go through one batched forward: each
 patched run is a group of the corrupted batch's rows carrying its own patch, applied by the Rust
 pass as a declarative edit (:mod:`hooked_encoder.interventions`), with no Python call during the
-pass. With the :func:`logit_diff` metric the MLM head runs only at its position and the
-unembedding only for its two tokens. :func:`attribution_patch` estimates a whole sweep from one
-backward pass instead. ``rows_per_chunk`` bounds the rows of one forward (by default, what
-512 MiB holds). ``patching_metric(logits)`` is called once per patched run on that run's
-logits, as in TransformerLens (torch tensors for torch input, NumPy arrays otherwise). With
-TransformerLens's setters (``layer_pos_patch_setter``, ...) the patch is batched; any other
-``patch_setter`` runs one ``run_with_hooks`` per patch, as TransformerLens does.
+pass. A patch at an activation computed after attention has mixed the positions (``z``,
+``result``, ``attn_out``, ``resid_mid``, the MLP's ``pre``/``post``, ``mlp_out``) changes its
+block's output only at the patched positions, so that block is rerun at those positions alone
+and the batched pass starts at the next block. With the :func:`logit_diff` metric the MLM head
+runs only at its position and the unembedding only for its two tokens. :func:`attribution_patch`
+estimates a whole sweep from one backward pass instead. ``rows_per_chunk`` bounds the rows of
+one forward (by default, what 512 MiB holds). ``patching_metric(logits)`` is called once per
+patched run on that run's logits, as in TransformerLens (torch tensors for torch input, NumPy
+arrays otherwise). With TransformerLens's setters (``layer_pos_patch_setter``, ...) the patch is
+batched; any other ``patch_setter`` runs one ``run_with_hooks`` per patch, as TransformerLens
+does.
 
 Unlike TransformerLens's, every function takes ``one_zero_attention_mask`` and
 ``token_type_ids`` for the corrupted run (the clean cache must come from inputs of the same
@@ -85,6 +89,10 @@ _ACTIVATIONS = {
     "post": "mlp.hook_post",
 }
 
+# Activations computed after attention has mixed the positions, from which everything else in
+# their block works position by position: a patch of one at position p changes the block's
+# output at p alone.
+_POSITION_LOCAL = frozenset({"z", "result", "attn_out", "resid_mid", "pre", "post", "mlp_out"})
 
 # ---------------------------------------------------------------------- TransformerLens's setters
 
@@ -272,14 +280,39 @@ def generic_activation_patch(
         value = patching_metric(logits)
         return float(value.item() if hasattr(value, "item") else value)
 
-    # The corrupted run's residual stream entering every block, computed once.
-    _, corrupted = model.run_with_cache(
-        tokens,
-        return_type=None,
-        names_filter=lambda name: name.endswith("hook_resid_pre"),
-        one_zero_attention_mask=mask,
-        token_type_ids=types,
-    )
+    local = activation_name in _POSITION_LOCAL
+    n_layers = model.cfg.n_layers
+
+    @functools.cache
+    def corrupted() -> Any:
+        """The corrupted run's residual stream entering every block (and its z, for patches at
+        a position-local activation): computed once, when a batched sweep first needs it."""
+        _, cache = model.run_with_cache(
+            tokens,
+            return_type=None,
+            names_filter=lambda name: (
+                name.endswith("hook_resid_pre") or (local and name.endswith("attn.hook_z"))
+            ),
+            one_zero_attention_mask=mask,
+            token_type_ids=types,
+        )
+        return cache
+
+    def entering(layer: int) -> np.ndarray:
+        """The corrupted residual stream entering block ``layer`` (``n_layers``: leaving the
+        last block, before any final norm)."""
+        if layer < n_layers:
+            return np.asarray(iv._host(corrupted()[f"blocks.{layer}.hook_resid_pre"]), np.float32)
+        last = model.forward(
+            tokens,
+            return_type=None,
+            stop_at_layer=n_layers,
+            one_zero_attention_mask=mask,
+            token_type_ids=types,
+        )
+        return np.asarray(iv._host(last), np.float32)
+
+    per_chunk: int | None = None  # patched runs per forward, sized at the first batched layer
     by_layer: dict[int, list[int]] = {}
     for i, index in enumerate(indices):
         by_layer.setdefault(int(index[0]), []).append(i)
@@ -305,24 +338,34 @@ def generic_activation_patch(
                 )
                 results[i] = metric_of(logits)
             continue
-        resid = np.asarray(iv._host(corrupted[f"blocks.{layer}.hook_resid_pre"]), np.float32)
-        per_chunk = max(1, _rows_per_chunk(model, batch, pos, clean, rows_per_chunk) // batch)
+        resid = entering(layer)
+        if local:
+            after = entering(layer + 1)
+            z = np.asarray(iv._host(corrupted()[f"blocks.{layer}.attn.hook_z"]), np.float32)
+        if per_chunk is None:
+            per_chunk = max(1, _rows_per_chunk(model, batch, pos, clean, rows_per_chunk) // batch)
         for start in range(0, len(members), per_chunk):
             chunk = list(range(start, min(start + per_chunk, len(members))))
             n = len(chunk)
-            # [n * batch, ...]: each patched run's rows carry its own selection.
-            where = np.repeat(np.stack([selections[j] for j in chunk]), batch, axis=0)
-            patch = iv.replace(
-                name,
-                np.tile(clean, (n,) + (1,) * (clean.ndim - 1)),
-                where=where,
-                include_padding=True,
-            )
-            x = np.tile(resid, (n, 1, 1))
+            picked = [selections[j] for j in chunk]
+            if local:
+                # Block `layer` reruns only at the patched positions; the pass starts after it.
+                x = _block_outputs_patched_at(model, layer, name, picked, clean, resid, z, after)
+                first, edits = layer + 1, None
+            else:
+                # [n * batch, ...]: each patched run's rows carry its own selection.
+                patch = iv.replace(
+                    name,
+                    np.tile(clean, (n,) + (1,) * (clean.ndim - 1)),
+                    where=np.repeat(np.stack(picked), batch, axis=0),
+                    include_padding=True,
+                )
+                x = np.tile(resid, (n, 1, 1))
+                first, edits = layer, [patch]
             chunk_mask = None if mask is None else np.tile(mask, (n, 1))
             if fast:
                 # Only the metric's position and tokens: the head on one position per row.
-                final = model._run_from_residual(x, layer, None, "residual", chunk_mask, [patch])
+                final = model._run_from_residual(x, first, None, "residual", chunk_mask, edits)
                 residual = np.asarray(iv._host(final), np.float32)
                 values = patching_metric._on_final_residual(model, residual, unembedding)
                 for k, j in enumerate(chunk):
@@ -330,9 +373,9 @@ def generic_activation_patch(
                 continue
             logits = model.forward(
                 _like(x, corrupted_tokens) if is_torch else x,
-                start_at_layer=layer,
+                start_at_layer=first,
                 one_zero_attention_mask=chunk_mask,
-                interventions=[patch],
+                interventions=edits,
             )
             for k, j in enumerate(chunk):
                 results[members[j]] = metric_of(logits[k * batch : (k + 1) * batch])
@@ -343,6 +386,53 @@ def generic_activation_patch(
         out = torch.from_numpy(out)
     if return_index_df:
         return out, index_df if index_df is not None else _index_frame(indices, index_axis_names)
+    return out
+
+
+def _block_outputs_patched_at(
+    model: Any,
+    layer: int,
+    name: str,
+    selections: list[np.ndarray],
+    clean: np.ndarray,
+    resid: np.ndarray,
+    z: np.ndarray,
+    after: np.ndarray,
+) -> np.ndarray:
+    """The residual stream leaving block ``layer`` in each patched run (``[len(selections) *
+    batch, pos, d_model]``) for patches of ``name``, a position-local activation (see
+    ``_POSITION_LOCAL``): the corrupted run's stream ``after`` except at the positions a patch
+    touches, where the block is rerun on each such position alone, as a sequence of one,
+    starting from the corrupted ``resid`` there. Its attention (which would see only that
+    position) is overridden by the corrupted run's ``z`` there, then ``name`` is patched from
+    ``clean``: the block's output at that position is exactly the full patched run's."""
+    batch = resid.shape[0]
+    shape = clean.shape[1:]
+    runs, rows, positions, wheres = [], [], [], []
+    for k, selection in enumerate(selections):
+        selected = np.broadcast_to(selection, shape)
+        for p in np.flatnonzero(selected.reshape(shape[0], -1).any(axis=1)):
+            for b in range(batch):
+                runs.append(k * batch + b)
+                rows.append(b)
+                positions.append(p)
+                wheres.append(selected[p])
+    out = np.tile(after, (len(selections), 1, 1))
+    if not runs:
+        return out
+    rows_, positions_ = np.array(rows), np.array(positions)
+    fixed = iv.replace(f"blocks.{layer}.attn.hook_z", z[rows_, positions_][:, None])
+    patch = iv.replace(
+        name,
+        clean[rows_, positions_][:, None],
+        where=np.stack(wheres)[:, None],
+        include_padding=True,
+    )
+    one_position = resid[rows_, positions_][:, None]
+    block_out = model._run_from_residual(
+        one_position, layer, layer + 1, "residual", None, [fixed, patch]
+    )
+    out[np.array(runs), positions_] = np.asarray(iv._host(block_out), np.float32)[:, 0]
     return out
 
 
