@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "python": platform.python_version(),
         "commit": compare.git_commit(),
-        "transformer_lens": None if tl_missing else compare.version_of("transformer-lens"),
+        "transformer_lens": (
+            None if tl_missing or "tl" not in systems else compare.version_of("transformer-lens")
+        ),
         "results": results,
     }
     if tl_missing:
