@@ -264,11 +264,8 @@ def resolve(
         if not names:
             raise ValueError(f"{intervention!r}: no hook point matches {intervention.hook!r}")
         for name in names:
-            symbolic, _ = describe_hook(name, model.cfg)
-            shape = tuple(
-                int(d) if d.isdigit() else dims[d]
-                for d in (part.strip() for part in symbolic.strip("[]").split(","))
-            )
+            _, axes = _axes(name, model.cfg)
+            shape = tuple(int(d) if d.isdigit() else dims[d] for d in axes)
             mask, op, value = _resolve_one(
                 intervention,
                 name,
@@ -280,6 +277,13 @@ def resolve(
             )
             edits.append((name, mask, op, value))
     return edits
+
+
+def _axes(name: str, cfg: Any) -> tuple[str, list[str]]:
+    """The shape of hook point ``name`` as documented (``"[batch, pos, head, d_head]"``) and
+    its axis names."""
+    symbolic, _ = describe_hook(name, cfg)
+    return symbolic, [part.strip() for part in symbolic.strip("[]").split(",")]
 
 
 def _resolve_one(
@@ -297,8 +301,7 @@ def _resolve_one(
     def fail(message: str) -> ValueError:
         return ValueError(f"{intervention!r} at {name}: {message}")
 
-    symbolic, _ = describe_hook(name, getattr(model, "cfg", None))
-    axes = [part.strip() for part in symbolic.strip("[]").split(",")]
+    symbolic, axes = _axes(name, getattr(model, "cfg", None))
     if len(axes) != len(shape):
         raise fail(f"the activation has shape {list(shape)}, expected {symbolic}")
     mask_shape = [n if axis in _SELECTABLE else 1 for axis, n in zip(axes, shape, strict=True)]

@@ -343,7 +343,8 @@ def generic_activation_patch(
             after = entering(layer + 1)
             z = np.asarray(iv._host(corrupted()[f"blocks.{layer}.attn.hook_z"]), np.float32)
         if per_chunk is None:
-            per_chunk = max(1, _rows_per_chunk(model, batch, pos, clean, rows_per_chunk) // batch)
+            rows = _rows_per_chunk(model, batch, pos, clean, rows_per_chunk, logits=not fast)
+            per_chunk = max(1, rows // batch)
         for start in range(0, len(members), per_chunk):
             chunk = list(range(start, min(start + per_chunk, len(members))))
             n = len(chunk)
@@ -446,19 +447,20 @@ def _like(x: np.ndarray, example: Any) -> Any:
     return torch.from_numpy(x).to(example.device) if hasattr(example, "device") else x
 
 
-def _rows_per_chunk(model: Any, batch: int, pos: int, clean: np.ndarray, given: int | None) -> int:
+def _rows_per_chunk(
+    model: Any, batch: int, pos: int, clean: np.ndarray, given: int | None, logits: bool = True
+) -> int:
     """Rows per batched forward: ``given``, or what 512 MiB holds (a quarter of the available
-    memory if that is less): the logits, the working set of a block, the patch values and mask;
-    at least one patched run. Peak memory follows the chunk while time hardly does
-    (``bench/patching_speed.py --only chunks``)."""
+    memory if that is less): the logits (unless the metric needs none: ``logit_diff``), the
+    working set of a block, the patch values and mask; at least one patched run. Peak memory
+    follows the chunk while time hardly does (``bench/patching_speed.py --only chunks``)."""
     if given is not None:
         if isinstance(given, bool) or not isinstance(given, int) or given < 1:
             raise ValueError(f"rows_per_chunk must be a positive int, got {given!r}")
         return max(given, batch)
     cfg = model.cfg
-    per_row = (
-        4 * pos * (cfg.d_vocab + 6 * cfg.d_model + 3 * cfg.n_heads * cfg.d_head + 2 * cfg.d_mlp)
-    )
+    per_position = 6 * cfg.d_model + 3 * cfg.n_heads * cfg.d_head + 2 * cfg.d_mlp
+    per_row = 4 * pos * (per_position + (cfg.d_vocab if logits else 0))
     per_row += 5 * clean[0].size  # the patch value (float32) and its mask (uint8)
     budget = min(512 << 20, (available_bytes() or 4 << 30) // 4)
     return int(max(batch, budget // per_row))
