@@ -63,6 +63,8 @@ class Model:
         dispatch: list[str],
         dispatcher: Dispatcher | None,
         tape: GradTape | None = None,
+        edits: list[EditSpec] | None = None,
+        position: int | None = None,
     ) -> tuple[Activation, list[tuple[str, Activation]]]: ...
     def backward(
         self,
@@ -71,6 +73,7 @@ class Model:
         record: list[str],
         dispatch: list[str],
         dispatcher: Dispatcher | None,
+        edits: list[EditSpec] | None = None,
     ) -> tuple[Activation, list[tuple[str, Activation]]]: ...
     def apply(
         self,
@@ -98,3 +101,5 @@ class Model:
 # NumPy on the CPU, a DeviceTensor on a GPU.
 Activation = npt.NDArray[np.float32] | DeviceTensor
 Dispatcher = Callable[[str, Activation], npt.NDArray[np.float32]]
+# An edit applied by the pass itself: (hook name, uint8 mask, op, float32 value).
+EditSpec = tuple[str, npt.NDArray[np.uint8], str, npt.NDArray[np.float32]]

@@ -753,10 +753,13 @@ class HookedEncoder:
         head: str,
         one_zero_attention_mask: Any = None,
         interventions: Sequence[Any] | None = None,
+        position: int | None = None,
     ) -> Any:
         """Runs from the residual stream ``input`` entering block ``start_at_layer``: up to
         block ``stop_at_layer``, or through the last block and ``head`` ("logits", or
-        "residual": the stream the MLM head reads, after a pre-LN model's final norm)."""
+        "residual": the stream the MLM head reads, after a pre-LN model's final norm). With
+        ``position`` ("residual" only), the last block computes that position alone after its
+        attention and the result is ``[batch, 1, d_model]``."""
         residual = _float_array(input, "a residual-stream input")
         mask = _optional_mask(one_zero_attention_mask)
         edits = self._edits(interventions, residual.shape[:2], None, mask)
@@ -773,6 +776,7 @@ class HookedEncoder:
                 head,
                 *hooks,
                 edits=edits,
+                position=position,
             ),
         )
 

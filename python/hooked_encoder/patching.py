@@ -15,14 +15,14 @@ pass as a declarative edit (:mod:`hooked_encoder.interventions`), with no Python
 pass. A patch at an activation computed after attention has mixed the positions (``z``,
 ``result``, ``attn_out``, ``resid_mid``, the MLP's ``pre``/``post``, ``mlp_out``) changes its
 block's output only at the patched positions, so that block is rerun at those positions alone
-and the batched pass starts at the next block. With the :func:`logit_diff` metric the MLM head
-runs only at its position and the unembedding only for its two tokens. :func:`attribution_patch`
-estimates a whole sweep from one backward pass instead. ``rows_per_chunk`` bounds the rows of
-one forward (by default, what 512 MiB holds). ``patching_metric(logits)`` is called once per
-patched run on that run's logits, as in TransformerLens (torch tensors for torch input, NumPy
-arrays otherwise). With TransformerLens's setters (``layer_pos_patch_setter``, ...) the patch is
-batched; any other ``patch_setter`` runs one ``run_with_hooks`` per patch, as TransformerLens
-does.
+and the batched pass starts at the next block. With the :func:`logit_diff` metric the last block
+after its attention and the MLM head run only at its position, and the unembedding only for its
+two tokens. :func:`attribution_patch` estimates a whole sweep from one backward pass instead.
+``rows_per_chunk`` bounds the rows of one forward (by default, what 512 MiB holds).
+``patching_metric(logits)`` is called once per patched run on that run's logits, as in
+TransformerLens (torch tensors for torch input, NumPy arrays otherwise). With TransformerLens's
+setters (``layer_pos_patch_setter``, ...) the patch is batched; any other ``patch_setter`` runs
+one ``run_with_hooks`` per patch, as TransformerLens does.
 
 Unlike TransformerLens's, every function takes ``one_zero_attention_mask`` and
 ``token_type_ids`` for the corrupted run (the clean cache must come from inputs of the same
@@ -168,8 +168,8 @@ def _selection(setter: Callable, index: Sequence[int], shape: tuple[int, ...]) -
 class LogitDiff:
     """A patching metric: the mean over the batch of ``logits[:, position, good] -
     logits[:, position, bad]`` (TransformerLens's usual logit difference). Called on full
-    logits like any metric; a sweep given one computes the MLM head only at ``position`` and the
-    unembedding only for ``good`` and ``bad``, so a patched run costs its blocks alone."""
+    logits like any metric; a sweep given one computes the last block after its attention and
+    the MLM head only at ``position``, and the unembedding only for ``good`` and ``bad``."""
 
     def __init__(self, position: int, good: int, bad: int) -> None:
         for what, value in (("position", position), ("good", good), ("bad", bad)):
@@ -194,11 +194,10 @@ class LogitDiff:
     def _on_final_residual(
         self, model: Any, residual: np.ndarray, unembedding: tuple[np.ndarray, np.ndarray]
     ) -> np.ndarray:
-        """The metric of each row of ``residual`` (the stream the MLM head reads, ``[rows, pos,
-        d_model]``), computing the head at ``position`` only, with ``unembedding`` from
+        """The metric of each row of ``residual`` (the stream the MLM head reads, at
+        ``position`` only: ``[rows, 1, d_model]``), with ``unembedding`` from
         :meth:`_unembedding`: ``[rows]``."""
-        at = residual[:, self.position : self.position + 1]
-        hidden = np.asarray(iv._host(model.mlm_head(at)), np.float64)
+        hidden = np.asarray(iv._host(model.mlm_head(residual)), np.float64)
         w_u, b_u = unembedding
         logits = hidden[:, 0] @ w_u + b_u  # [rows, 2]
         return logits[:, 0] - logits[:, 1]
@@ -366,7 +365,9 @@ def generic_activation_patch(
             chunk_mask = None if mask is None else np.tile(mask, (n, 1))
             if fast:
                 # Only the metric's position and tokens: the head on one position per row.
-                final = model._run_from_residual(x, first, None, "residual", chunk_mask, edits)
+                final = model._run_from_residual(
+                    x, first, None, "residual", chunk_mask, edits, patching_metric.position
+                )
                 residual = np.asarray(iv._host(final), np.float32)
                 values = patching_metric._on_final_residual(model, residual, unembedding)
                 for k, j in enumerate(chunk):

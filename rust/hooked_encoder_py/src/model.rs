@@ -286,7 +286,9 @@ impl Model {
     /// returns the activation to continue with.
     /// With `tape`, the pass also keeps what `backward` needs, in `tape`.
     /// `edits` are applied at their points, in order, before Python hooks (see [`EditSpec`]).
-    #[pyo3(signature = (tokens, residual, token_type_ids, attention_mask, start_layer, stop_layer, output, record, dispatch, dispatcher, tape=None, edits=None))]
+    /// With `position` (output "residual", no `stop_layer`, no `tape`), only that position of
+    /// the output is computed after the last block's attention, `[batch, 1, d_model]`.
+    #[pyo3(signature = (tokens, residual, token_type_ids, attention_mask, start_layer, stop_layer, output, record, dispatch, dispatcher, tape=None, edits=None, position=None))]
     #[allow(clippy::too_many_arguments)]
     fn forward<'py>(
         &self,
@@ -303,6 +305,7 @@ impl Model {
         dispatcher: Option<Py<PyAny>>,
         tape: Option<PyRef<'py, GradTape>>,
         edits: Option<Vec<EditSpec<'py>>>,
+        position: Option<usize>,
     ) -> PyResult<ForwardResult<'py>> {
         let output = match output {
             "logits" => Output::Logits,
@@ -310,6 +313,13 @@ impl Model {
             "next_sentence" => Output::NextSentence,
             other => return Err(PyValueError::new_err(format!("unknown output {other:?}"))),
         };
+        if position.is_some()
+            && (output != Output::Residual || stop_layer.is_some() || tape.is_some())
+        {
+            return Err(PyValueError::new_err(
+                "position= is for the residual stream after the last block, without a tape",
+            ));
+        }
         let tape = tape.map(|t| Arc::clone(&t.inner));
         // Runs the model, keeping a tape when one was asked for.
         let run = move |model: &HookedBert,
@@ -317,7 +327,10 @@ impl Model {
                         hooks: &mut PyHooks|
               -> hooked_encoder_core::Result<Tensor> {
             match &tape {
-                None => model.run(start, stop_layer, output, hooks),
+                None => match position {
+                    Some(position) => model.run_to_position(start, position, hooks),
+                    None => model.run(start, stop_layer, output, hooks),
+                },
                 Some(slot) => {
                     let (out, kept) = model.run_for_backward(start, stop_layer, output, hooks)?;
                     *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(kept);

@@ -110,13 +110,16 @@ pub(super) fn per_head_projection(x: &Tensor, w: &Tensor, bias: &Tensor) -> Resu
 
 impl HookedBert {
     /// Multi-head attention, as TransformerLens's `AbstractAttention` (with an additive key
-    /// mask), on a block's input. Returns the output including `b_O`.
+    /// mask), on a block's input. Returns the output including `b_O`, at every position or, with
+    /// `position`, at that one only (`[batch, 1, d_model]`; every position is still attended
+    /// to).
     pub(super) fn attention(
         &self,
         layer: usize,
         block: &Block,
         resid_pre: &Tensor,
         mask: &Mask,
+        position: Option<usize>,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let qkv = if self.cfg.use_split_qkv_input {
@@ -124,7 +127,7 @@ impl HookedBert {
         } else {
             Qkv::Fused(block.qkv.forward(resid_pre, None)?)
         };
-        self.attention_from(layer, block, qkv, mask, hooks)
+        self.attention_from(layer, block, qkv, mask, position, hooks)
     }
 
     /// With `use_split_qkv_input`: every head gets its own copy of the input (hooked as
@@ -158,24 +161,25 @@ impl HookedBert {
     }
 
     /// Attention from projected queries, keys and values: hooks on q, k, v, the scores, the
-    /// pattern and z, then the output projection.
+    /// pattern and z, then the output projection (at `position` only, if given).
     pub(super) fn attention_from(
         &self,
         layer: usize,
         block: &Block,
         qkv: Qkv,
         mask: &Mask,
+        position: Option<usize>,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let z = if self.uses_cpu_kernels() {
             self.attention_z_cpu(layer, qkv, mask, hooks)?
         } else {
             self.attention_z_generic(layer, qkv, mask, hooks)?
         };
-        let z = hook(hooks, at(BlockHook::Z), z)?;
+        let z = at_position(&hook(hooks, at(BlockHook::Z), z)?, position)?;
+        let (b, p) = (z.dim(0)?, z.dim(1)?);
         if self.cfg.use_attn_result {
             let heads = block.heads.as_ref().ok_or_else(missing_head_weights)?;
             // result[b, p, h] = z[b, p, h] @ W_O[h], without b_O.

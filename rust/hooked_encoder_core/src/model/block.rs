@@ -29,6 +29,14 @@ impl Block {
     }
 }
 
+/// `x` (`[batch, pos, ...]`) at `position` only (`[batch, 1, ...]`), or all of it.
+pub(super) fn at_position(x: &Tensor, position: Option<usize>) -> Result<Tensor> {
+    Ok(match position {
+        Some(m) => x.narrow(1, m, 1)?.contiguous()?,
+        None => x.clone(),
+    })
+}
+
 /// `a + b` for tensors of one shape.
 pub(super) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if cpu::kernels_on(a.device(), a.dtype()) && a.dims() == b.dims() {
@@ -40,19 +48,23 @@ pub(super) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 impl HookedBert {
-    /// Block `layer` on its input `x`, every activation through its hook point.
+    /// Block `layer` on its input `x`, every activation through its hook point. With
+    /// `position`, everything after attention is computed at that position alone and the
+    /// output is `[batch, 1, d_model]` (attention still reads every position): for a caller
+    /// that reads one position of the last block's output.
     pub(super) fn block(
         &self,
         layer: usize,
         block: &Block,
         x: Tensor,
         mask: &Mask,
+        position: Option<usize>,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         if self.cfg.family.pre_layer_norm() {
-            self.pre_ln_block(layer, block, x, mask, hooks)
+            self.pre_ln_block(layer, block, x, mask, position, hooks)
         } else {
-            self.post_ln_block(layer, block, x, mask, hooks)
+            self.post_ln_block(layer, block, x, mask, position, hooks)
         }
     }
 
@@ -81,11 +93,13 @@ impl HookedBert {
         block: &Block,
         x: Tensor,
         mask: &Mask,
+        position: Option<usize>,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let at = |kind| HookPoint::Block(layer, kind);
         let resid_pre = hook(hooks, at(BlockHook::ResidPre), x)?;
-        let attn_out = self.attention(layer, block, &resid_pre, mask, hooks)?;
+        let attn_out = self.attention(layer, block, &resid_pre, mask, position, hooks)?;
+        let resid_pre = at_position(&resid_pre, position)?;
         let attn_out = hook(hooks, at(BlockHook::AttnOut), attn_out)?;
         let resid_mid = hook(hooks, at(BlockHook::ResidMid), add(&resid_pre, &attn_out)?)?;
         let mlp_in = if self.cfg.use_hook_mlp_in {
@@ -174,6 +188,7 @@ impl HookedBert {
         block: &Block,
         x: Tensor,
         mask: &Mask,
+        position: Option<usize>,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let at = |kind| HookPoint::Block(layer, kind);
@@ -188,8 +203,9 @@ impl HookedBert {
             )?,
             None => resid_pre.clone(),
         };
-        let attn_out = self.attention(layer, block, &attn_in, mask, hooks)?;
+        let attn_out = self.attention(layer, block, &attn_in, mask, position, hooks)?;
         drop(attn_in);
+        let resid_pre = at_position(&resid_pre, position)?;
         let attn_out = hook(hooks, at(BlockHook::AttnOut), attn_out)?;
         let resid_mid = hook(hooks, at(BlockHook::ResidMid), add(&resid_pre, &attn_out)?)?;
         // As in TransformerLens, an edit at hook_mlp_in reaches the MLP, not the residual.

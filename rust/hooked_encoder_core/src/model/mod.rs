@@ -31,7 +31,7 @@ use activation::{act_backward, apply_act};
 use attention::{head_weights, missing_head_weights, HeadWeights, Mask, Qkv};
 use backward::missing_saved;
 pub use backward::Tape;
-use block::Block;
+use block::{at_position, Block};
 use heads::{Discriminator, MlmHead};
 use layer_norm::LayerNorm;
 use linear::Linear;
@@ -696,6 +696,33 @@ impl HookedBert {
         output: Output,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
+        self.run_through(start, stop_at_layer, output, None, hooks)
+    }
+
+    /// Runs the model from `start` through every block and returns the residual stream the
+    /// head would read (after a pre-LN model's final norm) at `position` only, `[batch, 1,
+    /// d_model]`: [`Output::Residual`] narrowed to one position. The last block's attention
+    /// reads every position, but what follows it (the output projection, the MLP, the norms)
+    /// runs at `position` alone, about two thirds of a block saved, unless a hook wants one of
+    /// that block's points (then it runs whole and its output is narrowed). For a metric that
+    /// reads one position, as a patching sweep's logit difference.
+    pub fn run_to_position(
+        &self,
+        start: Start<'_>,
+        position: usize,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        self.run_through(start, None, Output::Residual, Some(position), hooks)
+    }
+
+    fn run_through(
+        &self,
+        start: Start<'_>,
+        stop_at_layer: Option<usize>,
+        output: Output,
+        position: Option<usize>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
         let n_layers = self.cfg.n_layers;
         let stop = stop_at_layer.unwrap_or(n_layers);
         if stop > n_layers {
@@ -730,16 +757,31 @@ impl HookedBert {
                 (self.own(&x)?, layer, self.mask(b, p, attention_mask)?)
             }
         };
-        if first < stop {
-            let (b, p, _) = x.dims3()?;
-            mask.bias = self.relative_position_bias(b, p, hooks)?;
+        let p = x.dim(1)?;
+        if let Some(m) = position.filter(|m| *m >= p) {
+            return Err(Error::Input(format!(
+                "position {m} is outside the {p} positions of the input"
+            )));
         }
+        if first < stop {
+            mask.bias = self.relative_position_bias(x.dim(0)?, p, hooks)?;
+        }
+        // The last block runs at `position` alone where no hook would see the difference.
+        let hooked = |layer: usize| {
+            BlockHook::ALL
+                .iter()
+                .any(|kind| hooks.wants(HookPoint::Block(layer, *kind)))
+                || hooks.wants(HookPoint::LnFinalScale)
+                || hooks.wants(HookPoint::LnFinalNormalized)
+        };
+        let narrowed_block = position.filter(|_| first < stop && !hooked(stop - 1));
         for layer in first..stop {
             // Between blocks is where a caller can stop a long pass (Ctrl-C in Python).
             if hooks.interrupted() {
                 return Err(Error::Interrupted);
             }
-            x = self.block(layer, &self.blocks[layer], x, &mask, hooks)?;
+            let at = narrowed_block.filter(|_| layer + 1 == stop);
+            x = self.block(layer, &self.blocks[layer], x, &mask, at, hooks)?;
         }
         if hooks.interrupted() {
             return Err(Error::Interrupted);
@@ -754,6 +796,9 @@ impl HookedBert {
                 HookPoint::LnFinalNormalized,
                 hooks,
             )?;
+        }
+        if narrowed_block.is_none() {
+            x = at_position(&x, position)?;
         }
         match output {
             Output::Residual => Ok(x),
@@ -804,7 +849,7 @@ impl HookedBert {
         }
         let [q, k, v]: [Tensor; 3] = parts.try_into().map_err(|_| missing_head_weights())?;
         let mask = self.mask(b, p, attention_mask)?;
-        self.attention_from(layer, block, Qkv::Separate([q, k, v]), &mask, hooks)
+        self.attention_from(layer, block, Qkv::Separate([q, k, v]), &mask, None, hooks)
     }
 
     /// Refuses an output whose head the checkpoint lacks.

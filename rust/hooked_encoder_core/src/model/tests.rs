@@ -941,3 +941,83 @@ fn the_portable_ops_backward_a_gpu_runs_matches_the_cpu_kernels() {
         }
     }
 }
+
+#[test]
+fn running_to_one_position_equals_the_whole_output_at_that_position() {
+    // The last block computes everything after attention at one position: the same values as
+    // the whole pass there, for post-LN and pre-LN blocks, the optional split hooks, MPNet's
+    // relative bias, from a middle layer, from after the last block, and when a hook in the
+    // last block makes it run whole.
+    let mut all_optional = config(2);
+    all_optional.use_attn_result = true;
+    all_optional.use_split_qkv_input = true;
+    all_optional.use_hook_mlp_in = true;
+    let mpnet = BertConfig {
+        family: Family::Mpnet,
+        positions: Positions::FromIds { padding_idx: 1 },
+        relative_attention_buckets: Some(32),
+        n_token_types: 0,
+        ..config(2)
+    };
+    for cfg in [config(2), all_optional, mpnet, modern_config()] {
+        let family = cfg.family;
+        let n_layers = cfg.n_layers;
+        let model = model(cfg);
+        let (whole, records) = {
+            let out = model
+                .run(Start::Tokens(input()), None, Output::Residual, &mut NoHooks)
+                .unwrap();
+            (out, record_all(&model, &input()).1)
+        };
+        for position in 0..4 {
+            let expected = whole.narrow(1, position, 1).unwrap();
+            let at = model
+                .run_to_position(Start::Tokens(input()), position, &mut NoHooks)
+                .unwrap();
+            assert_eq!(at.dims(), &[2, 1, whole.dim(2).unwrap()]);
+            assert!(max_abs_diff(&at, &expected) < 1e-5, "{family:?} {position}");
+            for layer in [n_layers - 1, n_layers] {
+                let x = if layer < n_layers {
+                    get(&records, HookPoint::Block(layer, BlockHook::ResidPre))
+                } else {
+                    model
+                        .run(
+                            Start::Tokens(input()),
+                            Some(n_layers),
+                            Output::Residual,
+                            &mut NoHooks,
+                        )
+                        .unwrap()
+                };
+                let start = Start::Residual {
+                    x,
+                    layer,
+                    attention_mask: Some(&MASK),
+                };
+                let from = model
+                    .run_to_position(start, position, &mut NoHooks)
+                    .unwrap();
+                assert!(
+                    max_abs_diff(&from, &expected) < 1e-5,
+                    "{family:?} from {layer}"
+                );
+            }
+        }
+        // A hook in the last block sees it whole.
+        let mlp_out = HookPoint::Block(n_layers - 1, BlockHook::MlpOut);
+        let mut seen = Vec::new();
+        let mut hooks = Replace(mlp_out, |a: Tensor| {
+            seen.push(a.dims().to_vec());
+            a
+        });
+        let at = model
+            .run_to_position(Start::Tokens(input()), 2, &mut hooks)
+            .unwrap();
+        assert_eq!(seen, [vec![2, 4, whole.dim(2).unwrap()]]);
+        assert!(max_abs_diff(&at, &whole.narrow(1, 2, 1).unwrap()) < 1e-5);
+        let err = model
+            .run_to_position(Start::Tokens(input()), 4, &mut NoHooks)
+            .unwrap_err();
+        assert!(err.to_string().contains("position 4"), "{err}");
+    }
+}
