@@ -6,6 +6,28 @@ fn config(n_layers: usize) -> BertConfig {
     BertConfig::tiny(n_layers)
 }
 
+/// Two layers with every optional hook point on (`hook_result`, the split q/k/v inputs,
+/// `hook_mlp_in`).
+fn all_optional_config() -> BertConfig {
+    BertConfig {
+        use_attn_result: true,
+        use_split_qkv_input: true,
+        use_hook_mlp_in: true,
+        ..config(2)
+    }
+}
+
+/// A two-layer MPNet: relative position bias, positions from the token ids.
+fn mpnet_config() -> BertConfig {
+    BertConfig {
+        family: Family::Mpnet,
+        positions: Positions::FromIds { padding_idx: 1 },
+        relative_attention_buckets: Some(32),
+        n_token_types: 0,
+        ..config(2)
+    }
+}
+
 fn model(cfg: BertConfig) -> HookedBert {
     // A larger init than BERT's 0.02 so that every part of the network moves the output.
     scaled_model(cfg, 20.0)
@@ -621,11 +643,7 @@ fn assert_matches_finite_differences(
 
 #[test]
 fn every_hook_points_gradient_matches_finite_differences() {
-    let mut all_optional = config(2);
-    all_optional.use_attn_result = true;
-    all_optional.use_split_qkv_input = true;
-    all_optional.use_hook_mlp_in = true;
-    for cfg in [config(2), all_optional] {
+    for cfg in [config(2), all_optional_config()] {
         // Weights 5x BERT's init: every part matters, yet the model is smooth enough for
         // finite differences in float32.
         let model = scaled_model(cfg.clone(), 5.0);
@@ -903,23 +921,12 @@ fn the_portable_ops_backward_a_gpu_runs_matches_the_cpu_kernels() {
     };
     let mut causal = config(2);
     causal.attention_dir = AttentionDir::Causal;
-    let mut all_optional = config(2);
-    all_optional.use_attn_result = true;
-    all_optional.use_split_qkv_input = true;
-    all_optional.use_hook_mlp_in = true;
-    let mpnet = BertConfig {
-        family: Family::Mpnet,
-        positions: Positions::FromIds { padding_idx: 1 },
-        relative_attention_buckets: Some(32),
-        n_token_types: 0,
-        ..config(2)
-    };
     let cases = [
         (config(2), typed_input(), Output::Logits),
         (config(2), fully_masked, Output::NextSentence),
         (causal, input(), Output::Logits),
-        (all_optional, typed_input(), Output::Residual),
-        (mpnet, input(), Output::Logits),
+        (all_optional_config(), typed_input(), Output::Residual),
+        (mpnet_config(), input(), Output::Logits),
         (modern_config(), input(), Output::Logits),
     ];
     for (cfg, input, output) in cases {
@@ -948,18 +955,12 @@ fn running_to_one_position_equals_the_whole_output_at_that_position() {
     // the whole pass there, for post-LN and pre-LN blocks, the optional split hooks, MPNet's
     // relative bias, from a middle layer, from after the last block, and when a hook in the
     // last block makes it run whole.
-    let mut all_optional = config(2);
-    all_optional.use_attn_result = true;
-    all_optional.use_split_qkv_input = true;
-    all_optional.use_hook_mlp_in = true;
-    let mpnet = BertConfig {
-        family: Family::Mpnet,
-        positions: Positions::FromIds { padding_idx: 1 },
-        relative_attention_buckets: Some(32),
-        n_token_types: 0,
-        ..config(2)
-    };
-    for cfg in [config(2), all_optional, mpnet, modern_config()] {
+    for cfg in [
+        config(2),
+        all_optional_config(),
+        mpnet_config(),
+        modern_config(),
+    ] {
         let family = cfg.family;
         let n_layers = cfg.n_layers;
         let model = model(cfg);
