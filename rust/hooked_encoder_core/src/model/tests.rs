@@ -17,6 +17,17 @@ fn all_optional_config() -> BertConfig {
     }
 }
 
+/// Two layers in which each position attends only to itself and earlier ones.
+fn causal_config() -> BertConfig {
+    BertConfig {
+        attention_dir: AttentionDir::Causal,
+        ..config(2)
+    }
+}
+
+/// An attention mask whose second row is padding throughout (a row that attends to nothing).
+const SECOND_ROW_MASKED: [i64; 8] = [1, 1, 1, 0, 0, 0, 0, 0];
+
 /// A two-layer MPNet: relative position bias, positions from the token ids.
 fn mpnet_config() -> BertConfig {
     BertConfig {
@@ -457,9 +468,8 @@ fn the_portable_ops_a_gpu_runs_match_the_cpu_kernels() {
     // A GPU runs plain Candle ops instead of our CPU kernels; force that path here so it is
     // checked on every machine: same logits and same value at every hook point, including a
     // fully masked row, a causal model, and the MLM head's GELU.
-    let mask = [1, 1, 1, 0, 0, 0, 0, 0];
     let masked = ForwardInput {
-        attention_mask: Some(&mask),
+        attention_mask: Some(&SECOND_ROW_MASKED),
         ..input()
     };
     // Padding without an empty row: the portable path skips its NaN clean-up there.
@@ -468,14 +478,12 @@ fn the_portable_ops_a_gpu_runs_match_the_cpu_kernels() {
         attention_mask: Some(&padding),
         ..input()
     };
-    let mut causal = config(2);
-    causal.attention_dir = AttentionDir::Causal;
     let cases = [
         (config(2), input()),
         (config(2), masked),
         (config(2), padded),
-        (causal.clone(), input()),
-        (causal, masked),
+        (causal_config(), input()),
+        (causal_config(), masked),
     ];
     for (cfg, input) in cases {
         let model = model(cfg);
@@ -914,17 +922,14 @@ fn the_portable_ops_backward_a_gpu_runs_matches_the_cpu_kernels() {
     // each family's structure: BERT with token types and padding (a fully masked row too),
     // causal, the optional split hooks, MPNet's relative bias, ModernBERT's pre-LN, rotary,
     // windowed and gated layers.
-    let mask = [1, 1, 1, 0, 0, 0, 0, 0];
     let fully_masked = ForwardInput {
-        attention_mask: Some(&mask),
+        attention_mask: Some(&SECOND_ROW_MASKED),
         ..typed_input()
     };
-    let mut causal = config(2);
-    causal.attention_dir = AttentionDir::Causal;
     let cases = [
         (config(2), typed_input(), Output::Logits),
         (config(2), fully_masked, Output::NextSentence),
-        (causal, input(), Output::Logits),
+        (causal_config(), input(), Output::Logits),
         (all_optional_config(), typed_input(), Output::Residual),
         (mpnet_config(), input(), Output::Logits),
         (modern_config(), input(), Output::Logits),
