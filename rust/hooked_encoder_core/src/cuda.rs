@@ -1,19 +1,20 @@
-//! Fused float32 kernels for NVIDIA GPUs (`cuda/fused.cu`, compiled to PTX by `build.rs` in
-//! CUDA builds): a bias add with the activation, in place on a matmul result, and a LayerNorm
-//! in one pass (used when none of its hook points is wanted). Elsewhere, and in half precision,
-//! the model runs Candle's portable ops.
+//! Fused kernels for NVIDIA GPUs (`cuda/fused.cu`, compiled to PTX by `build.rs` in CUDA
+//! builds), in float32, float16 and bfloat16: a bias add with the activation, in place on a
+//! matmul result, and a LayerNorm in one pass (used when none of its hook points is wanted).
+//! Elsewhere the model runs Candle's portable ops.
 
 use candle_core::{DType, Tensor};
 
 #[cfg(not(feature = "cuda"))]
 use crate::{Activation, Result};
 
-/// Whether the fused kernels handle `t`: float32 on a CUDA device, in a CUDA build.
+/// Whether the fused kernels handle `t`: float32, float16 or bfloat16 on a CUDA device, in a
+/// CUDA build.
 #[inline]
 pub fn kernels_on(t: &Tensor) -> bool {
     cfg!(feature = "cuda")
         && t.device().is_cuda()
-        && t.dtype() == DType::F32
+        && matches!(t.dtype(), DType::F32 | DType::F16 | DType::BF16)
         && !crate::cpu::portable_ops::forced()
 }
 
@@ -33,9 +34,9 @@ pub fn layer_norm(_: &Tensor, _: &Tensor, _: &Tensor, _: f64) -> Result<Option<T
 #[cfg(feature = "cuda")]
 mod imp {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda::WrapErr;
-    use candle_core::{CudaStorage, CustomOp3, InplaceOp2, Layout, Shape, Tensor};
+    use candle_core::cuda::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor};
 
     use crate::{Activation, Result};
 
@@ -43,15 +44,25 @@ mod imp {
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
     const THREADS: u32 = 256;
 
-    fn contiguous<'a>(
+    fn contiguous<'a, T: CudaDType>(
         storage: &'a CudaStorage,
         layout: &Layout,
         what: &str,
-    ) -> candle_core::Result<candle_core::cuda::cudarc::driver::CudaView<'a, f32>> {
+    ) -> candle_core::Result<CudaView<'a, T>> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("{what} must be contiguous")
         };
-        Ok(storage.as_cuda_slice::<f32>()?.slice(start..end))
+        Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
+    }
+
+    /// The suffix of a kernel's entry points for an element type (`bias_act_bf16`).
+    fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
+        Ok(match dtype {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => candle_core::bail!("no fused kernel for {other:?}"),
+        })
     }
 
     /// `x[r, :] += bias`, then the activation, in place.
@@ -81,8 +92,25 @@ mod imp {
             bias: &CudaStorage,
             bias_l: &Layout,
         ) -> candle_core::Result<()> {
+            match dst.dtype() {
+                DType::F16 => self.launch::<half::f16>(dst, dst_l, bias, bias_l),
+                DType::BF16 => self.launch::<half::bf16>(dst, dst_l, bias, bias_l),
+                _ => self.launch::<f32>(dst, dst_l, bias, bias_l),
+            }
+        }
+    }
+
+    impl BiasAct {
+        fn launch<T: CudaDType + DeviceRepr>(
+            &self,
+            dst: &mut CudaStorage,
+            dst_l: &Layout,
+            bias: &CudaStorage,
+            bias_l: &Layout,
+        ) -> candle_core::Result<()> {
             let device = dst.device().clone();
-            let bias = contiguous(bias, bias_l, "the bias")?;
+            let name = format!("bias_act_{}", suffix(dst.dtype())?);
+            let bias = contiguous::<T>(bias, bias_l, "the bias")?;
             let Some((start, end)) = dst_l.contiguous_offsets() else {
                 candle_core::bail!("bias-act needs a contiguous tensor")
             };
@@ -96,20 +124,29 @@ mod imp {
                 Some(Activation::GeluTanh) => 2,
                 Some(Activation::Relu) => 3,
             };
-            let mut y = dst.as_cuda_slice_mut::<f32>()?.slice_mut(start..end);
-            let func = device.get_or_load_custom_func("bias_act_f32", MODULE, PTX)?;
+            let rows = numel / cols;
+            if rows == 0 {
+                return Ok(());
+            }
+            let cols = i32::try_from(cols)
+                .map_err(|_| candle_core::Error::Msg(format!("{cols} columns is too many")))?;
+            let mut y = dst.as_cuda_slice_mut::<T>()?.slice_mut(start..end);
+            let func = device.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut builder = func.builder();
             builder.arg(&mut y);
             builder.arg(&bias);
-            candle_core::builder_arg!(builder, numel, cols, act);
-            let blocks = numel.div_ceil(THREADS as usize).min(65_535) as u32;
+            candle_core::builder_arg!(builder, rows, cols, act);
+            // Column blocks across x; rows split over at most 1024 groups along y (each thread
+            // then walks its column down `rows / 1024` rows).
+            let column_blocks = (cols as u32).div_ceil(THREADS);
+            let row_groups = rows.min(1024) as u32;
             let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
+                grid_dim: (column_blocks, row_groups, 1),
                 block_dim: (THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: the kernel reads `cols` bias values and reads and writes `numel` elements
-            // of `y`, the bounds of both views.
+            // SAFETY: the kernel reads `cols` bias values and reads and writes `rows * cols`
+            // elements of `y`, the bounds of both views, all of element type `T`.
             unsafe { builder.launch(cfg) }.w()?;
             Ok(())
         }
@@ -152,17 +189,37 @@ mod imp {
             b: &CudaStorage,
             b_l: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
+            match x.dtype() {
+                DType::F16 => self.launch::<half::f16>(x, x_l, w, w_l, b, b_l),
+                DType::BF16 => self.launch::<half::bf16>(x, x_l, w, w_l, b, b_l),
+                _ => self.launch::<f32>(x, x_l, w, w_l, b, b_l),
+            }
+        }
+    }
+
+    impl LayerNorm {
+        fn launch<T: CudaDType + DeviceRepr>(
+            &self,
+            x: &CudaStorage,
+            x_l: &Layout,
+            w: &CudaStorage,
+            w_l: &Layout,
+            b: &CudaStorage,
+            b_l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
             let device = x.device().clone();
+            let name = format!("layer_norm_{}", suffix(x.dtype())?);
             let cols = x_l.dims().last().copied().unwrap_or(0);
-            let x_view = contiguous(x, x_l, "the LayerNorm input")?;
-            let (w, b) = (contiguous(w, w_l, "weight")?, contiguous(b, b_l, "bias")?);
+            let x_view = contiguous::<T>(x, x_l, "the LayerNorm input")?;
+            let w = contiguous::<T>(w, w_l, "weight")?;
+            let b = contiguous::<T>(b, b_l, "bias")?;
             let rows = x_view.len() / cols.max(1);
             if w.len() != cols || b.len() != cols {
                 candle_core::bail!("LayerNorm weights do not match {cols} columns");
             }
             // SAFETY: every element is written by the kernel before anyone reads it.
-            let mut out = unsafe { device.alloc::<f32>(x_view.len()) }?;
-            let func = device.get_or_load_custom_func("layer_norm_f32", MODULE, PTX)?;
+            let mut out = unsafe { device.alloc::<T>(x_view.len()) }?;
+            let func = device.get_or_load_custom_func(&name, MODULE, PTX)?;
             let mut builder = func.builder();
             builder.arg(&x_view);
             builder.arg(&mut out);
@@ -172,10 +229,12 @@ mod imp {
             let cfg = LaunchConfig {
                 grid_dim: (rows as u32, 1, 1),
                 block_dim: (THREADS, 1, 1),
+                // The row is staged in float32 whatever `T` is.
                 shared_mem_bytes: (cols * std::mem::size_of::<f32>()) as u32,
             };
             // SAFETY: one block per row reads and writes `cols` elements of that row, and
-            // `cols` weights and biases; the row is staged in `cols` floats of shared memory.
+            // `cols` weights and biases, all of element type `T`; the row is staged in `cols`
+            // floats of shared memory.
             unsafe { builder.launch(cfg) }.w()?;
             Ok((
                 CudaStorage::wrap_cuda_slice(out, device),
