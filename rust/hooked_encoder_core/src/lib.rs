@@ -22,6 +22,8 @@ mod family;
 mod hooks;
 mod kernels;
 mod model;
+#[doc(hidden)]
+pub mod packed_matmul;
 mod weights;
 
 pub use config::{Activation, AttentionDir, AttnType, BertConfig};

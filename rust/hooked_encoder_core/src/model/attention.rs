@@ -62,7 +62,7 @@ pub(super) fn head_weights(cfg: &BertConfig, qkv: &Linear, out: &Linear) -> Resu
     let w = |i: usize| -> Result<Tensor> {
         // [h*dh, d] -> [h, dh, d] -> [h, d, dh]
         Ok(qkv
-            .weight
+            .weight()?
             .narrow(0, i * a, a)?
             .reshape((h, dh, d))?
             .transpose(1, 2)?
@@ -74,7 +74,7 @@ pub(super) fn head_weights(cfg: &BertConfig, qkv: &Linear, out: &Linear) -> Resu
         b_qkv: [b(0)?, b(1)?, b(2)?],
         // [d, h*dh] -> [d, h, dh] -> [h, dh, d]
         w_o: out
-            .weight
+            .weight()?
             .reshape((d, h, dh))?
             .permute((1, 2, 0))?
             .contiguous()?,

@@ -247,10 +247,10 @@ impl<'a> Loader<'a> {
 
     fn linear(&mut self, name: &str, d_out: usize, d_in: usize, top_level: bool) -> Result<Linear> {
         let weight = self.name(&format!("{name}.weight"), top_level);
-        Ok(Linear {
-            weight: self.first_of(&[weight], &[d_out, d_in])?,
-            bias: self.bias(&format!("{name}.bias"), &[], d_out, top_level)?,
-        })
+        Ok(Linear::new(
+            self.first_of(&[weight], &[d_out, d_in])?,
+            self.bias(&format!("{name}.bias"), &[], d_out, top_level)?,
+        ))
     }
 
     /// The bias `name` (or the first of `other_names` present), or zeros where the family has
@@ -357,10 +357,10 @@ impl HookedBert {
                 let q = loader.linear(&format!("{p}.attention.self.query"), a, d, false)?;
                 let k = loader.linear(&format!("{p}.attention.self.key"), a, d, false)?;
                 let v = loader.linear(&format!("{p}.attention.self.value"), a, d, false)?;
-                Linear {
-                    weight: Tensor::cat(&[&q.weight, &k.weight, &v.weight], 0)?,
-                    bias: Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
-                }
+                Linear::new(
+                    Tensor::cat(&[&q.weight()?, &k.weight()?, &v.weight()?], 0)?,
+                    Tensor::cat(&[&q.bias, &k.bias, &v.bias], 0)?,
+                )
             };
             let attn_out = loader.linear(&format!("{p}.attention.output.dense"), d, a, false)?;
             let heads = (cfg.use_split_qkv_input || cfg.use_attn_result)
@@ -404,7 +404,7 @@ impl HookedBert {
             Some(MlmHead {
                 dense,
                 ln,
-                decoder: Linear { weight, bias },
+                decoder: Linear::new(weight, bias),
             })
         } else {
             None
@@ -449,7 +449,7 @@ impl HookedBert {
             embed_proj,
             discriminator,
         };
-        Ok((model, unused))
+        Ok((model.with_packed_weights()?, unused))
     }
 
     /// Every weight under its name in a checkpoint of the model's family (`roberta.*` and
@@ -470,9 +470,10 @@ impl HookedBert {
     /// and `value`) and `bert.final_norm`; its zero biases are listed like any other.
     pub fn named_weights(&self) -> Result<Vec<(String, Tensor)>> {
         let mut out: Vec<(String, Tensor)> = Vec::new();
-        let mut linear = |name: String, l: &Linear| {
-            out.push((format!("{name}.weight"), l.weight.clone()));
+        let mut linear = |name: String, l: &Linear| -> Result<()> {
+            out.push((format!("{name}.weight"), l.weight()?));
             out.push((format!("{name}.bias"), l.bias.clone()));
+            Ok(())
         };
         let e = "bert.embeddings";
         let mut tensors = vec![(
@@ -492,7 +493,7 @@ impl HookedBert {
             ));
         }
         if let Some(proj) = &self.embed_proj {
-            tensors.push(("bert.embeddings_project.weight".into(), proj.weight.clone()));
+            tensors.push(("bert.embeddings_project.weight".into(), proj.weight()?));
             tensors.push(("bert.embeddings_project.bias".into(), proj.bias.clone()));
         }
         let norm = |name: &str, ln: &LayerNorm| {
@@ -506,20 +507,20 @@ impl HookedBert {
         for (l, block) in self.blocks.iter().enumerate() {
             let p = format!("bert.encoder.layer.{l}");
             if self.cfg.family.fused_qkv() {
-                linear(format!("{p}.attention.self.qkv"), &block.qkv);
+                linear(format!("{p}.attention.self.qkv"), &block.qkv)?;
             } else {
                 for (i, part) in ["query", "key", "value"].iter().enumerate() {
-                    let weight = block.qkv.weight.narrow(0, i * a, a)?.contiguous()?;
+                    let weight = block.qkv.weight()?.narrow(0, i * a, a)?.contiguous()?;
                     let bias = block.qkv.bias.narrow(0, i * a, a)?.contiguous()?;
                     linear(
                         format!("{p}.attention.self.{part}"),
-                        &Linear { weight, bias },
-                    );
+                        &Linear::new(weight, bias),
+                    )?;
                 }
             }
-            linear(format!("{p}.attention.output.dense"), &block.attn_out);
-            linear(format!("{p}.intermediate.dense"), &block.mlp_in);
-            linear(format!("{p}.output.dense"), &block.mlp_out);
+            linear(format!("{p}.attention.output.dense"), &block.attn_out)?;
+            linear(format!("{p}.intermediate.dense"), &block.mlp_in)?;
+            linear(format!("{p}.output.dense"), &block.mlp_out)?;
             if let Some(ln) = &block.ln1 {
                 tensors.extend(norm(&format!("{p}.attention.output"), ln));
             }
@@ -530,22 +531,22 @@ impl HookedBert {
             tensors.push(("bert.final_norm.bias".into(), ln.bias.clone()));
         }
         if let Some(head) = &self.mlm_head {
-            linear("cls.predictions.transform.dense".into(), &head.dense);
+            linear("cls.predictions.transform.dense".into(), &head.dense)?;
             tensors.extend(norm("cls.predictions.transform", &head.ln));
-            linear("cls.predictions.decoder".into(), &head.decoder);
+            linear("cls.predictions.decoder".into(), &head.decoder)?;
         }
         if let Some(pooler) = &self.pooler {
-            linear("bert.pooler.dense".into(), pooler);
+            linear("bert.pooler.dense".into(), pooler)?;
         }
         if let Some(nsp) = &self.nsp_head {
-            linear("cls.seq_relationship".into(), nsp);
+            linear("cls.seq_relationship".into(), nsp)?;
         }
         if let Some(head) = &self.discriminator {
-            linear("discriminator_predictions.dense".into(), &head.dense);
+            linear("discriminator_predictions.dense".into(), &head.dense)?;
             linear(
                 "discriminator_predictions.dense_prediction".into(),
                 &head.prediction,
-            );
+            )?;
         }
         tensors.extend(out);
         Ok(tensors)
@@ -561,12 +562,7 @@ impl HookedBert {
             )));
         }
         let t = |x: &Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.to_device(device)?) };
-        let linear = |l: &Linear| -> Result<Linear> {
-            Ok(Linear {
-                weight: t(&l.weight)?,
-                bias: t(&l.bias)?,
-            })
-        };
+        let linear = |l: &Linear| l.to(device, dtype);
         let norm = |l: &LayerNorm| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 weight: t(&l.weight)?,
@@ -612,7 +608,7 @@ impl HookedBert {
                 })
             })
             .transpose()?;
-        Ok(Self {
+        Self {
             cfg: self.cfg.clone(),
             device: device.clone(),
             dtype,
@@ -637,7 +633,24 @@ impl HookedBert {
                     })
                 })
                 .transpose()?,
-        })
+        }
+        .with_packed_weights()
+    }
+
+    /// The model with the encoder blocks' weights packed for the CPU matmul kernel where they
+    /// are float32 CPU tensors (see `Linear::packed`); elsewhere unchanged.
+    fn with_packed_weights(mut self) -> Result<Self> {
+        for block in &mut self.blocks {
+            for layer in [
+                &mut block.qkv,
+                &mut block.attn_out,
+                &mut block.mlp_in,
+                &mut block.mlp_out,
+            ] {
+                *layer = layer.clone().packed()?;
+            }
+        }
+        Ok(self)
     }
 
     /// The configuration.
@@ -832,6 +845,7 @@ impl HookedBert {
         let (b, p) = self.check_residual(&inputs[0], attention_mask)?;
         let a = self.cfg.d_attn();
         let mut parts = Vec::with_capacity(3);
+        let qkv_weight = block.qkv.weight()?;
         for (i, input) in inputs.iter().enumerate() {
             if input.dims() != inputs[0].dims() {
                 return Err(Error::Input(format!(
@@ -840,10 +854,10 @@ impl HookedBert {
                     input.dims()
                 )));
             }
-            let projection = Linear {
-                weight: block.qkv.weight.narrow(0, i * a, a)?,
-                bias: block.qkv.bias.narrow(0, i * a, a)?,
-            };
+            let projection = Linear::new(
+                qkv_weight.narrow(0, i * a, a)?,
+                block.qkv.bias.narrow(0, i * a, a)?,
+            );
             let projected = projection.forward(&self.own(input)?, None)?;
             parts.push(projected.reshape((b, p, self.cfg.n_heads, self.cfg.d_head))?);
         }
