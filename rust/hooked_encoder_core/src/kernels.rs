@@ -285,14 +285,14 @@ const WINDOW_QUERY_ROWS: usize = 64;
 
 /// A pointer that parallel tasks may share because each writes only its own elements.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(crate) struct SharedOut(pub(crate) *mut f32);
 // SAFETY: used only to hand disjoint regions of one buffer to parallel tasks (see callers).
 unsafe impl Send for SharedOut {}
 // SAFETY: as above.
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
         // SAFETY: callers pass offsets inside the buffer this pointer was made from.
         unsafe { self.0.add(offset) }
     }

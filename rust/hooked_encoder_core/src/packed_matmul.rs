@@ -18,6 +18,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
+use crate::kernels::SharedOut;
+
 /// Output columns per packed panel: two AVX2 vectors.
 pub const PANEL: usize = 16;
 /// Rows of the output one microkernel call computes.
@@ -274,21 +276,6 @@ unsafe fn portable_tile(tile: &Tile<'_>) {
                 };
             }
         }
-    }
-}
-
-/// A pointer that parallel tasks may share because each writes only its own elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: used only to hand disjoint regions of one buffer to parallel tasks (see callers).
-unsafe impl Send for SharedOut {}
-// SAFETY: as above.
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn at(self, offset: usize) -> *mut f32 {
-        // SAFETY: callers pass offsets inside the buffer this pointer was made from.
-        unsafe { self.0.add(offset) }
     }
 }
 
