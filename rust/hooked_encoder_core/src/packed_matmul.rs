@@ -239,6 +239,21 @@ struct Tile<'a> {
 /// touches meanwhile, and the CPU must run the kernel (see [`tile_kernel`]).
 type TileKernel = unsafe fn(&Tile<'_>);
 
+/// Whether packing pays on this CPU: where the AVX2 kernel runs and `gemm` has nothing faster.
+/// It was measured only on AVX2 CPUs without AVX-512 (AMD EPYC Zen 3); with AVX-512, `gemm`'s
+/// 16-lane kernels are left in place until this kernel has an AVX-512 form measured against
+/// them, and elsewhere (Arm, old x86) the portable kernel would lose to `gemm`'s SIMD.
+pub fn pays_on_this_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && !std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The AVX2 kernel where allowed and the CPU has AVX2 and FMA, else the portable one.
 fn tile_kernel(simd: bool) -> TileKernel {
     #[cfg(target_arch = "x86_64")]

@@ -3,7 +3,7 @@
 use std::sync::{Arc, OnceLock};
 
 use super::*;
-use crate::packed_matmul::PackedWeight;
+use crate::packed_matmul::{self, PackedWeight};
 
 /// A dense layer `y = x Wᵀ + b`. `W` is `[out, in]` as in Hugging Face; on the CPU in float32
 /// the encoder blocks' weights are stored only packed for the matmul kernel (see
@@ -38,16 +38,20 @@ impl Linear {
         }
     }
 
-    /// The same layer with its weight stored packed, if it is a float32 CPU tensor.
+    /// The same layer with its weight stored packed, if it is a float32 CPU tensor and this
+    /// CPU is one where packing was measured to pay ([`packed_matmul::pays_on_this_cpu`]).
     ///
-    /// Packing pays where the weight meets many rows: `gemm`, behind Candle's matmul, packs
-    /// the weight on every call, which at 128 rows was 15% of a bert-base forward (`perf`,
-    /// AMD EPYC Zen 3). The packed copy replaces the dense one, so memory does not grow.
+    /// `gemm`, behind Candle's matmul, packs the weight on every call, which at 128 rows was
+    /// 15% of a bert-base forward (`perf`, AMD EPYC Zen 3). The packed copy replaces the dense
+    /// one, so memory does not grow.
     pub(super) fn packed(self) -> Result<Self> {
         let LinearWeight::Dense(weight) = &self.weight else {
             return Ok(self);
         };
-        if !(weight.device().is_cpu() && weight.dtype() == DType::F32) {
+        if !(weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && packed_matmul::pays_on_this_cpu())
+        {
             return Ok(self);
         }
         let (n, k) = weight.dims2()?;
