@@ -613,13 +613,19 @@ fn few_rows_matmul_with(
 type ColumnsKernel =
     unsafe fn(&[f32], usize, &[f32], usize, std::ops::Range<usize>, usize, SharedOut);
 
+/// Whether this CPU runs our AVX2 kernels: AVX2 and FMA (never off x86-64).
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma");
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// The AVX2 kernel where allowed and the CPU has AVX2 and FMA, else the portable loop.
 fn few_rows_kernel(simd: bool) -> ColumnsKernel {
     #[cfg(target_arch = "x86_64")]
-    if simd
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
+    if simd && has_avx2_fma() {
         return avx2::columns;
     }
     let _ = simd;

@@ -18,7 +18,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::kernels::SharedOut;
+use crate::kernels::{has_avx2_fma, SharedOut};
 
 /// Output columns per packed panel: two AVX2 vectors.
 pub const PANEL: usize = 16;
@@ -158,12 +158,12 @@ impl PackedWeight {
         let kernel = tile_kernel(simd);
         let out_ptr = SharedOut(out.as_mut_ptr());
         let split = TaskSplit::new(m, n.div_ceil(PANEL), rayon::current_num_threads());
+        // With many rows, each task's rows of `x` for one `k` block are copied tile by tile,
+        // each `[steps, 6]`, so that the microkernel's broadcasts read one sequential stream;
+        // with few, the copy costs more than the strided reads it saves.
+        let copy_x = m > COPY_X_ROWS;
         (0..split.tasks()).into_par_iter().for_each(|task| {
             let (rows, panels) = split.task(task);
-            // With many rows, the task's rows of `x` for one `k` block are copied tile by tile,
-            // each `[steps, 6]`, so that the microkernel's broadcasts read one sequential
-            // stream; with few, the copy costs more than the strided reads it saves.
-            let copy_x = m > COPY_X_ROWS;
             let mut block = if copy_x {
                 vec![0.0f32; rows.len().next_multiple_of(TILE_ROWS) * K_BLOCK.min(k)]
             } else {
@@ -245,11 +245,7 @@ type TileKernel = unsafe fn(&Tile<'_>);
 /// them, and elsewhere (Arm, old x86) the portable kernel would lose to `gemm`'s SIMD.
 pub fn pays_on_this_cpu() -> bool {
     #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-            && std::arch::is_x86_feature_detected!("fma")
-            && !std::arch::is_x86_feature_detected!("avx512f")
-    }
+    return has_avx2_fma() && !std::arch::is_x86_feature_detected!("avx512f");
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
@@ -257,10 +253,7 @@ pub fn pays_on_this_cpu() -> bool {
 /// The AVX2 kernel where allowed and the CPU has AVX2 and FMA, else the portable one.
 fn tile_kernel(simd: bool) -> TileKernel {
     #[cfg(target_arch = "x86_64")]
-    if simd
-        && std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma")
-    {
+    if simd && has_avx2_fma() {
         return avx2::tile;
     }
     let _ = simd;

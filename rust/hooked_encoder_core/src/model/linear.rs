@@ -100,10 +100,8 @@ impl Linear {
     /// [`LinearWeight::Packed`]).
     fn weight_for_backward(&self) -> Result<Tensor> {
         match &self.weight {
+            // `weight()` returns the kept copy once there is one.
             LinearWeight::Packed { unpacked, .. } => {
-                if let Some(weight) = unpacked.get() {
-                    return Ok(weight.clone());
-                }
                 let weight = self.weight()?;
                 Ok(unpacked.get_or_init(|| weight).clone())
             }
