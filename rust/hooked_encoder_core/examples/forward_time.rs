@@ -6,7 +6,9 @@
 //! RAYON_NUM_THREADS=2 cargo run --release --features hookless --example forward_time -- 8 128 20
 //! ```
 //!
-//! Arguments: batch, positions, repeats. Prints the median and the minimum in milliseconds.
+//! Arguments: batch, positions, repeats, and `encoder` to stop after the last block (Hugging
+//! Face's `last_hidden_state`) instead of computing the logits. Prints the median and the
+//! minimum in milliseconds.
 //! `GEMM_RHS_PACKING_THRESHOLD=n` sets `gemm`'s threshold for packing the weights (on x86 it
 //! packs a `W^T` operand only above `n * 16` rows; its default `n` is 128), for experiments.
 
@@ -25,6 +27,11 @@ fn main() -> hooked_encoder_core::Result<()> {
         args.get(1).copied().unwrap_or(128),
         args.get(2).copied().unwrap_or(10),
     );
+    let output = if std::env::args().any(|a| a == "encoder") {
+        Output::Residual
+    } else {
+        Output::Logits
+    };
     if let Some(n) = std::env::var("GEMM_RHS_PACKING_THRESHOLD")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -44,12 +51,12 @@ fn main() -> hooked_encoder_core::Result<()> {
         token_type_ids: None,
         attention_mask: None,
     };
-    model.forward(&input, Output::Logits, &mut NoHooks)?; // warm-up
+    model.forward(&input, output, &mut NoHooks)?; // warm-up
     let mut times: Vec<f64> = (0..repeats)
         .map(|_| {
             let start = Instant::now();
             model
-                .forward(&input, Output::Logits, &mut NoHooks)
+                .forward(&input, output, &mut NoHooks)
                 .map(|_| start.elapsed().as_secs_f64() * 1e3)
         })
         .collect::<hooked_encoder_core::Result<_>>()?;
@@ -60,7 +67,7 @@ fn main() -> hooked_encoder_core::Result<()> {
         "present"
     };
     println!(
-        "{batch}x{pos}, hooks {hookless}: median {:.1} ms, min {:.1} ms over {repeats} runs",
+        "{batch}x{pos} {output:?}, hooks {hookless}: median {:.1} ms, min {:.1} ms over {repeats} runs",
         times[times.len() / 2],
         times[0]
     );
