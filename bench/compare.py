@@ -29,6 +29,9 @@ What it does:
   the calls minus the baseline. Peaks are ``VmHWM`` from ``/proc/self/status``: on Linux
   ``ru_maxrss`` also counts the peak of the process that forked the worker (it survives
   ``exec``) and cannot be reset, so it is only kept in the JSON (``ru_maxrss_mib``).
+  ``--interleave`` runs a cell's systems side by side instead: every worker loads and warms up,
+  then each makes one timed call in turn (see ``run_interleaved``); ratios are then medians of
+  per-round ratios, which hold on machines whose speed drifts.
 * Thread counts: ``RAYON_NUM_THREADS`` (hooked_encoder), ``OMP_NUM_THREADS``,
   ``MKL_NUM_THREADS`` and ``torch.set_num_threads`` (torch) are all set to ``--threads``.
 * Timing: warm-up calls (at least one, up to ``--warmup`` while they take under a second), then
@@ -196,6 +199,11 @@ TORCH_SYSTEMS = ("hf", "hf_sdpa", "tl")
 WORKLOADS = ("logits", "no_head", "cache_all", "cache_resid_post", "hook_pattern", "grad_all")
 DEFAULT_SHAPES = "1x16,1x128,8x128,32x128"
 RESULT_MARKER = "BENCH-RESULT "
+# --interleave: a worker prints READY_MARKER once loaded and warmed up, then one TIME_MARKER line
+# per "run" line it reads on stdin, until "done".
+READY_MARKER = "BENCH-READY"
+TIME_MARKER = "BENCH-TIME "
+SPIN_DOWN_SECONDS = 0.05
 WARMUP_SECONDS = 1.0
 
 
@@ -498,10 +506,8 @@ def _output_size(obj: Any) -> tuple[int, int]:
     return count, sum(nbytes for _, nbytes in buffers)
 
 
-def _time_calls(call, spec: dict) -> tuple[list[float], int, Any]:
-    """Warm-up then timed calls (see the module docstring); returns (times in ms, number of
-    warm-up calls, output of the last call). The previous output is dropped before each call,
-    so the peak RSS is that of one call."""
+def _warm_up(call, spec: dict) -> tuple[int, Any]:
+    """Warm-up calls (see the module docstring): (how many, output of the last)."""
     warmups, started = 0, time.perf_counter()
     while warmups < 1 or (
         warmups < spec["warmup"] and time.perf_counter() - started < WARMUP_SECONDS
@@ -509,15 +515,44 @@ def _time_calls(call, spec: dict) -> tuple[list[float], int, Any]:
         output = None
         output = call()
         warmups += 1
+    return warmups, output
+
+
+def _timed_call(call) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    output = call()
+    return (time.perf_counter() - t0) * 1000, output
+
+
+def _serve_calls(call, spec: dict) -> tuple[list[float], int, Any]:
+    """``--interleave``: warm-up, then one timed call per ``run`` line on stdin, each answered
+    on stdout, until ``done``; returns what ``_time_calls`` returns."""
+    warmups, output = _warm_up(call, spec)
+    print(READY_MARKER, flush=True)
+    times: list[float] = []
+    while sys.stdin.readline().strip() == "run":
+        output = None
+        ms, output = _timed_call(call)
+        times.append(ms)
+        print(f"{TIME_MARKER}{ms}", flush=True)
+    return times, warmups, output
+
+
+def _time_calls(call, spec: dict) -> tuple[list[float], int, Any]:
+    """Warm-up then timed calls (see the module docstring); returns (times in ms, number of
+    warm-up calls, output of the last call). The previous output is dropped before each call,
+    so the peak RSS is that of one call."""
+    if spec.get("serve"):
+        return _serve_calls(call, spec)
+    warmups, output = _warm_up(call, spec)
     times: list[float] = []
     started = time.perf_counter()
     while len(times) < spec["repeats"] and (
         len(times) < spec["min_repeats"] or time.perf_counter() - started < spec["budget"]
     ):
         output = None
-        t0 = time.perf_counter()
-        output = call()
-        times.append((time.perf_counter() - t0) * 1000)
+        ms, output = _timed_call(call)
+        times.append(ms)
     return times, warmups, output
 
 
@@ -727,11 +762,7 @@ def log(message: str) -> None:
 
 def run_worker(spec: dict, threads: int, timeout: float) -> dict:
     """Runs one cell in a fresh process and returns its result."""
-    env = dict(os.environ)
-    for var in ("RAYON_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        env[var] = str(threads)
-    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env = _worker_env(threads)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     base = {key: spec[key] for key in ("system", "workload", "batch", "pos")}
     try:
@@ -744,6 +775,92 @@ def run_worker(spec: dict, threads: int, timeout: float) -> dict:
     # Killed or crashed (e.g. out of memory): only this cell fails.
     tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
     return {**base, "ok": False, "phase": "crash", "error": f"exit {done.returncode}: {tail}"}
+
+
+def _worker_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    for var in ("RAYON_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(threads)
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return env
+
+
+def _read_until(process: subprocess.Popen, *markers: str) -> tuple[str, str] | None:
+    """(marker, rest of the line) of the first stdout line of ``process`` that starts with one
+    of ``markers`` (other lines are libraries' output), or None if the process ended first."""
+    for line in process.stdout:
+        for marker in markers:
+            if line.startswith(marker):
+                return marker, line[len(marker) :].strip()
+    return None
+
+
+def run_interleaved(specs: list[dict], threads: int, timeout: float) -> list[dict]:
+    """Runs one cell per spec, each in its own process as ``run_worker`` does, but all at once
+    and call by call: every worker loads and warms up, then the parent asks each in turn for
+    one timed call (rotating who goes first), so that every system meets the same machine.
+    Shared machines' speed can swing by 10-40% between minutes; ratios from calls alternated
+    this way hold where ratios of separate runs do not. Stops after ``repeats`` rounds, or
+    once ``min_repeats`` are done and ``budget`` seconds per system have passed."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
+    processes = [
+        subprocess.Popen(
+            [*command, json.dumps({**spec, "serve": True})],
+            env=_worker_env(threads),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        for spec in specs
+    ]
+    # A worker that cannot load reports its error at once, instead of READY.
+    first = [_read_until(process, READY_MARKER, RESULT_MARKER) for process in processes]
+    spec = specs[0]
+    live = [i for i, line in enumerate(first) if line and line[0] == READY_MARKER]
+    started, rounds = time.perf_counter(), 0
+    while (
+        live
+        and rounds < spec["repeats"]
+        and (
+            rounds < spec["min_repeats"]
+            or time.perf_counter() - started < spec["budget"] * len(live)
+        )
+    ):
+        order = live[rounds % len(live) :] + live[: rounds % len(live)]
+        for i in order:
+            # Let the previous worker's threads stop spinning (OpenMP, ONNX Runtime's pool and
+            # rayon spin a little after each parallel section) before the next call starts.
+            time.sleep(SPIN_DOWN_SECONDS)
+            try:
+                processes[i].stdin.write("run\n")
+                processes[i].stdin.flush()
+                answered = _read_until(processes[i], TIME_MARKER) is not None
+            except OSError:
+                answered = False
+            if not answered:
+                live.remove(i)  # crashed: its result says so below
+                first[i] = None
+        rounds += 1
+    results = []
+    for spec, process, line in zip(specs, processes, first, strict=True):
+        base = {key: spec[key] for key in ("system", "workload", "batch", "pos")}
+        try:
+            if line is not None and line[0] == READY_MARKER:
+                process.stdin.write("done\n")
+                process.stdin.flush()
+                line = _read_until(process, RESULT_MARKER)
+            process.wait(timeout=timeout)
+        except (subprocess.TimeoutExpired, BrokenPipeError, OSError):
+            process.kill()
+            line = None
+        if line is None:
+            error = f"exit {process.poll()}: crashed or killed (its stderr is above)"
+            results.append({**base, "ok": False, "phase": "crash", "error": error})
+        else:
+            results.append({**json.loads(line[1]), "interleaved": True})
+    return results
 
 
 def _npy_rows(path: Path):
@@ -843,6 +960,15 @@ def _cell(result: dict | None) -> dict | None:
     return result if result and result.get("ok") else None
 
 
+def _ratio(cell: dict, ours: dict) -> float:
+    """``cell``'s time over ours: the median of the ratios of calls made in the same round when
+    both ran interleaved (equal numbers of calls), else the ratio of the medians."""
+    times, our_times = cell["times_ms"], ours["times_ms"]
+    if cell.get("interleaved") and ours.get("interleaved") and len(times) == len(our_times):
+        return statistics.median(t / o for t, o in zip(times, our_times, strict=True))
+    return cell["median_ms"] / ours["median_ms"]
+
+
 def markdown_table(report: dict) -> str:
     systems = [s for s in report["systems"] if any(_cell(r) for r in report["cells"][s].values())]
     header = ["workload", "shape"]
@@ -864,7 +990,7 @@ def markdown_table(report: dict) -> str:
                 cell = cells[system]
                 row.append(f"{_ms(cell['median_ms'])} ({_ms(cell['min_ms'])})" if cell else "")
                 if system != "ours" and "ours" in systems:
-                    ratio = cell and ours and cell["median_ms"] / ours["median_ms"]
+                    ratio = cell and ours and _ratio(cell, ours)
                     row.append(f"{ratio:.2f}" if ratio else "")
             for system in systems:
                 cell = cells[system]
@@ -904,7 +1030,13 @@ def notes(report: dict) -> list[str]:
         "Notes:",
         f"- times: median (min) over the timed calls after warm-up (at most {meta['repeats']} "
         f"calls; at least {meta['min_repeats']}, stopping after {meta['budget']} s); "
-        "ratio = peer median / our median (> 1: ours is faster).",
+        "ratio = peer median / our median (> 1: ours is faster)"
+        + (
+            "; interleaved run (every system's calls alternated one by one, see --interleave):"
+            " ratio = median over rounds of peer time / our time in the same round."
+            if meta.get("interleaved")
+            else "."
+        ),
         "- RSS: peak RSS (VmHWM) of the cell's own process, imports and loading included; (+run) "
         "= peak during the calls minus the RSS after loading the model (weights resident), "
         "before the first call.",
@@ -1020,6 +1152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per cell (1200)")
     parser.add_argument("--json", type=Path, help="where to write the raw results")
     parser.add_argument("--compare", type=Path, metavar="OLD.json", help="an earlier --json")
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="run a cell's systems at once, one call each in turn (ratios robust to the "
+        "machine's speed changing; see run_interleaved)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--build-checkpoint", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-onnx", type=Path, help=argparse.SUPPRESS)
@@ -1097,6 +1235,7 @@ def main(argv: list[str] | None = None) -> int:
             "budget": args.budget,
             "warmup": args.warmup,
             "hook_layer": hook_layer,
+            "interleaved": args.interleave,
         },
         "systems": args.systems,
         "workloads": args.workloads,
@@ -1111,10 +1250,10 @@ def main(argv: list[str] | None = None) -> int:
         for batch, pos in args.shapes:
             saved: dict[str, Path] = {}
             for workload in args.workloads:
+                specs = []
                 for system in args.systems:
                     if system in skipped or workload not in SYSTEM_WORKLOADS.get(system, WORKLOADS):
                         continue
-                    key = f"{workload}/{batch}x{pos}"
                     spec = {
                         "system": system,
                         "workload": workload,
@@ -1132,10 +1271,20 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     if workload == "logits":
                         spec["save_logits"] = str(Path(scratch) / f"{system}-{batch}x{pos}.npy")
-                    started = time.perf_counter()
-                    result = run_worker(spec, args.threads, args.timeout)
+                    specs.append(spec)
+                started = time.perf_counter()
+                if args.interleave:
+                    results = run_interleaved(specs, args.threads, args.timeout)
+                    tooks = [time.perf_counter() - started] * len(specs)
+                else:
+                    results, tooks = [], []
+                    for spec in specs:
+                        started = time.perf_counter()
+                        results.append(run_worker(spec, args.threads, args.timeout))
+                        tooks.append(time.perf_counter() - started)
+                for spec, result, took in zip(specs, results, tooks, strict=True):
+                    system, key = spec["system"], f"{workload}/{batch}x{pos}"
                     report["cells"][system][key] = result
-                    took = time.perf_counter() - started
                     if result.get("ok"):
                         log(
                             f"{system:>4} {key:<24} median {_ms(result['median_ms']):>7} ms "
