@@ -803,6 +803,8 @@ def run_interleaved(specs: list[dict], threads: int, timeout: float) -> list[dic
     Shared machines' speed can swing by 10-40% between minutes; ratios from calls alternated
     this way hold where ratios of separate runs do not. Stops after ``repeats`` rounds, or
     once ``min_repeats`` are done and ``budget`` seconds per system have passed."""
+    if not specs:  # every system of the cell was skipped
+        return []
     command = [sys.executable, str(Path(__file__).resolve()), "--worker"]
     processes = [
         subprocess.Popen(

@@ -77,9 +77,9 @@ impl Blocking {
 }
 
 /// How a product is cut into parallel tasks: row blocks (of at most [`Blocking::row_block`]
-/// rows, a multiple of the tile's height) times groups of panels. Rows are cut first, and columns only
-/// as far as the tasks are too few: every group of panels a task does not take re-reads that
-/// task's rows of `x`, and every row block re-reads the weight.
+/// rows, a multiple of the tile's height) times groups of panels. Rows are cut first, and
+/// columns only as far as the tasks are too few: every group of panels a task does not take
+/// re-reads that task's rows of `x`, and every row block re-reads the weight.
 struct TaskSplit {
     rows: usize,
     rows_per_block: usize,
