@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hooked_encoder
-from conftest import ATOL, EPSILON, RTOL, assert_half_parity
+from conftest import ATOL, EPSILON, RTOL, assert_half_parity, make_modernbert_checkpoint
 from hooked_encoder import HookedEncoder
 
 on_gpu = pytest.mark.skipif(
@@ -235,3 +235,140 @@ def test_gradients_on_the_gpu_match_the_cpu(checkpoint, gpu_model):
     expected = cpu_model.grad(tokens, grad_output=grad_output, one_zero_attention_mask=mask)
     for name, value in expected.items():
         np.testing.assert_allclose(from_numpy[name], value, atol=1e-5, rtol=1e-4, err_msg=name)
+
+
+def assert_gpu_attention_matches_cpu(cpu_model, tokens, mask, fwd_hooks=()):
+    """The GPU attention path (cuBLAS on q, k and v where they lie, one mask-and-softmax
+    kernel) against the CPU kernels on the same weights: the unhooked forward, which reads the
+    fused projection, and a cache of every hook, which hooks q, k, v, the scores and the
+    pattern; at one batch row (one cuBLAS call per layer and matmul) and at more rows than heads
+    (one call per head)."""
+    gpu_model = copy.deepcopy(cpu_model).cuda()
+    assert cpu_model.cfg.n_heads < len(tokens)
+    for rows in (slice(0, 1), slice(None)):
+        args = (tokens[rows],)
+        kwargs = {"one_zero_attention_mask": mask[rows]} if mask is not None else {}
+        with cpu_model.hooks(fwd_hooks=list(fwd_hooks)):
+            expected, expected_cache = cpu_model.run_with_cache(*args, **kwargs)
+        with gpu_model.hooks(fwd_hooks=list(fwd_hooks)):
+            plain = gpu_model(*args, **kwargs)
+            ours, cache = gpu_model.run_with_cache(*args, **kwargs)
+        np.testing.assert_allclose(plain, expected, atol=ATOL, rtol=1e-5)
+        np.testing.assert_allclose(ours, expected, atol=ATOL, rtol=1e-5)
+        assert sorted(cache.keys()) == sorted(expected_cache.keys())
+        for name in expected_cache:
+            np.testing.assert_allclose(
+                np.asarray(cache[name]), expected_cache[name], atol=ATOL, rtol=1e-5, err_msg=name
+            )
+
+
+def padded_batch(checkpoint, rows: int = 9):
+    tokens, _, mask = checkpoint.batch(seed=12, batch=rows, pos=9)
+    return tokens, mask
+
+
+@on_gpu
+def test_gpu_attention_matches_the_cpu_in_every_family(family_checkpoint):
+    """RoBERTa, XLM-R, DistilBERT, MPNet (a relative position bias added to the scores), and
+    ELECTRA, with padding."""
+    tokens, mask = padded_batch(family_checkpoint)
+    model = HookedEncoder.from_pretrained(family_checkpoint.path, output_format="numpy")
+    assert_gpu_attention_matches_cpu(model, tokens, mask)
+
+
+@on_gpu
+def test_gpu_attention_matches_the_cpu_with_rotary_positions_and_local_windows(tmp_path):
+    """ModernBERT: q and k rotated (so hooked apart from the projection) and local layers whose
+    window is narrower than the sequence."""
+    checkpoint = make_modernbert_checkpoint(tmp_path, seed=21)
+    tokens, mask = padded_batch(checkpoint)
+    model = HookedEncoder.from_pretrained(checkpoint.path, output_format="numpy")
+    assert_gpu_attention_matches_cpu(model, tokens, mask)
+
+
+@on_gpu
+def test_gpu_attention_with_a_causal_mask_and_edited_scores(checkpoint):
+    """A hook on the scores makes the GPU mask them first and take the softmax of what the hook
+    returns: here key 0 masked for every query, so the first query of a causal model sees no
+    key at all (its pattern row becomes zeros, TransformerLens's convention) and a NaN score
+    empties its row too."""
+
+    def mask_key_0(scores, hook):
+        scores = scores.copy()
+        scores[..., 0] = -np.inf
+        scores[0, 0, 2, 1] = np.nan
+        return scores
+
+    hooks = [(f"blocks.{layer}.attn.hook_attn_scores", mask_key_0) for layer in range(2)]
+    causal = HookedEncoder(
+        {
+            "d_model": 16,
+            "d_head": 4,
+            "n_layers": 2,
+            "n_ctx": 12,
+            "d_vocab": 30,
+            "seed": 0,
+            "attention_dir": "causal",
+        },
+        output_format="numpy",
+    )
+    tokens = np.random.default_rng(3).integers(0, 30, size=(6, 8))
+    assert_gpu_attention_matches_cpu(causal, tokens, None, fwd_hooks=hooks)
+    with causal.hooks(fwd_hooks=hooks):
+        _, cache = causal.run_with_cache(tokens)
+    assert np.all(cache["pattern", 0][:, :, 0] == 0)  # the first query attends to nothing
+    assert np.all(cache["pattern", 0][0, 0, 2] == 0)  # nor does the query with a NaN score
+    bert = HookedEncoder.from_pretrained(checkpoint.path, output_format="numpy")
+    tokens, mask = padded_batch(checkpoint)
+    # Also a LayerNorm whose scale a hook replaces (the GPU then divides by the new one).
+    double_scale = ("blocks.0.ln1.hook_scale", lambda scale, hook: scale * 2)
+    assert_gpu_attention_matches_cpu(bert, tokens, mask, fwd_hooks=[*hooks, double_scale])
+
+
+@on_gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gpu_hook_replacements_go_back_device_to_device(checkpoint, dtype):
+    """A hook that returns a torch CUDA tensor hands it back through DLPack, device to device
+    (in the model's dtype, or float32, contiguous or not); the result equals the same edit made
+    through the host (NumPy hooks)."""
+    tokens, _, mask = checkpoint.batch(seed=13)
+    torch_model = HookedEncoder.from_pretrained(checkpoint.path, device="cuda", dtype=dtype)
+    numpy_model = HookedEncoder.from_pretrained(
+        checkpoint.path, device="cuda", dtype=dtype, output_format="numpy"
+    )
+    returned = []
+
+    def halve_head_0(pattern, hook):
+        edited = pattern.clone()
+        edited[:, 0] *= 0.5
+        if torch.is_tensor(edited):
+            # A non-contiguous view, and float32 for a half-precision model: both accepted.
+            edited = edited.float().transpose(-1, -2).contiguous().transpose(-1, -2)
+            returned.append((edited.device.type, edited.is_contiguous()))
+        return edited
+
+    def numpy_halve_head_0(pattern, hook):
+        pattern = pattern.copy()
+        pattern[:, 0] *= 0.5
+        return pattern
+
+    hooks = [("blocks.0.attn.hook_pattern", halve_head_0)]
+    gpu = torch_model.run_with_hooks(
+        torch.tensor(tokens, device="cuda"),
+        one_zero_attention_mask=torch.tensor(mask, device="cuda"),
+        fwd_hooks=hooks,
+    )
+    assert returned == [("cuda", False)]
+    host = numpy_model.run_with_hooks(
+        tokens,
+        one_zero_attention_mask=mask,
+        fwd_hooks=[("blocks.0.attn.hook_pattern", numpy_halve_head_0)],
+    )
+    plain = numpy_model(tokens, one_zero_attention_mask=mask)
+    assert not np.allclose(host, plain, atol=1e-3)  # the edit mattered
+    np.testing.assert_array_equal(gpu.float().cpu().numpy(), host)
+    with pytest.raises(ValueError, match="returned shape"):
+        torch_model.run_with_hooks(
+            torch.tensor(tokens, device="cuda"),
+            fwd_hooks=[("blocks.0.attn.hook_pattern", lambda p, hook: p[:, :1])],
+        )

@@ -810,9 +810,10 @@ class HookedEncoder:
 
     def _dispatch(
         self, as_torch: bool, backward: _Backward | None, name: str, activation: np.ndarray
-    ) -> np.ndarray:
+    ) -> Any:
         """Called from Rust at a hooked point: runs the point's hook functions in order, each on
-        the previous one's result, and returns the activation the model continues with.
+        the previous one's result, and returns the activation the model continues with (a
+        float32 array, or a torch tensor on the model's GPU).
 
         In a forward pass that a backward pass will follow, torch users' hooks run on a tensor
         that requires grad, and the graph of what they did is kept: the backward pulls the
@@ -837,9 +838,16 @@ class HookedEncoder:
         if tracked and backward is not None:
             backward.edits[name] = (leaf, current)
         # In-place edits of the array (or of the torch tensor sharing its memory) count too.
-        # Rust takes float32 back and rounds it to the model's dtype.
         if _is_torch_tensor(current):
-            current = current.detach().float().cpu().numpy()
+            current = current.detach()
+            if current.is_cuda and str(current.device) == self._model.device:
+                # Stays on the GPU: Rust copies it device to device (DLPack) on the model's own
+                # stream, so torch's work on it must be finished first.
+                current = current.contiguous()
+                _torch().cuda.current_stream(current.device).synchronize()
+                return current
+            # Rust takes float32 back and rounds it to the model's dtype.
+            current = current.float().cpu().numpy()
         return np.ascontiguousarray(current)
 
     def _dispatch_grad(self, backward: _Backward, name: str, grad: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ pub mod packed_matmul;
 mod weights;
 
 pub use config::{Activation, AttentionDir, AttnType, BertConfig};
+pub use cuda::open_device as open_cuda_device;
 pub use edits::{Edit, EditOp};
 pub use error::{Error, Result};
 pub use family::{Family, Positions};

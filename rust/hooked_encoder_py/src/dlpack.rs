@@ -5,6 +5,10 @@
 //! (or CuPy, JAX, ...) wraps the same memory with no copy. `numpy()` is the one device-to-host
 //! copy for users who want NumPy.
 //!
+//! The way back: a hook on a CUDA model may return a GPU tensor of any DLPack producer (torch,
+//! CuPy, ...); [`tensor_from_dlpack`] copies it device to device into a new tensor of the model
+//! with no trip through the host.
+//!
 //! The DLPack structs are the stable C ABI of DLPack 0.8 (the "legacy" unversioned capsule
 //! every consumer accepts), written out here because they are a dozen lines.
 
@@ -168,6 +172,118 @@ fn device_pointer(tensor: &Tensor) -> candle_core::Result<u64> {
 #[cfg(not(feature = "cuda"))]
 fn device_pointer(_tensor: &Tensor) -> candle_core::Result<u64> {
     candle_core::bail!("this build of hooked_encoder has no CUDA support")
+}
+
+/// A copy, on `device`, of the GPU tensor that `obj` exports through DLPack: row-major
+/// contiguous, float32, float16 or bfloat16, on the same GPU. The producer's work on it must be
+/// finished (the Python side synchronises torch's stream first); the copy runs on the model's
+/// stream, which is synchronised before the producer's memory is let go.
+#[cfg(feature = "cuda")]
+pub fn tensor_from_dlpack(obj: &Bound<'_, PyAny>, device: &Device) -> Result<Tensor, String> {
+    use candle_core::cuda::cudarc::driver::{result, DevicePtrMut};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, Storage};
+
+    let Device::Cuda(cuda) = device else {
+        return Err("a GPU tensor cannot replace an activation on the CPU".into());
+    };
+    let (device_type, device_id): (i32, i32) = obj
+        .call_method0("__dlpack_device__")
+        .and_then(|d| d.extract())
+        .map_err(|e| e.to_string())?;
+    if device_type != K_DL_CUDA || device_id != cuda_ordinal(device) {
+        return Err(format!(
+            "a tensor on DLPack device ({device_type}, {device_id}), not on {}",
+            device_name(device)
+        ));
+    }
+    let capsule = obj.call_method0("__dlpack__").map_err(|e| e.to_string())?;
+    // SAFETY: a live "dltensor" capsule holds a valid DLManagedTensor, which its producer keeps
+    // alive until the capsule is destroyed; `capsule` lives to the end of this function.
+    let tensor: &DLTensor = unsafe {
+        let managed = pyo3::ffi::PyCapsule_GetPointer(capsule.as_ptr(), DLTENSOR.as_ptr())
+            .cast::<DLManagedTensor>();
+        if managed.is_null() {
+            return Err("__dlpack__ did not return a DLPack tensor capsule".into());
+        }
+        &(*managed).dl_tensor
+    };
+    let dims: Vec<usize> = if tensor.ndim == 0 {
+        Vec::new()
+    } else {
+        // SAFETY: `shape` points to `ndim` sizes.
+        unsafe { std::slice::from_raw_parts(tensor.shape, tensor.ndim as usize) }
+            .iter()
+            .map(|&d| d as usize)
+            .collect()
+    };
+    if !tensor.strides.is_null() {
+        // SAFETY: non-null `strides` points to `ndim` strides.
+        let strides = unsafe { std::slice::from_raw_parts(tensor.strides, dims.len()) };
+        let mut expected = 1i64;
+        for (&stride, &dim) in strides.iter().zip(&dims).rev() {
+            if dim != 1 && stride != expected {
+                return Err("a non-contiguous GPU tensor (call .contiguous() first)".into());
+            }
+            expected *= dim as i64;
+        }
+    }
+    let dtype = match (tensor.dtype.code, tensor.dtype.bits, tensor.dtype.lanes) {
+        (K_DL_FLOAT, 32, 1) => DType::F32,
+        (K_DL_FLOAT, 16, 1) => DType::F16,
+        (K_DL_BFLOAT, 16, 1) => DType::BF16,
+        (code, bits, lanes) => {
+            return Err(format!(
+                "a GPU tensor of DLPack dtype (code {code}, {bits} bits, {lanes} lanes), not \
+                 float32, float16 or bfloat16"
+            ))
+        }
+    };
+    let count: usize = dims.iter().product();
+    let bytes = count * dtype.size_in_bytes();
+    let source = tensor.data as u64 + tensor.byte_offset;
+    let stream = cuda.cuda_stream();
+    let copy = |dst: u64| -> Result<(), String> {
+        // SAFETY: `source` holds `bytes` bytes of the producer's tensor (contiguous, checked),
+        // alive while `capsule` is; `dst` is a fresh allocation of as many bytes; both are on
+        // this GPU, in the context torch and Candle share (the device's primary context).
+        unsafe { result::memcpy_dtod_async(dst, source, bytes, stream.cu_stream()) }
+            .map_err(|e| format!("device-to-device copy failed: {e}"))
+    };
+    let storage = match dtype {
+        DType::F32 => {
+            // SAFETY: `copy` fills every byte before the tensor is used.
+            let mut out = unsafe { cuda.alloc::<f32>(count) }.map_err(|e| e.to_string())?;
+            copy(out.device_ptr_mut(&stream).0)?;
+            CudaStorage::wrap_cuda_slice(out, cuda.clone())
+        }
+        DType::F16 => {
+            // SAFETY: `copy` fills every byte before the tensor is used.
+            let mut out = unsafe { cuda.alloc::<half::f16>(count) }.map_err(|e| e.to_string())?;
+            copy(out.device_ptr_mut(&stream).0)?;
+            CudaStorage::wrap_cuda_slice(out, cuda.clone())
+        }
+        _ => {
+            // SAFETY: `copy` fills every byte before the tensor is used.
+            let mut out = unsafe { cuda.alloc::<half::bf16>(count) }.map_err(|e| e.to_string())?;
+            copy(out.device_ptr_mut(&stream).0)?;
+            CudaStorage::wrap_cuda_slice(out, cuda.clone())
+        }
+    };
+    // The producer may free its memory once `capsule` goes: the copy must be done by then.
+    stream.synchronize().map_err(|e| e.to_string())?;
+    drop(capsule);
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        dims,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn tensor_from_dlpack(_obj: &Bound<'_, PyAny>, _device: &Device) -> Result<Tensor, String> {
+    Err("this build of hooked_encoder has no CUDA support".into())
 }
 
 // --- DLPack 0.8 ABI -------------------------------------------------------------------------

@@ -11,7 +11,7 @@ use numpy::{PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::convert::{tensor_from_numpy, HostArray};
-use crate::dlpack::DeviceTensor;
+use crate::dlpack::{tensor_from_dlpack, DeviceTensor};
 
 /// An activation on its way to a Python hook.
 enum HandedOver {
@@ -137,14 +137,35 @@ impl PyHooks {
                     (name.as_str(), handed_over.into_py(py).map_err(failed)?),
                 )
                 .map_err(failed)?;
-            let array = returned
-                .bind(py)
-                .cast::<numpy::PyArrayDyn<f32>>()
-                .map_err(|_| Error::HookReplacement {
-                    name: name.clone(),
-                    expected: "a float32 array".into(),
-                    got: returned.bind(py).get_type().to_string(),
+            let returned = returned.bind(py);
+            let Ok(array) = returned.cast::<numpy::PyArrayDyn<f32>>() else {
+                if device.is_cpu() {
+                    return Err(Error::HookReplacement {
+                        name: name.clone(),
+                        expected: "a float32 array".into(),
+                        got: returned.get_type().to_string(),
+                    });
+                }
+                // On a GPU, a GPU tensor (torch's, through DLPack), copied device to device.
+                let replacement = tensor_from_dlpack(returned, &device).map_err(|got| {
+                    Error::HookReplacement {
+                        name: name.clone(),
+                        expected: format!(
+                            "a float32 array or a contiguous GPU tensor on {:?}",
+                            device.location()
+                        ),
+                        got,
+                    }
                 })?;
+                if replacement.dims() != activation.dims() {
+                    return Err(Error::HookReplacement {
+                        name: name.clone(),
+                        expected: format!("shape {:?}", activation.dims()),
+                        got: format!("shape {:?}", replacement.dims()),
+                    });
+                }
+                return Ok(replacement.to_dtype(activation.dtype())?);
+            };
             let array: PyReadonlyArrayDyn<'_, f32> =
                 array.try_readonly().map_err(|e| failed(e.into()))?;
             if array.shape() != activation.dims() {

@@ -85,7 +85,7 @@ fn parse_device(device: &str) -> PyResult<Device> {
              build one with MATURIN_PEP517_ARGS=\"--features cuda\" pip install ."
         )));
     }
-    Device::new_cuda(cuda_index)
+    hooked_encoder_core::open_cuda_device(cuda_index)
         .map_err(|e| PyValueError::new_err(format!("cannot open {device}: {e}")))
 }
 

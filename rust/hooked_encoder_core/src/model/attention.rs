@@ -23,12 +23,17 @@ pub(super) enum Qkv {
 }
 
 impl Qkv {
-    /// `(batch, pos)`.
-    pub(super) fn dims(&self) -> Result<(usize, usize)> {
-        let t = match self {
+    /// The fused projection, or q.
+    fn first(&self) -> &Tensor {
+        match self {
             Qkv::Fused(t) => t,
             Qkv::Separate([q, _, _]) => q,
-        };
+        }
+    }
+
+    /// `(batch, pos)`.
+    pub(super) fn dims(&self) -> Result<(usize, usize)> {
+        let t = self.first();
         Ok((t.dim(0)?, t.dim(1)?))
     }
 }
@@ -175,6 +180,8 @@ impl HookedBert {
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let z = if self.uses_cpu_kernels() {
             self.attention_z_cpu(layer, qkv, mask, hooks)?
+        } else if cuda::kernels_on(qkv.first()) {
+            self.attention_z_cuda(layer, qkv, mask, hooks)?
         } else {
             self.attention_z_generic(layer, qkv, mask, hooks)?
         };
@@ -319,6 +326,67 @@ impl HookedBert {
             kernels::attention_fused(q, k, v, shape, scale, key_mask)
         };
         cpu::tensor(z, &[b, p, h, dh])
+    }
+
+    /// Attention up to `z` on an NVIDIA GPU: cuBLAS reads q, k and v where they lie (in the
+    /// fused projection unless a hook wants them as tensors of their own) and writes z in its
+    /// hook's layout; one kernel adds the mask and takes the softmax between the two matmuls
+    /// (two when the scores are hooked: the mask, then the softmax of what the hook returns).
+    pub(super) fn attention_z_cuda(
+        &self,
+        layer: usize,
+        qkv: Qkv,
+        mask: &Mask,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let at = |kind| HookPoint::Block(layer, kind);
+        let (b, p) = qkv.dims()?;
+        let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
+        let a = h * dh;
+        let shape = AttentionShape {
+            batch: b,
+            pos: p,
+            heads: h,
+            d_head: dh,
+        };
+        let kinds = [BlockHook::Q, BlockHook::K, BlockHook::V];
+        let (sources, row_stride, offsets) = match qkv {
+            Qkv::Fused(fused)
+                if self.rotary_tables(layer, p).is_none()
+                    && !kinds.iter().any(|kind| wants(hooks, at(*kind))) =>
+            {
+                (vec![fused.contiguous()?], 3 * a, [0, a, 2 * a])
+            }
+            qkv => {
+                let parts = self.hooked_qkv(layer, qkv, hooks)?;
+                let parts = parts
+                    .into_iter()
+                    .map(|t| Ok(t.contiguous()?))
+                    .collect::<Result<Vec<_>>>()?;
+                (parts, a, [0, 0, 0])
+            }
+        };
+        let heads = |i: usize| cuda::Heads {
+            tensor: &sources[i.min(sources.len() - 1)],
+            offset: offsets[i],
+            row_stride,
+        };
+        let scale = 1.0 / (dh as f64).sqrt();
+        let scores = cuda::attention_scores(heads(0), heads(1), shape, scale)?;
+        let score_mask = cuda::ScoreMask {
+            additive: mask.additive.as_ref(),
+            bias: mask.bias.as_ref(),
+            window: self.cfg.attention_window(layer),
+        };
+        let pattern = if wants(hooks, at(BlockHook::AttnScores)) {
+            let scores = cuda::attention_softmax(&scores, Some(&score_mask), false)?;
+            let scores = hook(hooks, at(BlockHook::AttnScores), scores)?;
+            cuda::attention_softmax(&scores, None, true)?
+        } else {
+            cuda::attention_softmax(&scores, Some(&score_mask), true)?
+        };
+        let pattern = hook(hooks, at(BlockHook::Pattern), pattern)?.contiguous()?;
+        cuda::attention_z(&pattern, heads(2), shape)
     }
 
     /// Attention up to `z` in plain Candle ops (other devices, and `use_split_qkv_input`).

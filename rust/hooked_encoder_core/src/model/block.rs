@@ -101,31 +101,27 @@ impl HookedBert {
         let attn_out = self.attention(layer, block, &resid_pre, mask, position, hooks)?;
         let resid_pre = at_position(&resid_pre, position)?;
         let attn_out = hook(hooks, at(BlockHook::AttnOut), attn_out)?;
-        let resid_mid = hook(hooks, at(BlockHook::ResidMid), add(&resid_pre, &attn_out)?)?;
-        let mlp_in = if self.cfg.use_hook_mlp_in {
-            hook(hooks, at(BlockHook::MlpIn), resid_mid)?
+        let mid_points: &[HookPoint] = if self.cfg.use_hook_mlp_in {
+            &[at(BlockHook::ResidMid), at(BlockHook::MlpIn)]
         } else {
-            resid_mid
+            &[at(BlockHook::ResidMid)]
         };
-        let normalized_mid = self.layer_norm(
-            &mlp_in,
+        let normalized_mid = self.add_layer_norm(
+            &resid_pre,
+            &attn_out,
+            mid_points,
             block.post_attention_norm()?,
-            at(BlockHook::Ln1Scale),
-            at(BlockHook::Ln1Normalized),
+            [at(BlockHook::Ln1Scale), at(BlockHook::Ln1Normalized)],
             hooks,
         )?;
         let mlp_out = self.mlp(layer, block, &normalized_mid, hooks)?;
         let mlp_out = hook(hooks, at(BlockHook::MlpOut), mlp_out)?;
-        let resid_post = hook(
-            hooks,
-            at(BlockHook::ResidPost),
-            add(&normalized_mid, &mlp_out)?,
-        )?;
-        let normalized = self.layer_norm(
-            &resid_post,
+        let normalized = self.add_layer_norm(
+            &normalized_mid,
+            &mlp_out,
+            &[at(BlockHook::ResidPost)],
             &block.ln2,
-            at(BlockHook::Ln2Scale),
-            at(BlockHook::Ln2Normalized),
+            [at(BlockHook::Ln2Scale), at(BlockHook::Ln2Normalized)],
             hooks,
         )?;
         hook(hooks, at(BlockHook::NormalizedResidPost), normalized)

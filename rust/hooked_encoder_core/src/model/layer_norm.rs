@@ -23,8 +23,25 @@ impl HookedBert {
         let hooked = wants(hooks, scale_point) || wants(hooks, normalized_point);
         if !self.uses_cpu_kernels() {
             if cuda::kernels_on(x) && !hooked {
-                if let Some(out) = cuda::layer_norm(x, &ln.weight, &ln.bias, self.cfg.eps)? {
+                if let Some(out) = cuda::layer_norm(x, None, &ln.weight, &ln.bias, self.cfg.eps)? {
                     return Ok(out);
+                }
+            }
+            if cuda::kernels_on(x) {
+                if let Some((scale, normalized)) = cuda::layer_norm_parts(x, self.cfg.eps)? {
+                    let original_scale = scale.id();
+                    let scale = hook(hooks, scale_point, scale)?;
+                    let normalized = if scale.id() == original_scale {
+                        normalized
+                    } else {
+                        // A hook replaced the scale: divide by the new one.
+                        let x = x.to_dtype(DType::F32)?;
+                        x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?
+                            .broadcast_div(&scale.to_dtype(DType::F32)?)?
+                            .to_dtype(self.dtype)?
+                    };
+                    let normalized = hook(hooks, normalized_point, normalized)?;
+                    return cuda::scale_shift(&normalized, &ln.weight, &ln.bias);
                 }
             }
             return self.layer_norm_generic(x, ln, scale_point, normalized_point, hooks);
@@ -59,6 +76,36 @@ impl HookedBert {
             bias.slice(),
         );
         cpu::tensor(out, &dims)
+    }
+
+    /// `layer_norm(residual + x)` with the sum passed through `sum_points` first (the residual
+    /// stream's hook points between the add and the norm), the norm's own points being its
+    /// scale and normalized values. On a GPU, when none of those points is wanted, the add and
+    /// the norm run as one kernel.
+    pub(super) fn add_layer_norm(
+        &self,
+        residual: &Tensor,
+        x: &Tensor,
+        sum_points: &[HookPoint],
+        ln: &LayerNorm,
+        [scale_point, normalized_point]: [HookPoint; 2],
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor> {
+        let hooked = [scale_point, normalized_point]
+            .iter()
+            .chain(sum_points)
+            .any(|point| wants(hooks, *point));
+        if !hooked && cuda::kernels_on(x) && residual.dims() == x.dims() {
+            let fused = cuda::layer_norm(residual, Some(x), &ln.weight, &ln.bias, self.cfg.eps)?;
+            if let Some(out) = fused {
+                return Ok(out);
+            }
+        }
+        let mut sum = block::add(residual, x)?;
+        for point in sum_points {
+            sum = hook(hooks, *point, sum)?;
+        }
+        self.layer_norm(&sum, ln, scale_point, normalized_point, hooks)
     }
 
     /// [`Self::layer_norm`] in plain Candle ops, for devices without our kernels.

@@ -140,6 +140,18 @@ impl Linear {
                     &[rows, n],
                 )?
             }
+            LinearWeight::Dense(weight) if cuda::kernels_on(&x) => {
+                if let Some(y) = cuda::linear(&x, weight, &self.bias)? {
+                    // The matmul added the bias; only the activation is left.
+                    if act.is_some() {
+                        cuda::bias_act_inplace(&y, None, act)?;
+                    }
+                    let mut out_dims = dims;
+                    *out_dims.last_mut().unwrap_or(&mut 0) = self.out_features()?;
+                    return Ok(y.reshape(out_dims)?);
+                }
+                x.matmul(&weight.t()?)?
+            }
             LinearWeight::Dense(weight) => x.matmul(&weight.t()?)?,
         };
         let y = if cpu::kernels_on(y.device(), y.dtype()) {
@@ -147,7 +159,7 @@ impl Linear {
             cpu::bias_act_inplace(&y, &self.bias, act)?;
             y
         } else if cuda::kernels_on(&y) {
-            cuda::bias_act_inplace(&y, &self.bias, act)?;
+            cuda::bias_act_inplace(&y, Some(&self.bias), act)?;
             y
         } else {
             let y = y.broadcast_add(&self.bias)?;
