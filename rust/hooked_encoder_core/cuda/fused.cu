@@ -70,23 +70,18 @@ __device__ float block_sum(float v, float *partial) {
     return v;
 }
 
-// One block per row: out = (x - mean) / sqrt(mean((x - mean)^2) + eps) * w + b, x plus
-// `residual` if given (a residual add and the norm after it in one pass), with the
-// variance from a second pass over the centred row (kept in shared memory), as the CPU kernels
-// and the portable path compute it, so near-constant rows keep their precision.
-// The row is staged in float32 whatever T is.
+// Stages row blockIdx.x of x (plus `residual`'s row if given, the sum rounded to T as the
+// separate add it replaces stored it) in `row`, in float32, and returns the row's mean and
+// sqrt(mean((x - mean)^2) + eps): one block per row, two passes over the staged row.
 template <typename T>
-__device__ void layer_norm(
-    const T *x, const T *residual, T *out, const T *w, const T *b, const int cols, const float eps
+__device__ float2 row_moments(
+    const T *x, const T *residual, float *row, const int cols, const float eps
 ) {
-    extern __shared__ float row[];
     __shared__ float partial[32];
     const T *x_row = x + (size_t)blockIdx.x * cols;
     const T *residual_row = residual ? residual + (size_t)blockIdx.x * cols : nullptr;
-    T *out_row = out + (size_t)blockIdx.x * cols;
     float sum = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        // The sum rounded to T, as the separate add that this replaces stored it.
         float v = to_float(x_row[c]);
         if (residual_row) {
             v = to_float(from_float<T>(v + to_float(residual_row[c])));
@@ -100,9 +95,24 @@ __device__ void layer_norm(
         const float centred = row[c] - mean;
         squares += centred * centred;
     }
-    const float scale = sqrtf(block_sum(squares, partial) / cols + eps);
+    return make_float2(mean, sqrtf(block_sum(squares, partial) / cols + eps));
+}
+
+// One block per row: out = (x - mean) / sqrt(mean((x - mean)^2) + eps) * w + b, x plus
+// `residual` if given (a residual add and the norm after it in one pass), with the
+// variance from a second pass over the centred row (kept in shared memory), as the CPU kernels
+// and the portable path compute it, so near-constant rows keep their precision.
+// The row is staged in float32 whatever T is.
+template <typename T>
+__device__ void layer_norm(
+    const T *x, const T *residual, T *out, const T *w, const T *b, const int cols, const float eps
+) {
+    extern __shared__ float row[];
+    const float2 moments = row_moments(x, residual, row, cols, eps);
+    T *out_row = out + (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        out_row[c] = from_float<T>((row[c] - mean) / scale * to_float(w[c]) + to_float(b[c]));
+        out_row[c] =
+            from_float<T>((row[c] - moments.x) / moments.y * to_float(w[c]) + to_float(b[c]));
     }
 }
 
@@ -114,28 +124,15 @@ __device__ void layer_norm_parts(
     const T *x, T *normalized, T *scale_out, const int cols, const float eps
 ) {
     extern __shared__ float row[];
-    __shared__ float partial[32];
-    const T *x_row = x + (size_t)blockIdx.x * cols;
-    T *out_row = normalized + (size_t)blockIdx.x * cols;
-    float sum = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float v = to_float(x_row[c]);
-        row[c] = v;
-        sum += v;
-    }
-    const float mean = block_sum(sum, partial) / cols;
-    float squares = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float centred = row[c] - mean;
-        squares += centred * centred;
-    }
-    const T scale = from_float<T>(sqrtf(block_sum(squares, partial) / cols + eps));
+    const float2 moments = row_moments(x, (const T *)nullptr, row, cols, eps);
+    const T scale = from_float<T>(moments.y);
     if (threadIdx.x == 0) {
         scale_out[blockIdx.x] = scale;
     }
     const float divisor = to_float(scale);
+    T *out_row = normalized + (size_t)blockIdx.x * cols;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        out_row[c] = from_float<T>((row[c] - mean) / divisor);
+        out_row[c] = from_float<T>((row[c] - moments.x) / divisor);
     }
 }
 

@@ -79,6 +79,16 @@ pub fn layer_norm(
     )))
 }
 
+/// The launch of a kernel that gives each row a block and stages it in float32 in shared
+/// memory, whatever the element type (`row_moments` in `cuda/fused.cu`).
+fn one_block_per_row(rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: (cols * std::mem::size_of::<f32>()) as u32,
+    }
+}
+
 /// One launch of `layer_norm_*`.
 struct Norm<'a> {
     x: (&'a CudaStorage, &'a Layout),
@@ -123,12 +133,7 @@ impl Norm<'_> {
         builder.arg(&w);
         builder.arg(&b);
         candle_core::builder_arg!(builder, self.cols as i32, self.eps);
-        let cfg = LaunchConfig {
-            grid_dim: (self.rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            // The row is staged in float32 whatever `T` is.
-            shared_mem_bytes: (self.cols * std::mem::size_of::<f32>()) as u32,
-        };
+        let cfg = one_block_per_row(self.rows, self.cols);
         // SAFETY: one block per row reads `cols` elements of that row of `x` (and of the
         // residual, same shape, checked) and writes as many of `out`, reading `cols` weights
         // and biases, all of element type `T`; the row is staged in `cols` floats of shared
@@ -199,11 +204,7 @@ impl Parts<'_> {
         builder.arg(&mut normalized);
         builder.arg(&mut scale);
         candle_core::builder_arg!(builder, self.cols as i32, self.eps);
-        let cfg = LaunchConfig {
-            grid_dim: (self.rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (self.cols * std::mem::size_of::<f32>()) as u32,
-        };
+        let cfg = one_block_per_row(self.rows, self.cols);
         // SAFETY: one block per row reads `cols` elements of `x` and writes as many of
         // `normalized` and one scale, all of element type `T`; the row is staged in `cols`
         // floats of shared memory.

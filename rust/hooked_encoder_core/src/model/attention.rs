@@ -239,6 +239,16 @@ impl HookedBert {
         Ok([q.contiguous()?, k.contiguous()?, v])
     }
 
+    /// The attention of one pass over `batch` rows of `pos` positions.
+    fn attention_shape(&self, batch: usize, pos: usize) -> AttentionShape {
+        AttentionShape {
+            batch,
+            pos,
+            heads: self.cfg.n_heads,
+            d_head: self.cfg.d_head,
+        }
+    }
+
     /// Attention up to `z` with the CPU kernels. Unhooked, each head runs scores, mask, softmax
     /// and `@ v` in one task without materialising its scores; q, k and v are read straight out
     /// of the fused projection unless a hook wants them as tensors of their own.
@@ -253,12 +263,7 @@ impl HookedBert {
         let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let a = h * dh;
-        let shape = AttentionShape {
-            batch: b,
-            pos: p,
-            heads: h,
-            d_head: dh,
-        };
+        let shape = self.attention_shape(b, p);
         let scale = 1.0 / (dh as f32).sqrt();
         let bias = mask.bias.as_ref().map(cpu::view).transpose()?;
         let key_mask = KeyMask {
@@ -343,12 +348,7 @@ impl HookedBert {
         let (b, p) = qkv.dims()?;
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let a = h * dh;
-        let shape = AttentionShape {
-            batch: b,
-            pos: p,
-            heads: h,
-            d_head: dh,
-        };
+        let shape = self.attention_shape(b, p);
         let kinds = [BlockHook::Q, BlockHook::K, BlockHook::V];
         let (sources, row_stride, offsets) = match qkv {
             Qkv::Fused(fused)
