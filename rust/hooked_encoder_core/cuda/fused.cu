@@ -51,11 +51,17 @@ __device__ void bias_act(T *y, const T *bias, const size_t rows, const int cols,
     }
 }
 
-// The sum of `v` over the block, returned to every thread. `partial` holds one value per warp.
-__device__ float block_sum(float v, float *partial) {
+// The sum of `v` over the warp, returned to every lane.
+__device__ float warp_sum(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) {
         v += __shfl_xor_sync(0xffffffffu, v, offset);
     }
+    return v;
+}
+
+// The sum of `v` over the block, returned to every thread. `partial` holds one value per warp.
+__device__ float block_sum(float v, float *partial) {
+    v = warp_sum(v);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();  // an earlier call's readers are done with `partial`
     if (lane == 0) {
@@ -63,11 +69,7 @@ __device__ float block_sum(float v, float *partial) {
     }
     __syncthreads();
     const int warps = (blockDim.x + 31) >> 5;
-    v = lane < warps ? partial[lane] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, offset);
-    }
-    return v;
+    return warp_sum(lane < warps ? partial[lane] : 0.0f);
 }
 
 // Stages row blockIdx.x of x (plus `residual`'s row if given, the sum rounded to T as the
@@ -220,10 +222,7 @@ __device__ void attention_softmax(
     for (int key = lane; key < keys; key += 32) {
         sum += expf(score(key) - max);
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
-    }
-    const float inverse = 1.0f / sum;
+    const float inverse = 1.0f / warp_sum(sum);
     for (int key = lane; key < keys; key += 32) {
         out_row[key] = from_float<T>(expf(score(key) - max) * inverse);
     }

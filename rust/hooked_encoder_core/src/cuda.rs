@@ -163,6 +163,31 @@ mod imp {
         Ok(storage.as_cuda_slice::<T>()?.slice(start..end))
     }
 
+    /// The launch of a kernel whose threads each walk one column: column blocks across x,
+    /// rows split over at most 1024 groups along y (each thread then walks its column down
+    /// `rows / 1024` rows), so no element's column is recomputed with a division.
+    pub(super) fn column_walk(rows: usize, cols: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                (cols as u32).div_ceil(THREADS),
+                rows.clamp(1, 1024) as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    /// The CUDA storage of a tensor a kernel was given (an error if it is off the GPU).
+    pub(super) fn cuda_storage(storage: &candle_core::Storage) -> crate::Result<&CudaStorage> {
+        match storage {
+            candle_core::Storage::Cuda(storage) => Ok(storage),
+            _ => Err(crate::Error::Input(
+                "internal: a CUDA kernel was given a tensor off the GPU".into(),
+            )),
+        }
+    }
+
     /// The suffix of a kernel's entry points for an element type (`bias_act_bf16`).
     pub(super) fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
         Ok(match dtype {
@@ -274,15 +299,7 @@ mod imp {
                 None => builder.arg(&null),
             };
             candle_core::builder_arg!(builder, rows, cols, act);
-            // Column blocks across x; rows split over at most 1024 groups along y (each thread
-            // then walks its column down `rows / 1024` rows).
-            let column_blocks = (cols as u32).div_ceil(THREADS);
-            let row_groups = rows.min(1024) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (column_blocks, row_groups, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = column_walk(rows, cols as usize);
             // SAFETY: the kernel reads `cols` bias values (if any) and reads and writes
             // `rows * cols` elements of `y`, the bounds of both views, all of element type `T`.
             unsafe { builder.launch(cfg) }.w()?;
@@ -290,16 +307,17 @@ mod imp {
         }
     }
 
-    /// Adds `bias` (if given) to every row of `x` and applies `act`, in place. `x` must be a
-    /// contiguous tensor nobody else holds (a fresh matmul result).
+    /// Adds `bias` (if given) to every row of `x` and applies `act` (if given), in place. `x`
+    /// must be a contiguous tensor nobody else holds (a fresh matmul result).
     pub fn bias_act_inplace(
         x: &Tensor,
         bias: Option<&Tensor>,
         act: Option<Activation>,
     ) -> Result<()> {
-        match bias {
-            Some(bias) => x.inplace_op2(bias, &BiasAct { act })?,
-            None => x.inplace_op1(&BiasAct { act })?,
+        match (bias, act) {
+            (Some(bias), _) => x.inplace_op2(bias, &BiasAct { act })?,
+            (None, Some(_)) => x.inplace_op1(&BiasAct { act })?,
+            (None, None) => {} // nothing to do
         }
         Ok(())
     }

@@ -180,9 +180,10 @@ fn device_pointer(_tensor: &Tensor) -> candle_core::Result<u64> {
 /// stream, which is synchronised before the producer's memory is let go.
 #[cfg(feature = "cuda")]
 pub fn tensor_from_dlpack(obj: &Bound<'_, PyAny>, device: &Device) -> Result<Tensor, String> {
-    use candle_core::cuda::cudarc::driver::{result, DevicePtrMut};
+    use candle_core::backend::BackendDevice;
+    use candle_core::cuda::cudarc::driver::result;
     use candle_core::op::BackpropOp;
-    use candle_core::{CudaStorage, Storage};
+    use candle_core::Storage;
 
     let Device::Cuda(cuda) = device else {
         return Err("a GPU tensor cannot replace an activation on the CPU".into());
@@ -239,46 +240,29 @@ pub fn tensor_from_dlpack(obj: &Bound<'_, PyAny>, device: &Device) -> Result<Ten
             ))
         }
     };
-    let count: usize = dims.iter().product();
-    let bytes = count * dtype.size_in_bytes();
-    let source = tensor.data as u64 + tensor.byte_offset;
+    let bytes = dims.iter().product::<usize>() * dtype.size_in_bytes();
+    // SAFETY: the copy below fills every byte before the tensor is used.
+    let storage =
+        unsafe { cuda.alloc_uninit(&dims.as_slice().into(), dtype) }.map_err(|e| e.to_string())?;
+    let copy = Tensor::from_storage(Storage::Cuda(storage), dims, BackpropOp::none(), false);
+    let destination = device_pointer(&copy).map_err(|e| e.to_string())?;
     let stream = cuda.cuda_stream();
-    let copy = |dst: u64| -> Result<(), String> {
-        // SAFETY: `source` holds `bytes` bytes of the producer's tensor (contiguous, checked),
-        // alive while `capsule` is; `dst` is a fresh allocation of as many bytes; both are on
-        // this GPU, in the context torch and Candle share (the device's primary context).
-        unsafe { result::memcpy_dtod_async(dst, source, bytes, stream.cu_stream()) }
-            .map_err(|e| format!("device-to-device copy failed: {e}"))
-    };
-    let storage = match dtype {
-        DType::F32 => {
-            // SAFETY: `copy` fills every byte before the tensor is used.
-            let mut out = unsafe { cuda.alloc::<f32>(count) }.map_err(|e| e.to_string())?;
-            copy(out.device_ptr_mut(&stream).0)?;
-            CudaStorage::wrap_cuda_slice(out, cuda.clone())
-        }
-        DType::F16 => {
-            // SAFETY: `copy` fills every byte before the tensor is used.
-            let mut out = unsafe { cuda.alloc::<half::f16>(count) }.map_err(|e| e.to_string())?;
-            copy(out.device_ptr_mut(&stream).0)?;
-            CudaStorage::wrap_cuda_slice(out, cuda.clone())
-        }
-        _ => {
-            // SAFETY: `copy` fills every byte before the tensor is used.
-            let mut out = unsafe { cuda.alloc::<half::bf16>(count) }.map_err(|e| e.to_string())?;
-            copy(out.device_ptr_mut(&stream).0)?;
-            CudaStorage::wrap_cuda_slice(out, cuda.clone())
-        }
-    };
+    // SAFETY: the source holds `bytes` bytes of the producer's tensor (contiguous, checked),
+    // alive while `capsule` is; `destination` is a fresh allocation of as many bytes; both are
+    // on this GPU, in the context torch and Candle share (the device's primary context).
+    unsafe {
+        result::memcpy_dtod_async(
+            destination,
+            tensor.data as u64 + tensor.byte_offset,
+            bytes,
+            stream.cu_stream(),
+        )
+    }
+    .map_err(|e| format!("device-to-device copy failed: {e}"))?;
     // The producer may free its memory once `capsule` goes: the copy must be done by then.
     stream.synchronize().map_err(|e| e.to_string())?;
     drop(capsule);
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        dims,
-        BackpropOp::none(),
-        false,
-    ))
+    Ok(copy)
 }
 
 #[cfg(not(feature = "cuda"))]

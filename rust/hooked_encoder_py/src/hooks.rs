@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 use hooked_encoder_core::{Edit, Error, HookPoint, HookSet, Hooks};
-use numpy::{PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArrayMethods};
+use numpy::{PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::prelude::*;
 
 use crate::convert::{tensor_from_numpy, HostArray};
@@ -138,46 +138,42 @@ impl PyHooks {
                 )
                 .map_err(failed)?;
             let returned = returned.bind(py);
-            let Ok(array) = returned.cast::<numpy::PyArrayDyn<f32>>() else {
-                if device.is_cpu() {
+            let replacement = match returned.cast::<numpy::PyArrayDyn<f32>>() {
+                Ok(array) => {
+                    let array: PyReadonlyArrayDyn<'_, f32> =
+                        array.try_readonly().map_err(|e| failed(e.into()))?;
+                    tensor_from_numpy(&array, &device)?
+                }
+                Err(_) if device.is_cpu() => {
                     return Err(Error::HookReplacement {
                         name: name.clone(),
                         expected: "a float32 array".into(),
                         got: returned.get_type().to_string(),
-                    });
+                    })
                 }
                 // On a GPU, a GPU tensor (torch's, through DLPack), copied device to device.
-                let replacement = tensor_from_dlpack(returned, &device).map_err(|got| {
-                    Error::HookReplacement {
+                Err(_) => {
+                    tensor_from_dlpack(returned, &device).map_err(|got| Error::HookReplacement {
                         name: name.clone(),
                         expected: format!(
                             "a float32 array or a contiguous GPU tensor on {:?}",
                             device.location()
                         ),
                         got,
-                    }
-                })?;
-                if replacement.dims() != activation.dims() {
-                    return Err(Error::HookReplacement {
-                        name: name.clone(),
-                        expected: format!("shape {:?}", activation.dims()),
-                        got: format!("shape {:?}", replacement.dims()),
-                    });
+                    })?
                 }
-                return Ok(replacement.to_dtype(activation.dtype())?);
             };
-            let array: PyReadonlyArrayDyn<'_, f32> =
-                array.try_readonly().map_err(|e| failed(e.into()))?;
-            if array.shape() != activation.dims() {
+            if replacement.dims() != activation.dims() {
                 return Err(Error::HookReplacement {
                     name: name.clone(),
                     expected: format!("shape {:?}", activation.dims()),
-                    got: format!("shape {:?}", array.shape()),
+                    got: format!("shape {:?}", replacement.dims()),
                 });
             }
-            // Float32 from Python; exact for a half-precision activation that the hook left
-            // alone, rounded like any other value otherwise.
-            Ok(tensor_from_numpy(&array, &device)?.to_dtype(activation.dtype())?)
+            // A float32 array, or a GPU tensor in the model's dtype or float32: exact for a
+            // half-precision activation the hook left alone, rounded like any other value
+            // otherwise.
+            Ok(replacement.to_dtype(activation.dtype())?)
         })
     }
 }

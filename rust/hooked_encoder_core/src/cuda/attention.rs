@@ -14,7 +14,7 @@ use candle_core::cuda::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Storage, Tensor};
 
-use super::imp::{contiguous, suffix, MODULE, PTX, THREADS};
+use super::imp::{contiguous, cuda_storage, suffix, MODULE, PTX, THREADS};
 use super::{Heads, ScoreMask};
 use crate::kernels::AttentionShape;
 use crate::{Error, Result};
@@ -177,15 +177,6 @@ pub fn attention_softmax(
         BackpropOp::none(),
         false,
     ))
-}
-
-fn cuda_storage(storage: &Storage) -> Result<&CudaStorage> {
-    match storage {
-        Storage::Cuda(storage) => Ok(storage),
-        _ => Err(Error::Input(
-            "internal: a CUDA attention kernel was given a tensor off the GPU".into(),
-        )),
-    }
 }
 
 /// One launch of `attention_softmax_*`: the storages it reads, with their layouts.

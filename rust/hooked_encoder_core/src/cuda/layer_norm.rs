@@ -8,7 +8,7 @@ use candle_core::cuda::{CudaDType, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 
-use super::imp::{contiguous, suffix, MODULE, PTX, THREADS};
+use super::imp::{column_walk, contiguous, cuda_storage, suffix, MODULE, PTX, THREADS};
 use crate::{Error, Result};
 
 /// Rows wider than this do not fit the kernels' shared memory (32 KiB of float32 per block).
@@ -24,11 +24,9 @@ pub fn layer_norm(
     b: &Tensor,
     eps: f64,
 ) -> Result<Option<Tensor>> {
-    let cols = x.dims().last().copied().unwrap_or(0);
-    let rows = x.elem_count() / cols.max(1);
-    if cols == 0 || cols > MAX_COLS || rows > u32::MAX as usize {
+    let Some((rows, cols)) = rows_and_cols(x) else {
         return Ok(None);
-    }
+    };
     if residual.is_some_and(|r| r.dims() != x.dims() || r.dtype() != x.dtype()) {
         return Err(Error::Input(
             "internal: a residual that does not match the LayerNorm input".into(),
@@ -37,30 +35,18 @@ pub fn layer_norm(
     let x = x.contiguous()?;
     let residual = residual.map(|r| r.contiguous()).transpose()?;
     let out = {
-        let inputs = [Some(&x), residual.as_ref(), Some(w), Some(b)];
-        let guards: Vec<_> = inputs
-            .iter()
-            .map(|t| t.map(|t| t.storage_and_layout()))
-            .collect();
-        let mut storages = Vec::with_capacity(4);
-        for guard in &guards {
-            storages.push(match guard {
-                Some((storage, layout)) => match &**storage {
-                    Storage::Cuda(storage) => Some((storage, *layout)),
-                    _ => {
-                        return Err(Error::Input(
-                            "internal: the CUDA LayerNorm was given a tensor off the GPU".into(),
-                        ))
-                    }
-                },
-                None => None,
-            });
-        }
+        let (x_guard, x_layout) = x.storage_and_layout();
+        let residual_guard = residual.as_ref().map(|r| r.storage_and_layout());
+        let (w_guard, w_layout) = w.storage_and_layout();
+        let (b_guard, b_layout) = b.storage_and_layout();
         let norm = Norm {
-            x: storages[0].ok_or_else(|| Error::Input("internal: no LayerNorm input".into()))?,
-            residual: storages[1],
-            w: storages[2].ok_or_else(|| Error::Input("internal: no LayerNorm weight".into()))?,
-            b: storages[3].ok_or_else(|| Error::Input("internal: no LayerNorm bias".into()))?,
+            x: (cuda_storage(&x_guard)?, x_layout),
+            residual: match &residual_guard {
+                Some((guard, layout)) => Some((cuda_storage(guard)?, *layout)),
+                None => None,
+            },
+            w: (cuda_storage(&w_guard)?, w_layout),
+            b: (cuda_storage(&b_guard)?, b_layout),
             rows,
             cols,
             eps: eps as f32,
@@ -77,6 +63,14 @@ pub fn layer_norm(
         BackpropOp::none(),
         false,
     )))
+}
+
+/// `(rows, cols)` of `x` over its last dimension, or `None` where its rows do not fit a kernel
+/// that stages a row in shared memory (or are too many for the grid).
+fn rows_and_cols(x: &Tensor) -> Option<(usize, usize)> {
+    let cols = x.dims().last().copied().unwrap_or(0);
+    let rows = x.elem_count() / cols.max(1);
+    (cols > 0 && cols <= MAX_COLS && rows <= u32::MAX as usize).then_some((rows, cols))
 }
 
 /// The launch of a kernel that gives each row a block and stages it in float32 in shared
@@ -147,21 +141,14 @@ impl Norm<'_> {
 /// `(x - mean) / scale` shaped as `x`, both in `x`'s dtype; `None` where a row does not fit the
 /// kernel (the caller then runs the portable ops).
 pub fn layer_norm_parts(x: &Tensor, eps: f64) -> Result<Option<(Tensor, Tensor)>> {
-    let cols = x.dims().last().copied().unwrap_or(0);
-    let rows = x.elem_count() / cols.max(1);
-    if cols == 0 || cols > MAX_COLS || rows > u32::MAX as usize {
+    let Some((rows, cols)) = rows_and_cols(x) else {
         return Ok(None);
-    }
+    };
     let x = x.contiguous()?;
     let (normalized, scale) = {
         let (guard, layout) = x.storage_and_layout();
-        let Storage::Cuda(storage) = &*guard else {
-            return Err(Error::Input(
-                "internal: the CUDA LayerNorm was given a tensor off the GPU".into(),
-            ));
-        };
         let parts = Parts {
-            x: (storage, layout),
+            x: (cuda_storage(&guard)?, layout),
             rows,
             cols,
             eps: eps as f32,
@@ -286,16 +273,7 @@ fn scale_shift_launch<T: CudaDType + DeviceRepr>(
     let cols_i = i32::try_from(cols)
         .map_err(|_| candle_core::Error::Msg(format!("{cols} columns is too many")))?;
     candle_core::builder_arg!(builder, rows, cols_i);
-    // As bias_act: column blocks across x, at most 1024 row groups along y.
-    let cfg = LaunchConfig {
-        grid_dim: (
-            (cols as u32).div_ceil(THREADS),
-            rows.clamp(1, 1024) as u32,
-            1,
-        ),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = column_walk(rows, cols);
     // SAFETY: the kernel reads `rows * cols` elements of `x` and `cols` weights and biases and
     // writes `rows * cols` elements of `out`, all of element type `T`.
     unsafe { builder.launch(cfg) }.w()?;

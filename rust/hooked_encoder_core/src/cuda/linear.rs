@@ -258,10 +258,12 @@ impl Product {
         let context = context(device)?;
         let stream = device.cuda_stream();
         let element = std::mem::size_of::<T>() as u64;
-        let [x, w, bias] = operands.map(|(storage, offset)| (storage.as_cuda_slice::<T>(), offset));
-        let (x, x_offset) = (x.0?, x.1);
-        let (w, w_offset) = (w.0?, w.1);
-        let (bias, bias_offset) = (bias.0?, bias.1);
+        let [(x, x_offset), (w, w_offset), (bias, bias_offset)] = operands;
+        let (x, w, bias) = (
+            x.as_cuda_slice::<T>()?,
+            w.as_cuda_slice::<T>()?,
+            bias.as_cuda_slice::<T>()?,
+        );
         // SAFETY: the matmul writes every element of the output before anyone reads it.
         let mut out = unsafe { device.alloc::<T>(self.rows * self.d_out) }?;
         {

@@ -124,6 +124,8 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((rows, d_in))?;
         let on_cpu_kernels = cpu::kernels_on(x.device(), x.dtype());
+        // Whether the matmul added the bias itself (cuBLASLt's epilogue).
+        let mut bias_added = false;
         let y = match &self.weight {
             LinearWeight::Packed { packed, .. } if on_cpu_kernels => {
                 let x = x.contiguous()?;
@@ -141,16 +143,13 @@ impl Linear {
                 )?
             }
             LinearWeight::Dense(weight) if cuda::kernels_on(&x) => {
-                if let Some(y) = cuda::linear(&x, weight, &self.bias)? {
-                    // The matmul added the bias; only the activation is left.
-                    if act.is_some() {
-                        cuda::bias_act_inplace(&y, None, act)?;
+                match cuda::linear(&x, weight, &self.bias)? {
+                    Some(y) => {
+                        bias_added = true;
+                        y
                     }
-                    let mut out_dims = dims;
-                    *out_dims.last_mut().unwrap_or(&mut 0) = self.out_features()?;
-                    return Ok(y.reshape(out_dims)?);
+                    None => x.matmul(&weight.t()?)?,
                 }
-                x.matmul(&weight.t()?)?
             }
             LinearWeight::Dense(weight) => x.matmul(&weight.t()?)?,
         };
@@ -159,7 +158,7 @@ impl Linear {
             cpu::bias_act_inplace(&y, &self.bias, act)?;
             y
         } else if cuda::kernels_on(&y) {
-            cuda::bias_act_inplace(&y, Some(&self.bias), act)?;
+            cuda::bias_act_inplace(&y, (!bias_added).then_some(&self.bias), act)?;
             y
         } else {
             let y = y.broadcast_add(&self.bias)?;
