@@ -6,6 +6,8 @@ checks the CPU build's side of the contract."""
 from __future__ import annotations
 
 import copy
+import ctypes
+import threading
 
 import numpy as np
 import pytest
@@ -181,6 +183,82 @@ def test_repeated_bert_sized_passes_finish():
         assert model.unembed(x).shape == (1, 16, 28996)
         assert model(tokens).shape == (32, 128, 28996)
     torch.cuda.synchronize()
+
+
+@pytest.fixture(scope="module")
+def wide_gpu_model():
+    """Two bert-base-wide blocks on the GPU: products large enough for cuBLASLt's workspace."""
+    return HookedEncoder(
+        {
+            "d_model": 768,
+            "d_head": 64,
+            "n_layers": 2,
+            "n_ctx": 512,
+            "d_vocab": 1000,
+            "seed": 0,
+            "device": "cuda",
+        }
+    )
+
+
+@on_gpu
+def test_forwards_from_several_threads_at_once_match_one_thread(wide_gpu_model):
+    """Candle runs each thread's kernels on that thread's own stream, so two threads' matmuls
+    may overlap on the GPU: each thread must have its own cuBLASLt workspace."""
+    inputs = [
+        torch.randint(0, 1000, (8, 128), generator=torch.Generator().manual_seed(i))
+        for i in range(4)
+    ]
+    expected = [wide_gpu_model(tokens.cuda()) for tokens in inputs]
+    results = [None] * len(inputs)
+    start = threading.Barrier(len(inputs))
+
+    def work(i):
+        start.wait()
+        for _ in range(5):
+            results[i] = wide_gpu_model(inputs[i].cuda())
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    torch.cuda.synchronize()
+    for got, want in zip(results, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def gpu_pool_bytes_in_use() -> int:
+    """Bytes allocated from GPU 0's default memory pool, where Candle's stream-ordered
+    allocations come from (torch's caching allocator does not use it), read from the driver."""
+    driver = ctypes.CDLL("libcuda.so.1")
+    device, pool, used = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
+    assert driver.cuDeviceGet(ctypes.byref(device), 0) == 0
+    assert driver.cuDeviceGetDefaultMemPool(ctypes.byref(pool), device) == 0
+    used_mem_current = 7  # CU_MEMPOOL_ATTR_USED_MEM_CURRENT
+    assert driver.cuMemPoolGetAttribute(pool, used_mem_current, ctypes.byref(used)) == 0
+    return used.value
+
+
+@on_gpu
+def test_a_threads_gpu_workspace_is_freed_when_the_thread_ends(wide_gpu_model):
+    """Each thread that runs a GPU model gets a 4 MiB cuBLASLt workspace: eight threads that
+    ran a forward and ended leave the memory in use where it was (kept, they would add 32 MiB)."""
+    tokens = torch.randint(0, 1000, (8, 128), device="cuda")
+
+    def forward():
+        wide_gpu_model(tokens, return_type=None)
+        torch.cuda.synchronize()
+
+    forward()
+    before = gpu_pool_bytes_in_use()
+    for _ in range(8):
+        thread = threading.Thread(target=forward)
+        thread.start()
+        thread.join()
+    torch.cuda.synchronize()
+    grown = (gpu_pool_bytes_in_use() - before) / 2**20
+    assert grown < 16, f"eight ended threads kept {grown:.0f} MiB of GPU memory"
 
 
 @on_gpu

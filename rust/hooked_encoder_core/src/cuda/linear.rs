@@ -2,9 +2,10 @@
 //! PyTorch's `addmm` does: Candle's matmul (cuBLAS) followed by our bias kernel read and wrote
 //! every output a second time, a quarter of the bfloat16 bert-base forward on an H200.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::rc::Rc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::cudarc::cublaslt::{result, sys};
@@ -14,7 +15,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 
 use crate::{Error, Result};
 
-/// cuBLASLt's scratch space per stream (split-K and similar algorithms use it).
+/// cuBLASLt's scratch space per thread and GPU (split-K and similar algorithms use it).
 const WORKSPACE_BYTES: usize = 4 << 20;
 
 /// `x @ wᵀ + bias` for `x: [rows, in]`, `w: [out, in]`, `bias: [out]`, all of one dtype on one
@@ -97,42 +98,59 @@ struct Product {
     compute: sys::cublasComputeType_t,
 }
 
-/// A cuBLASLt handle with its workspace and the algorithms its heuristic chose, one per CUDA
-/// stream (kernels on one stream never overlap, so they can share the workspace). Kept for
-/// the life of the process: a few MiB per stream a model ran on.
+/// A cuBLASLt handle with its workspace and the algorithms its heuristic chose, one per thread
+/// and GPU (see [`context`]).
 struct Context {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    algorithms: Mutex<HashMap<Product, sys::cublasLtMatmulAlgo_t>>,
+    algorithms: RefCell<HashMap<Product, sys::cublasLtMatmulAlgo_t>>,
 }
 
-// SAFETY: the handle is used only under the stream's ordering (one stream per context), and
-// cuBLASLt handles may be used from any thread.
-unsafe impl Send for Context {}
-// SAFETY: as above; the algorithm cache is behind a mutex.
-unsafe impl Sync for Context {}
-
-fn context(device: &CudaDevice) -> Result<Arc<Context>> {
-    static CONTEXTS: OnceLock<Mutex<HashMap<usize, Arc<Context>>>> = OnceLock::new();
+/// The calling thread's [`Context`] for `device`'s GPU and stream, made on first use.
+///
+/// Candle runs a GPU's work on CUDA's per-thread default stream: one handle value in every
+/// thread, but a different stream in each, so two threads' kernels may overlap. A workspace
+/// shared between them could be written by both at once, so each thread has its own (kernels
+/// on one stream never overlap), one per GPU (CUDA context), freed when the thread ends.
+fn context(device: &CudaDevice) -> Result<Rc<Context>> {
+    thread_local! {
+        static CONTEXTS: RefCell<HashMap<(usize, usize), Rc<Context>>> = Default::default();
+    }
     let stream = device.cuda_stream();
-    let key = stream.cu_stream() as usize;
-    let mut contexts = CONTEXTS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(context) = contexts.get(&key) {
-        return Ok(context.clone());
+    let key = (
+        stream.context().cu_ctx() as usize,
+        stream.cu_stream() as usize,
+    );
+    if let Some(context) = CONTEXTS.with_borrow(|contexts| contexts.get(&key).cloned()) {
+        return Ok(context);
     }
     let handle = result::create_handle().map_err(lt_error)?;
     // SAFETY: cuBLASLt only ever writes the workspace before reading it.
-    let workspace = unsafe { device.alloc::<u8>(WORKSPACE_BYTES) }?;
-    let context = Arc::new(Context {
+    let workspace = match unsafe { device.alloc::<u8>(WORKSPACE_BYTES) } {
+        Ok(workspace) => workspace,
+        Err(e) => {
+            // SAFETY: created just above, used by no one.
+            let _ = unsafe { result::destroy_handle(handle) };
+            return Err(e.into());
+        }
+    };
+    let context = Rc::new(Context {
         handle,
         workspace,
-        algorithms: Mutex::new(HashMap::new()),
+        algorithms: RefCell::new(HashMap::new()),
     });
-    contexts.insert(key, context.clone());
+    CONTEXTS.with_borrow_mut(|contexts| contexts.insert(key, context.clone()));
     Ok(context)
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // Work queued earlier may still use the handle and workspace; the handle is destroyed
+        // only after it finished (the workspace's own drop frees it in stream order).
+        let _ = self.workspace.stream().synchronize();
+        // SAFETY: the handle was created once, in `context`, and nothing else holds it.
+        let _ = unsafe { result::destroy_handle(self.handle) };
+    }
 }
 
 fn lt_error(e: result::CublasError) -> Error {
@@ -213,10 +231,7 @@ impl Product {
         context: &Context,
         descriptors: &Descriptors,
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
-        let mut cache = context
-            .algorithms
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut cache = context.algorithms.borrow_mut();
         if let Some(algorithm) = cache.get(self) {
             return Ok(*algorithm);
         }
@@ -278,8 +293,8 @@ impl Product {
             let (alpha, beta) = (1.0f32, 0.0f32);
             // SAFETY: `linear` checked the shapes: x holds rows x d_in elements from its
             // offset, w d_out x d_in, the bias d_out, all contiguous and 16-byte aligned; the
-            // output holds rows x d_out; the workspace WORKSPACE_BYTES, used by this stream
-            // alone. The pointers stay valid while the guards above live.
+            // output holds rows x d_out; the workspace WORKSPACE_BYTES, used by this thread's
+            // stream alone. The pointers stay valid while the guards above live.
             unsafe {
                 result::matmul(
                     context.handle,
