@@ -10,8 +10,9 @@
 //!
 //! The AVX2 microkernel keeps a 6 x 16 tile of the output in 12 registers (the shape of
 //! OpenBLAS's and BLIS's Haswell kernels): per step of `k` it loads 16 weights, broadcasts 6
-//! inputs and issues 12 FMAs. How the product is blocked depends on whether `x` is copied (see
-//! [`Blocking`]).
+//! inputs and issues 12 FMAs. The AVX-512 one keeps the same tile in 6 registers of 16 lanes
+//! (one load, 6 broadcasts, 6 FMAs per step). How the product is blocked depends on whether `x`
+//! is copied (see [`Blocking`]).
 //!
 //! With few rows the product is bound by reading the weights from memory (bert-base's blocks
 //! hold 340 MB of them): the first tile of every panel slice waits on memory while the other
@@ -21,10 +22,10 @@
 //!
 //! The constants were chosen by A/B runs alternated call by call in one process (the speed of
 //! the shared machines they ran on swings by 10-40% between processes), bert-base's forward,
-//! AMD EPYC Zen 3 (AVX2), 2 threads: prefetching sped 1x16 up by 11%, 1x128 by 3%, 8x128 by
+//! 2 threads. AMD EPYC Zen 3 (AVX2): prefetching sped 1x16 up by 11%, 1x128 by 3%, 8x128 by
 //! 2% (two slices ahead, or into L2, measured the same); one `k` block instead of 256-step
 //! blocks without the copy, 1x128 by 4%; row blocks of 24 instead of 120 with it, 8x128 by
-//! about 5%.
+//! about 5%. AMD EPYC Zen 4 (AVX-512): see [`Kernel::Avx512`].
 
 use std::ops::Range;
 
@@ -36,9 +37,9 @@ use crate::kernels::{has_avx2_fma, SharedOut};
 pub const PANEL: usize = 16;
 /// Rows of the output one microkernel call computes.
 const TILE_ROWS: usize = 6;
-/// Above this many rows, each task copies its rows of `x` into the microkernel's order.
-/// (Measured on bert-base's forward, Zen 3: copying slowed 1x16 and 1x128 by about 8%, and
-/// sped 8x128 up by about 5%.)
+/// Above this many rows, each task copies its rows of `x` into the microkernel's order, except
+/// with the AVX-512 kernel. (Measured on bert-base's forward, Zen 3: copying slowed 1x16 and
+/// 1x128 by about 8%, and sped 8x128 up by about 5%.)
 const COPY_X_ROWS: usize = 256;
 /// Parallel tasks per thread: enough to even out the threads' finishing times.
 const TASKS_PER_THREAD: usize = 8;
@@ -54,8 +55,8 @@ struct Blocking {
 }
 
 impl Blocking {
-    fn new(m: usize, k: usize) -> Self {
-        if m > COPY_X_ROWS {
+    fn new(m: usize, k: usize, kernel: Kernel) -> Self {
+        if m > COPY_X_ROWS && kernel.copies_x() {
             // Short row blocks (24 KiB of copied inputs per `k` block) measured faster than
             // blocks of 120 rows, though every row block re-reads the weight (from L2 or L3).
             Self {
@@ -182,12 +183,11 @@ impl PackedWeight {
 
     /// `x Wᵀ` for `x` of `m` rows (`[m, k]`, row-major): `[m, n]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        self.matmul_with(x, m, true)
+        self.matmul_with(x, m, Kernel::best())
     }
 
-    /// [`Self::matmul`], with the AVX2 kernel allowed (`simd`) or not (the portable kernel other
-    /// CPUs run, tested on this one too).
-    fn matmul_with(&self, x: &[f32], m: usize, simd: bool) -> Vec<f32> {
+    /// [`Self::matmul`] with a given kernel (the tests run every one this CPU can).
+    fn matmul_with(&self, x: &[f32], m: usize, kernel: Kernel) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert_eq!(
             x.len(),
@@ -196,7 +196,7 @@ impl PackedWeight {
             x.len()
         );
         let mut out = vec![0.0f32; m * n];
-        let kernel = tile_kernel(simd);
+        let tile_kernel = kernel.tile_kernel();
         let out_ptr = SharedOut(out.as_mut_ptr());
         // With many rows, each task's rows of `x` for one `k` block are copied tile by tile,
         // each `[steps, 6]`, so that the microkernel's broadcasts read one sequential stream;
@@ -205,7 +205,7 @@ impl PackedWeight {
             row_block,
             k_block,
             copy_x,
-        } = Blocking::new(m, k);
+        } = Blocking::new(m, k, kernel);
         let split = TaskSplit::new(
             m,
             row_block,
@@ -258,8 +258,8 @@ impl PackedWeight {
                             prefetch: next_slice.filter(|_| tile == 0).map(<[f32]>::as_ptr),
                         };
                         // SAFETY: this task alone writes rows `rows` x panels `panels` of
-                        // `out`; `tile_kernel` chose a kernel this CPU can run.
-                        unsafe { kernel(&tile) };
+                        // `out`; `kernel` is one this CPU can run (`Kernel::runs_here`).
+                        unsafe { tile_kernel(&tile) };
                     }
                 }
             }
@@ -292,28 +292,82 @@ struct Tile<'a> {
 ///
 /// # Safety
 /// `tile.out` must point at `rows` rows of `columns` floats, `ldo` apart, that no one else
-/// touches meanwhile, and the CPU must run the kernel (see [`tile_kernel`]).
+/// touches meanwhile, and the CPU must run the kernel (see [`Kernel::runs_here`]).
 type TileKernel = unsafe fn(&Tile<'_>);
 
-/// Whether packing pays on this CPU: where the AVX2 kernel runs and `gemm` has nothing faster.
-/// It was measured only on AVX2 CPUs without AVX-512 (AMD EPYC Zen 3); with AVX-512, `gemm`'s
-/// 16-lane kernels are left in place until this kernel has an AVX-512 form measured against
-/// them, and elsewhere (Arm, old x86) the portable kernel would lose to `gemm`'s SIMD.
+/// Whether packing pays on this CPU: where an x86 kernel of ours runs. Elsewhere (Arm, old
+/// x86) the portable kernel would lose to `gemm`'s SIMD, so the weights stay unpacked there.
+///
+/// With AVX-512 too: our `gemm` build has only its AVX2 (FMA) kernels, and packing measured
+/// faster there (see [`Kernel::Avx512`]). `gemm`'s AVX-512 kernels sit behind its `x86-v4`
+/// feature, which stays off: on Zen 4 (example `packed_gflops`, two builds, 2 threads, twice)
+/// they ran bert-base's projections at 9.8-50 GFLOP/s against 38-98 for its AVX2 ones at 16
+/// rows, 53-150 against 129-183 at 128 rows, and level to 6% faster at 1024 and 4096 rows.
 pub fn pays_on_this_cpu() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    return has_avx2_fma() && !std::arch::is_x86_feature_detected!("avx512f");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
+    Kernel::best() != Kernel::Portable
 }
 
-/// The AVX2 kernel where allowed and the CPU has AVX2 and FMA, else the portable one.
-fn tile_kernel(simd: bool) -> TileKernel {
+/// Which microkernel computes the tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kernel {
+    Portable,
+    /// AVX2 and FMA (measured on AMD EPYC Zen 3).
     #[cfg(target_arch = "x86_64")]
-    if simd && has_avx2_fma() {
-        return avx2::tile;
+    Avx2,
+    /// AVX-512F. Measured on AMD EPYC Zen 4 (2 threads, bert-base's encoder, alternated call
+    /// by call against `gemm` and the AVX2 kernel): packed weights with this kernel took 0.75x
+    /// of `gemm`'s time at 1x16, 0.85x at 1x128, 0.96x at 8x128 and 0.87x at 32x128; the AVX2
+    /// kernel on the same layout was 1-2% slower (Zen 4 runs a 16-lane FMA as two 8-lane
+    /// halves, so only the instruction count falls; CPUs with two 16-lane FMA units should
+    /// gain more, unmeasured). There `x` is read in place at every size: the copy of
+    /// [`COPY_X_ROWS`] made 8x128 3-4% and 32x128 about 3% slower.
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs.
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        for kernel in [Self::Avx512, Self::Avx2] {
+            if kernel.runs_here() {
+                return kernel;
+            }
+        }
+        Self::Portable
     }
-    let _ = simd;
-    portable_tile
+
+    fn runs_here(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => has_avx2_fma(),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+        }
+    }
+
+    /// Whether `x` is copied above [`COPY_X_ROWS`] rows (see [`Kernel::Avx512`]).
+    fn copies_x(self) -> bool {
+        match self {
+            Self::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => true,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => false,
+        }
+    }
+
+    fn tile_kernel(self) -> TileKernel {
+        assert!(self.runs_here(), "this CPU cannot run the {self:?} kernel");
+        match self {
+            Self::Portable => portable_tile,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2 => avx2::tile,
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => avx512::tile,
+        }
+    }
 }
 
 /// The portable [`TileKernel`].
@@ -426,6 +480,76 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Tile, PANEL, TILE_ROWS};
+
+    /// The AVX-512 [`super::TileKernel`]: one 16-lane register per row of the tile.
+    ///
+    /// # Safety
+    /// As [`super::TileKernel`], and the CPU must have AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn tile(tile: &Tile<'_>) {
+        // One instance per row count, so that the accumulators are registers.
+        // SAFETY: passed on from the caller.
+        unsafe {
+            match tile.rows {
+                6 => rows::<6>(tile),
+                5 => rows::<5>(tile),
+                4 => rows::<4>(tile),
+                3 => rows::<3>(tile),
+                2 => rows::<2>(tile),
+                _ => rows::<1>(tile),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn rows<const R: usize>(tile: &Tile<'_>) {
+        const { assert!(R <= TILE_ROWS) };
+        assert!(tile.x.len() > (R - 1) * tile.row_stride + (tile.steps - 1) * tile.step_stride);
+        assert!(tile.panel.len() >= tile.steps * PANEL);
+        let (x, w) = (tile.x.as_ptr(), tile.panel.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); R];
+        for step in 0..tile.steps {
+            // SAFETY: `step < steps`, inside every row of `x` and inside `panel` (asserted).
+            unsafe {
+                if let Some(next) = tile.prefetch {
+                    // A hint: no fault and no effect on results whatever the address.
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(step * PANEL).cast());
+                }
+                let weights = _mm512_loadu_ps(w.add(step * PANEL));
+                for (a, acc) in acc.iter_mut().enumerate() {
+                    let xv = _mm512_set1_ps(*x.add(a * tile.row_stride + step * tile.step_stride));
+                    *acc = _mm512_fmadd_ps(xv, weights, *acc);
+                }
+            }
+        }
+        // The tile's columns as a lane mask: the last panel may be narrower than 16.
+        let columns: __mmask16 = if tile.columns >= PANEL {
+            !0
+        } else {
+            (1 << tile.columns) - 1
+        };
+        for (a, acc) in acc.into_iter().enumerate() {
+            // SAFETY: the caller's contract: row `a` of the tile holds `columns` floats, and
+            // the masked load and store touch no others.
+            unsafe {
+                let out = tile.out.add(a * tile.ldo);
+                let sum = if tile.accumulate {
+                    _mm512_add_ps(acc, _mm512_maskz_loadu_ps(columns, out))
+                } else {
+                    acc
+                };
+                _mm512_mask_storeu_ps(out, columns, sum);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -441,6 +565,15 @@ mod tests {
                 (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
             })
             .collect()
+    }
+
+    /// The portable kernel and every SIMD one this CPU has: all are checked wherever tests run.
+    fn every_kernel_this_cpu_runs() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        kernels.extend([Kernel::Avx2, Kernel::Avx512]);
+        kernels.retain(|kernel| kernel.runs_here());
+        kernels
     }
 
     fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f64> {
@@ -470,12 +603,12 @@ mod tests {
             let (x, w) = (values(m * k, 1), values(n * k, 2));
             let packed = PackedWeight::pack(&w, n, k);
             let expected = reference(&x, m, &w, n, k);
-            for simd in [true, false] {
-                let got = packed.matmul_with(&x, m, simd);
+            for kernel in every_kernel_this_cpu_runs() {
+                let got = packed.matmul_with(&x, m, kernel);
                 for (g, e) in got.iter().zip(&expected) {
                     assert!(
                         (*g as f64 - e).abs() <= 1e-5 * (k as f64).sqrt() * 4.0,
-                        "[{m}, {k}] x [{k}, {n}] (simd {simd}): {g} vs {e}"
+                        "[{m}, {k}] x [{k}, {n}] ({kernel:?} kernel): {g} vs {e}"
                     );
                 }
             }
