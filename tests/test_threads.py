@@ -58,3 +58,71 @@ def test_the_thread_count_can_be_set_and_does_not_change_results():
             hooked_encoder.set_num_threads(0)
     finally:
         hooked_encoder.set_num_threads(before)
+
+
+# Run in a fresh interpreter: the global pool is set up at import, from the environment.
+POOL_AFFINITY_SCRIPT = """
+import json, os, sys
+import numpy as np
+import hooked_encoder
+from hooked_encoder import HookedEncoder
+
+model = HookedEncoder(
+    {"d_model": 64, "d_head": 16, "n_layers": 1, "n_ctx": 32, "d_vocab": 50, "seed": 0}
+)
+if len(sys.argv) > 1:
+    hooked_encoder.set_num_threads(int(sys.argv[1]))
+model(np.random.default_rng(0).integers(0, 50, size=(8, 32)))
+pool = []
+for task in os.listdir("/proc/self/task"):
+    with open(f"/proc/self/task/{task}/comm") as f:
+        name = f.read().strip()
+    if name.startswith("hooked-pool-"):
+        pool.append(sorted(os.sched_getaffinity(int(task))))
+print(json.dumps(pool))
+"""
+
+
+def pool_affinities(env_changes: dict[str, str], *args: str) -> list[list[int]]:
+    """Each pool thread's allowed CPUs, in a fresh interpreter with `env_changes` applied."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS",)}
+    env.update(env_changes)
+    done = subprocess.run(
+        [sys.executable, "-c", POOL_AFFINITY_SCRIPT, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_pool_with_one_thread_per_allowed_cpu_pins_each_thread_to_its_own_cpu():
+    import os
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("thread pinning is Linux-only")
+    allowed = sorted(os.sched_getaffinity(0))
+    if len(allowed) < 2:
+        pytest.skip("needs at least two CPUs to tell pinned threads from free ones")
+    n = str(len(allowed))
+    # The global pool (at import) and a set_num_threads pool, each of one thread per CPU.
+    assert sorted(pool_affinities({"RAYON_NUM_THREADS": n})) == [[cpu] for cpu in allowed]
+    more = str(len(allowed) + 1)
+    both = pool_affinities({"RAYON_NUM_THREADS": more}, n)
+    pinned = sorted(cpus for cpus in both if len(cpus) == 1)
+    assert pinned == [[cpu] for cpu in allowed]
+    # One thread more than CPUs: the global pool's threads stay free to run anywhere.
+    assert sum(cpus == allowed for cpus in both) == len(allowed) + 1
+    # Opted out: nothing is pinned.
+    opted_out = pool_affinities({"RAYON_NUM_THREADS": n, "HOOKED_ENCODER_PIN_THREADS": "0"})
+    assert len(opted_out) == len(allowed) and all(cpus == allowed for cpus in opted_out)
