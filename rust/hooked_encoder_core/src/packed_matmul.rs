@@ -295,6 +295,33 @@ struct Tile<'a> {
 /// touches meanwhile, and the CPU must run the kernel (see [`Kernel::runs_here`]).
 type TileKernel = unsafe fn(&Tile<'_>);
 
+/// Calls `$rows::<R>($tile)` with `R` = the tile's row count, as a constant: one instance of a
+/// SIMD kernel per row count, so that its accumulators are registers.
+macro_rules! by_row_count {
+    ($rows:ident, $tile:expr) => {
+        match $tile.rows {
+            6 => $rows::<6>($tile),
+            5 => $rows::<5>($tile),
+            4 => $rows::<4>($tile),
+            3 => $rows::<3>($tile),
+            2 => $rows::<2>($tile),
+            _ => $rows::<1>($tile),
+        }
+    };
+}
+#[cfg(target_arch = "x86_64")]
+use by_row_count;
+
+impl Tile<'_> {
+    /// Panics unless `rows` rows of `x` and the panel hold `steps` steps (what a SIMD kernel
+    /// reads through raw pointers).
+    #[cfg(target_arch = "x86_64")]
+    fn assert_in_bounds(&self, rows: usize) {
+        assert!(self.x.len() > (rows - 1) * self.row_stride + (self.steps - 1) * self.step_stride);
+        assert!(self.panel.len() >= self.steps * PANEL);
+    }
+}
+
 /// Whether packing pays on this CPU: where an x86 kernel of ours runs. Elsewhere (Arm, old
 /// x86) the portable kernel would lose to `gemm`'s SIMD, so the weights stay unpacked there.
 ///
@@ -409,18 +436,8 @@ mod avx2 {
     /// As [`super::TileKernel`], and the CPU must have AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn tile(tile: &Tile<'_>) {
-        // One instance per row count, so that the accumulators are registers.
         // SAFETY: passed on from the caller.
-        unsafe {
-            match tile.rows {
-                6 => rows::<6>(tile),
-                5 => rows::<5>(tile),
-                4 => rows::<4>(tile),
-                3 => rows::<3>(tile),
-                2 => rows::<2>(tile),
-                _ => rows::<1>(tile),
-            }
-        }
+        unsafe { super::by_row_count!(rows, tile) }
     }
 
     // Index loops mirror the R x 2 register tile; iterators would hide which register is which.
@@ -429,8 +446,7 @@ mod avx2 {
     #[inline]
     unsafe fn rows<const R: usize>(tile: &Tile<'_>) {
         const { assert!(R <= TILE_ROWS) };
-        assert!(tile.x.len() > (R - 1) * tile.row_stride + (tile.steps - 1) * tile.step_stride);
-        assert!(tile.panel.len() >= tile.steps * PANEL);
+        tile.assert_in_bounds(R);
         let (x, w) = (tile.x.as_ptr(), tile.panel.as_ptr());
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for step in 0..tile.steps {
@@ -492,26 +508,15 @@ mod avx512 {
     /// As [`super::TileKernel`], and the CPU must have AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile(tile: &Tile<'_>) {
-        // One instance per row count, so that the accumulators are registers.
         // SAFETY: passed on from the caller.
-        unsafe {
-            match tile.rows {
-                6 => rows::<6>(tile),
-                5 => rows::<5>(tile),
-                4 => rows::<4>(tile),
-                3 => rows::<3>(tile),
-                2 => rows::<2>(tile),
-                _ => rows::<1>(tile),
-            }
-        }
+        unsafe { super::by_row_count!(rows, tile) }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn rows<const R: usize>(tile: &Tile<'_>) {
         const { assert!(R <= TILE_ROWS) };
-        assert!(tile.x.len() > (R - 1) * tile.row_stride + (tile.steps - 1) * tile.step_stride);
-        assert!(tile.panel.len() >= tile.steps * PANEL);
+        tile.assert_in_bounds(R);
         let (x, w) = (tile.x.as_ptr(), tile.panel.as_ptr());
         let mut acc = [_mm512_setzero_ps(); R];
         for step in 0..tile.steps {
