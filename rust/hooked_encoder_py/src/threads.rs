@@ -35,33 +35,20 @@ pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     }
 }
 
-/// A pool of `threads` threads (rayon's default number if 0), pinned as described above.
-fn builder(threads: usize) -> ThreadPoolBuilder {
-    let threads = if threads > 0 {
-        threads
-    } else {
-        std::env::var("RAYON_NUM_THREADS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n: &usize| n > 0)
-            .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-            .unwrap_or(1)
-    };
-    let cpus = pinning::cpus_for(threads);
-    ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("hooked-pool-{i}"))
-        .start_handler(move |i| {
-            if let Some(cpu) = cpus.as_ref().and_then(|cpus| cpus.get(i)) {
-                pinning::pin_current_thread(*cpu);
-            }
-        })
+/// Rayon's builder with our thread names (`hooked-pool-N`: Linux keeps 15 characters).
+fn builder() -> ThreadPoolBuilder {
+    ThreadPoolBuilder::new().thread_name(|i| format!("hooked-pool-{i}"))
 }
 
 /// Sets up rayon's global pool (called at import, before anything else in this module uses
-/// rayon). If something already did, that pool stays as it is.
+/// rayon), with rayon's own number of threads. If something already did, that pool stays as
+/// it is.
 pub fn configure_global_pool() {
-    let _ = builder(0).build_global();
+    if builder().build_global().is_ok() {
+        if let Some(cpus) = pinning::cpus_for(rayon::current_num_threads()) {
+            rayon::broadcast(|thread| pinning::pin_current_thread(cpus[thread.index()]));
+        }
+    }
 }
 
 /// Sets how many threads later forward passes use (at least 1).
@@ -72,9 +59,13 @@ pub fn set_num_threads(n: usize) -> PyResult<()> {
             "the number of threads must be at least 1",
         ));
     }
-    let pool = builder(n)
+    let pool = builder()
+        .num_threads(n)
         .build()
         .map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))?;
+    if let Some(cpus) = pinning::cpus_for(n) {
+        pool.broadcast(|thread| pinning::pin_current_thread(cpus[thread.index()]));
+    }
     if let Ok(mut slot) = POOL.lock() {
         *slot = Some(Arc::new(pool));
     }

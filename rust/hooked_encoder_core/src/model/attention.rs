@@ -212,7 +212,7 @@ impl HookedBert {
         hooks: &mut dyn Hooks,
     ) -> Result<[Tensor; 3]> {
         let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
+        let (b, p) = qkv.dims()?;
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let parts = match qkv {
             Qkv::Fused(fused) => {
@@ -260,7 +260,7 @@ impl HookedBert {
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor> {
         let at = |kind| HookPoint::Block(layer, kind);
-        let (b, p) = (qkv.dims()?.0, qkv.dims()?.1);
+        let (b, p) = qkv.dims()?;
         let (h, dh) = (self.cfg.n_heads, self.cfg.d_head);
         let a = h * dh;
         let shape = self.attention_shape(b, p);
