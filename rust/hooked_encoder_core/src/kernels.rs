@@ -88,18 +88,25 @@ fn activate(act: Activation, x: f32) -> f32 {
     }
 }
 
+/// `row += bias`, then the activation if any, in place (`row` and `bias` of one length; also
+/// part of a row, as the packed matmul's epilogue applies it to each output tile).
+#[inline(always)]
+pub fn bias_act_row(row: &mut [f32], bias: &[f32], act: Option<Activation>) {
+    match act {
+        None => row.iter_mut().zip(bias).for_each(|(x, b)| *x += b),
+        Some(act) => row
+            .iter_mut()
+            .zip(bias)
+            .for_each(|(x, b)| *x = activate(act, *x + b)),
+    }
+}
+
 /// `data[r, :] += bias`, then the activation if any, in place, for rows of `bias.len()`.
 pub fn bias_act_inplace(data: &mut [f32], bias: &[f32], act: Option<Activation>) {
     let d = bias.len();
     data.par_chunks_mut(d * rows_per_task(d)).for_each(|chunk| {
         for row in chunk.chunks_exact_mut(d) {
-            match act {
-                None => row.iter_mut().zip(bias).for_each(|(x, b)| *x += b),
-                Some(act) => row
-                    .iter_mut()
-                    .zip(bias)
-                    .for_each(|(x, b)| *x = activate(act, *x + b)),
-            }
+            bias_act_row(row, bias, act);
         }
     });
 }
@@ -766,7 +773,7 @@ mod avx2 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -806,7 +813,7 @@ mod tests {
     }
 
     /// erf in f64 by its Taylor series (|x| < 6 here; enough terms for 1e-12).
-    fn libm_erf(x: f64) -> f64 {
+    pub(crate) fn libm_erf(x: f64) -> f64 {
         if x.abs() > 5.0 {
             return x.signum();
         }

@@ -124,13 +124,18 @@ impl Linear {
         let rows: usize = dims[..dims.len() - 1].iter().product();
         let x = x.reshape((rows, d_in))?;
         let on_cpu_kernels = cpu::kernels_on(x.device(), x.dtype());
-        // Whether the matmul added the bias itself (cuBLASLt's epilogue).
-        let mut bias_added = false;
+        // Whether the matmul added the bias itself (cuBLASLt's epilogue), and whether it also
+        // applied `act` (the packed matmul's epilogue does both, tile by tile).
+        let (mut bias_added, mut act_applied) = (false, false);
         let y = match &self.weight {
             LinearWeight::Packed { packed, .. } if on_cpu_kernels => {
-                let x = x.contiguous()?;
-                let y = packed.matmul(cpu::view(&x)?.slice(), rows);
-                cpu::tensor(y, &[rows, packed.out_features()])?
+                let (x, bias) = (x.contiguous()?, self.bias.contiguous()?);
+                let (xs, bias) = (cpu::view(&x)?, cpu::view(&bias)?);
+                (bias_added, act_applied) = (true, true);
+                cpu::tensor(
+                    packed.matmul_bias_act(xs.slice(), rows, bias.slice(), act),
+                    &[rows, packed.out_features()],
+                )?
             }
             // Forced portable ops (tests) on a packed model.
             LinearWeight::Packed { .. } => x.matmul(&self.weight()?.t()?)?,
@@ -153,7 +158,9 @@ impl Linear {
             }
             LinearWeight::Dense(weight) => x.matmul(&weight.t()?)?,
         };
-        let y = if cpu::kernels_on(y.device(), y.dtype()) {
+        let y = if act_applied {
+            y
+        } else if cpu::kernels_on(y.device(), y.dtype()) {
             // The matmul result is ours alone: add the bias (and activate) in place, one pass.
             cpu::bias_act_inplace(&y, &self.bias, act)?;
             y
