@@ -16,16 +16,16 @@
 //!
 //! With few rows the product is bound by reading the weights from memory (bert-base's blocks
 //! hold 340 MB of them): the first tile of every panel slice waits on memory while the other
-//! tiles find the slice in cache. So the first tile also prefetches the next slice, one cache
-//! line per step of `k`, and the memory stream overlaps the arithmetic.
+//! tiles find the slice in cache. So the first tile also prefetches the slice after next, one
+//! cache line per step of `k`, and the memory stream overlaps the arithmetic.
 //! Other CPUs run a portable kernel on the same layout.
 //!
 //! The constants were chosen by A/B runs alternated call by call in one process (the speed of
 //! the shared machines they ran on swings by 10-40% between processes), bert-base's forward,
 //! 2 threads. AMD EPYC Zen 3 (AVX2): prefetching sped 1x16 up by 11%, 1x128 by 3%, 8x128 by
-//! 2% (two slices ahead, or into L2, measured the same); one `k` block instead of 256-step
-//! blocks without the copy, 1x128 by 4%; row blocks of 24 instead of 120 with it, 8x128 by
-//! about 5%. AMD EPYC Zen 4 (AVX-512): see [`Kernel::Avx512`].
+//! 2% (two slices ahead, or into L2, measured the same there; two ahead is 2.5% faster at
+//! 1x16 on Zen 4 and is what runs); one `k` block instead of 256-step blocks without the copy,
+//! 1x128 by 4%; row blocks of 24 instead of 120 with it, 8x128 by about 5%. AMD EPYC Zen 4 (AVX-512): see [`Kernel::Avx512`].
 
 use std::ops::Range;
 
@@ -292,9 +292,10 @@ impl PackedWeight {
                 for p in panels.clone() {
                     let panel = &self.panels[p * PANEL * k + k0 * PANEL..][..steps * PANEL];
                     let columns = PANEL.min(n - p * PANEL);
-                    // The same `k` block of the next panel: this task's next slice, or (after
-                    // its last panel) another task's, which is harmless.
-                    let next_slice = self.panels.get((p + 1) * PANEL * k + k0 * PANEL..);
+                    // The same `k` block two panels on: this task's slice after next, or
+                    // (near its last panel) another task's, which is harmless. (Two ahead
+                    // rather than one: 1x16 2.5% faster on Zen 4, level on Zen 3.)
+                    let slice_after_next = self.panels.get((p + 2) * PANEL * k + k0 * PANEL..);
                     for (tile, first) in rows.clone().step_by(TILE_ROWS).enumerate() {
                         let (x, row_stride, step_stride) = if copy_x {
                             (&block[tile * TILE_ROWS * steps..], 1, TILE_ROWS)
@@ -312,7 +313,7 @@ impl PackedWeight {
                             out: out_ptr.at(first * n + p * PANEL),
                             ldo: n,
                             accumulate: k0 > 0,
-                            prefetch: next_slice.filter(|_| tile == 0).map(<[f32]>::as_ptr),
+                            prefetch: slice_after_next.filter(|_| tile == 0).map(<[f32]>::as_ptr),
                         };
                         // SAFETY: this task alone writes rows `rows` x panels `panels` of
                         // `out`; `kernel` is one this CPU can run (`Kernel::runs_here`).
