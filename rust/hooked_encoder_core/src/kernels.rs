@@ -142,6 +142,25 @@ fn sum(row: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
+/// Largest value of a row, NaNs ignored (`f32::max`), in eight independent lanes: a serial
+/// fold cannot be vectorised, since `max` with NaNs is not associative for LLVM.
+#[inline(always)]
+fn max(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = row.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max);
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(x);
+        }
+    }
+    lanes.into_iter().fold(tail, f32::max)
+}
+
 /// Mean and `sqrt(var + eps)` of one row, in two passes (exact for near-constant rows, where
 /// the one-pass `E[x²] - E[x]²` cancels catastrophically).
 #[inline(always)]
@@ -227,7 +246,7 @@ pub fn affine(normalized: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
 /// a NaN becomes all zeros: TransformerLens replaces the NaNs such rows produce with 0.
 #[inline(always)]
 fn softmax_row(row: &mut [f32]) {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let max = max(row);
     // Two loops, not one that also sums: a serial float sum cannot be reordered, so LLVM would
     // not vectorise the exponentials beside it (3x slower on rows of 24; `sum` uses 8 lanes).
     row.iter_mut().for_each(|x| *x = exp(*x - max));
