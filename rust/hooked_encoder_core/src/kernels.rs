@@ -89,7 +89,7 @@ fn activate(act: Activation, x: f32) -> f32 {
 }
 
 /// `row += bias`, then the activation if any, in place (`row` and `bias` of one length; also
-/// part of a row, as the packed matmul's epilogue applies it to each output tile).
+/// part of a row, as the packed matmul's epilogue applies it to each task's columns).
 #[inline(always)]
 pub fn bias_act_row(row: &mut [f32], bias: &[f32], act: Option<Activation>) {
     match act {
@@ -128,37 +128,32 @@ pub fn add(a: &[f32], b: &[f32]) -> Vec<f32> {
     out
 }
 
-/// Sum of a row in eight independent lanes (vectorises, and rounds less than a serial sum).
+/// `op` folded over a row in eight independent lanes, then across the lanes and the leftover
+/// tail. A serial fold of floats cannot be reordered, so LLVM would not vectorise it; eight
+/// lanes vectorise (and, for a sum, round less).
 #[inline(always)]
-fn sum(row: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
+fn fold_in_lanes(row: &[f32], identity: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [identity; 8];
     let chunks = row.chunks_exact(8);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for chunk in chunks {
-        for (lane, x) in lanes.iter_mut().zip(chunk) {
-            *lane += x;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// Largest value of a row, NaNs ignored (`f32::max`), in eight independent lanes: a serial
-/// fold cannot be vectorised, since `max` with NaNs is not associative for LLVM.
-#[inline(always)]
-fn max(row: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = row.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .copied()
-        .fold(f32::NEG_INFINITY, f32::max);
+    let tail = chunks.remainder().iter().fold(identity, |a, &x| op(a, x));
     for chunk in chunks {
         for (lane, &x) in lanes.iter_mut().zip(chunk) {
-            *lane = lane.max(x);
+            *lane = op(*lane, x);
         }
     }
-    lanes.into_iter().fold(tail, f32::max)
+    op(lanes[1..].iter().fold(lanes[0], |a, &x| op(a, x)), tail)
+}
+
+/// Sum of a row (see [`fold_in_lanes`]).
+#[inline(always)]
+fn sum(row: &[f32]) -> f32 {
+    fold_in_lanes(row, 0.0, |a, x| a + x)
+}
+
+/// Largest value of a row, NaNs ignored as by `f32::max` (see [`fold_in_lanes`]).
+#[inline(always)]
+fn max(row: &[f32]) -> f32 {
+    fold_in_lanes(row, f32::NEG_INFINITY, f32::max)
 }
 
 /// Mean and `sqrt(var + eps)` of one row, in two passes (exact for near-constant rows, where

@@ -25,7 +25,8 @@
 //! 2 threads. AMD EPYC Zen 3 (AVX2): prefetching sped 1x16 up by 11%, 1x128 by 3%, 8x128 by
 //! 2% (two slices ahead, or into L2, measured the same there; two ahead is 2.5% faster at
 //! 1x16 on Zen 4 and is what runs); one `k` block instead of 256-step blocks without the copy,
-//! 1x128 by 4%; row blocks of 24 instead of 120 with it, 8x128 by about 5%. AMD EPYC Zen 4 (AVX-512): see [`Kernel::Avx512`].
+//! 1x128 by 4%; row blocks of 24 instead of 120 with it, 8x128 by about 5%. AMD EPYC Zen 4
+//! (AVX-512): see [`Kernel::Avx512`].
 
 use std::ops::Range;
 
@@ -209,9 +210,9 @@ impl PackedWeight {
         self.matmul_with(x, m, Epilogue::default(), Kernel::best())
     }
 
-    /// `act(x Wᵀ + bias)` (`bias` of `n`, `act` optional): the bias and the activation are
-    /// applied to each output tile as soon as it is complete, while it is in L1, instead of in
-    /// another pass over the whole output.
+    /// `act(x Wᵀ + bias)` (`bias` of `n`, `act` optional): each task applies the bias and the
+    /// activation to its part of the output as soon as it has computed it, while it is in L2,
+    /// instead of another pass over the whole output (see [`Epilogue::apply`]).
     pub fn matmul_bias_act(
         &self,
         x: &[f32],
@@ -332,7 +333,8 @@ impl PackedWeight {
     }
 }
 
-/// What is done to each output tile once complete: add a bias, then an activation.
+/// What is done to each task's part of the output once complete: add a bias, then an
+/// activation.
 #[derive(Clone, Copy, Default)]
 struct Epilogue<'a> {
     /// `[n]`; `None`: the product alone (then no activation either).

@@ -125,7 +125,7 @@ impl Linear {
         let x = x.reshape((rows, d_in))?;
         let on_cpu_kernels = cpu::kernels_on(x.device(), x.dtype());
         // Whether the matmul added the bias itself (cuBLASLt's epilogue), and whether it also
-        // applied `act` (the packed matmul's epilogue does both, tile by tile).
+        // applied `act` (the packed matmul's epilogue does both, each task on its own part).
         let (mut bias_added, mut act_applied) = (false, false);
         let y = match &self.weight {
             LinearWeight::Packed { packed, .. } if on_cpu_kernels => {
