@@ -1,7 +1,6 @@
 //! Candle's matmul (`gemm`, which packs the weight on every call) against [`PackedWeight`]
-//! (packed once) on bert-base's projection shapes, and on its unembedding, which is not packed:
-//! there (28996 columns, 89 MB of weights) the packed kernel was 0.85-0.99x of `gemm` on Zen 3,
-//! since each block of rows re-reads the whole weight from memory. Run with
+//! (packed once) on bert-base's projection shapes and on its unembedding (28996 columns, 89 MB
+//! of weights, more than L3 holds: every block of rows re-reads it from memory). Run with
 //! `RAYON_NUM_THREADS=2 cargo run --release --example packed_gflops [ROWS...]`.
 
 use std::time::Instant;

@@ -10,8 +10,8 @@
 //!
 //! The AVX2 microkernel keeps a 6 x 16 tile of the output in 12 registers (the shape of
 //! OpenBLAS's and BLIS's Haswell kernels): per step of `k` it loads 16 weights, broadcasts 6
-//! inputs and issues 12 FMAs. The AVX-512 one keeps the same tile in 6 registers of 16 lanes
-//! (one load, 6 broadcasts, 6 FMAs per step). How the product is blocked depends on whether `x`
+//! inputs and issues 12 FMAs. The AVX-512 one keeps an 8 x 16 tile in 8 registers of 16 lanes
+//! (one load, 8 broadcasts, 8 FMAs per step). How the product is blocked depends on whether `x`
 //! is copied (see [`Blocking`]).
 //!
 //! With few rows the product is bound by reading the weights from memory (bert-base's blocks
@@ -37,12 +37,21 @@ use crate::Activation;
 
 /// Output columns per packed panel: two AVX2 vectors.
 pub const PANEL: usize = 16;
-/// Rows of the output one microkernel call computes.
+/// Rows of the output one AVX2 (or portable) microkernel call computes: 12 of the 16 AVX2
+/// registers hold the 6 x 16 tile.
 const TILE_ROWS: usize = 6;
+/// Rows of the AVX-512 kernel's tile (one 16-lane register each, of 32). Measured on bert-base's
+/// forward, Zen 4, alternated call by call in one process: 8 rows took 0.985-0.999x the time of
+/// 6 (1x16 to 8x128; `packed_gflops` 1-5% faster on the layer shapes), 12 rows 1.05-1.10x the
+/// time of 8; 16 rows ran the `k = 3072` layer at half speed (16 rows of `x` 12 KiB apart fall
+/// in the same L1 set, which has 8 ways).
+const AVX512_TILE_ROWS: usize = 8;
 /// Above this many rows, each task copies its rows of `x` into the microkernel's order, except
 /// with the AVX-512 kernel. (Measured on bert-base's forward, Zen 3: copying slowed 1x16 and
 /// 1x128 by about 8%, and sped 8x128 up by about 5%.)
 const COPY_X_ROWS: usize = 256;
+/// Weights above this many floats (32 MiB) are taken not to stay in L3 between row blocks.
+const CACHED_WEIGHT_FLOATS: usize = 8 << 20;
 /// Parallel tasks per thread: enough to even out the threads' finishing times.
 const TASKS_PER_THREAD: usize = 8;
 
@@ -57,19 +66,26 @@ struct Blocking {
 }
 
 impl Blocking {
-    fn new(m: usize, k: usize, kernel: Kernel) -> Self {
+    fn new(m: usize, n: usize, k: usize, kernel: Kernel) -> Self {
         if m > COPY_X_ROWS && kernel.copies_x() {
             // Short row blocks (24 KiB of copied inputs per `k` block) measured faster than
             // blocks of 120 rows, though every row block re-reads the weight (from L2 or L3).
+            // A weight too big for L3 (a vocabulary's unembedding) is re-read from memory
+            // instead: bert-base's decoder (89 MB) at 1024 rows took 446 ms in blocks of 24
+            // rows, 328 in blocks of 192 (`gemm`: 364; AVX2 kernel on Zen 4, 2 threads).
             Self {
-                row_block: 24,
+                row_block: if n * k > CACHED_WEIGHT_FLOATS {
+                    192
+                } else {
+                    24
+                },
                 k_block: 256,
                 copy_x: true,
             }
         } else {
             // `x` is read in place, so a `k` block costs nothing to set up but each block
             // stores and reloads the output tile: one block of all of `k`. Rows in blocks of
-            // 120 (two blocks of 66 at 128 rows), whose inputs stay in L2.
+            // 120 (two blocks of 64 or 66 at 128 rows), whose inputs stay in L2.
             Self {
                 row_block: 120,
                 k_block: k.max(1),
@@ -91,6 +107,7 @@ impl Blocking {
 /// block was 84 rows against 114).
 struct TaskSplit {
     rows: usize,
+    tile_rows: usize,
     tiles: usize,
     row_blocks: usize,
     panels: usize,
@@ -98,9 +115,9 @@ struct TaskSplit {
 }
 
 impl TaskSplit {
-    fn new(rows: usize, row_block: usize, panels: usize, threads: usize) -> Self {
+    fn new(rows: usize, tile_rows: usize, row_block: usize, panels: usize, threads: usize) -> Self {
         let (tiles, panels, threads) = (
-            rows.div_ceil(TILE_ROWS).max(1),
+            rows.div_ceil(tile_rows).max(1),
             panels.max(1),
             threads.max(1),
         );
@@ -119,6 +136,7 @@ impl TaskSplit {
         }
         Self {
             rows,
+            tile_rows,
             tiles,
             row_blocks,
             panels,
@@ -135,7 +153,7 @@ impl TaskSplit {
         let (block, group) = (task / self.groups, task % self.groups);
         let tiles = even_part(block, self.row_blocks, self.tiles);
         (
-            tiles.start * TILE_ROWS..(tiles.end * TILE_ROWS).min(self.rows),
+            tiles.start * self.tile_rows..(tiles.end * self.tile_rows).min(self.rows),
             even_part(group, self.groups, self.panels),
         )
     }
@@ -205,6 +223,25 @@ impl PackedWeight {
         w
     }
 
+    /// Rows `ids` of the weight, `[ids.len(), k]`: an embedding lookup in a table tied to an
+    /// unembedding that is stored only packed (row `j` is column `j % 16` of panel `j / 16`,
+    /// `k` floats 16 apart: one cache line per float, so rows are gathered in parallel).
+    pub fn gather_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let k = self.k;
+        let mut out = vec![0.0f32; ids.len() * k];
+        out.par_chunks_mut(k.max(1))
+            .zip(ids)
+            .for_each(|(row, &id)| {
+                let id = id as usize;
+                assert!(id < self.n, "row {id} of a weight with {} rows", self.n);
+                let panel = &self.panels[(id / PANEL) * PANEL * k..][..PANEL * k];
+                for (value, step) in row.iter_mut().zip(panel.chunks_exact(PANEL)) {
+                    *value = step[id % PANEL];
+                }
+            });
+        out
+    }
+
     /// `x Wᵀ` for `x` of `m` rows (`[m, k]`, row-major): `[m, n]`.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         self.matmul_with(x, m, Epilogue::default(), Kernel::best())
@@ -254,7 +291,7 @@ impl PackedWeight {
         // Not zeroed: the first `k` block of every tile overwrites its elements, and zeroing
         // ~m·n floats first cost 2% of a small-model forward (`memset` in `perf`).
         let mut out: Vec<f32> = Vec::with_capacity(m * n);
-        let tile_kernel = kernel.tile_kernel();
+        let (tile_kernel, tile_rows) = (kernel.tile_kernel(), kernel.tile_rows());
         let out_ptr = SharedOut(out.as_mut_ptr());
         // With many rows, each task's rows of `x` for one `k` block are copied tile by tile,
         // each `[steps, 6]`, so that the microkernel's broadcasts read one sequential stream;
@@ -263,9 +300,10 @@ impl PackedWeight {
             row_block,
             k_block,
             copy_x,
-        } = Blocking::new(m, k, kernel);
+        } = Blocking::new(m, n, k, kernel);
         let split = TaskSplit::new(
             m,
+            tile_rows,
             row_block,
             n.div_ceil(PANEL),
             rayon::current_num_threads(),
@@ -273,19 +311,19 @@ impl PackedWeight {
         (0..split.tasks()).into_par_iter().for_each(|task| {
             let (rows, panels) = split.task(task);
             let mut block = if copy_x {
-                vec![0.0f32; rows.len().next_multiple_of(TILE_ROWS) * k_block.min(k)]
+                vec![0.0f32; rows.len().next_multiple_of(tile_rows) * k_block.min(k)]
             } else {
                 Vec::new()
             };
             for k0 in (0..k).step_by(k_block) {
                 let steps = k_block.min(k - k0);
                 if copy_x {
-                    for (tile, first) in rows.clone().step_by(TILE_ROWS).enumerate() {
-                        let packed = &mut block[tile * TILE_ROWS * steps..][..TILE_ROWS * steps];
-                        for (a, r) in (first..(first + TILE_ROWS).min(rows.end)).enumerate() {
+                    for (tile, first) in rows.clone().step_by(tile_rows).enumerate() {
+                        let packed = &mut block[tile * tile_rows * steps..][..tile_rows * steps];
+                        for (a, r) in (first..(first + tile_rows).min(rows.end)).enumerate() {
                             let row = &x[r * k + k0..][..steps];
                             for (step, &value) in row.iter().enumerate() {
-                                packed[step * TILE_ROWS + a] = value;
+                                packed[step * tile_rows + a] = value;
                             }
                         }
                     }
@@ -297,9 +335,9 @@ impl PackedWeight {
                     // (near its last panel) another task's, which is harmless. (Two ahead
                     // rather than one: 1x16 2.5% faster on Zen 4, level on Zen 3.)
                     let slice_after_next = self.panels.get((p + 2) * PANEL * k + k0 * PANEL..);
-                    for (tile, first) in rows.clone().step_by(TILE_ROWS).enumerate() {
+                    for (tile, first) in rows.clone().step_by(tile_rows).enumerate() {
                         let (x, row_stride, step_stride) = if copy_x {
-                            (&block[tile * TILE_ROWS * steps..], 1, TILE_ROWS)
+                            (&block[tile * tile_rows * steps..], 1, tile_rows)
                         } else {
                             (&x[first * k + k0..], k, 1)
                         };
@@ -309,7 +347,7 @@ impl PackedWeight {
                             step_stride,
                             panel,
                             steps,
-                            rows: TILE_ROWS.min(rows.end - first),
+                            rows: tile_rows.min(rows.end - first),
                             columns,
                             out: out_ptr.at(first * n + p * PANEL),
                             ldo: n,
@@ -480,6 +518,15 @@ impl Kernel {
         }
     }
 
+    /// Rows of the output tile the kernel keeps in registers.
+    fn tile_rows(self) -> usize {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512 => AVX512_TILE_ROWS,
+            _ => TILE_ROWS,
+        }
+    }
+
     fn tile_kernel(self) -> TileKernel {
         assert!(self.runs_here(), "this CPU cannot run the {self:?} kernel");
         match self {
@@ -595,7 +642,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Tile, PANEL, TILE_ROWS};
+    use super::{Tile, AVX512_TILE_ROWS, PANEL};
 
     /// The AVX-512 [`super::TileKernel`]: one 16-lane register per row of the tile.
     ///
@@ -604,13 +651,19 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn tile(tile: &Tile<'_>) {
         // SAFETY: passed on from the caller.
-        unsafe { super::by_row_count!(rows, tile) }
+        unsafe {
+            match tile.rows {
+                8 => rows::<8>(tile),
+                7 => rows::<7>(tile),
+                _ => super::by_row_count!(rows, tile),
+            }
+        }
     }
 
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn rows<const R: usize>(tile: &Tile<'_>) {
-        const { assert!(R <= TILE_ROWS) };
+        const { assert!(R <= AVX512_TILE_ROWS) };
         tile.assert_in_bounds(R);
         let (x, w) = (tile.x.as_ptr(), tile.panel.as_ptr());
         let mut acc = [_mm512_setzero_ps(); R];
@@ -739,20 +792,26 @@ mod tests {
 
     #[test]
     fn tasks_cover_the_product_once_evenly_and_in_a_multiple_of_the_threads() {
-        for &(rows, row_block, panels, threads) in &[
+        let cases = [
             (768, 120, 72, 2),
             (1024, 24, 48, 2),
             (5, 120, 1, 2),
             (301, 120, 4, 3),
             (1344, 120, 96, 4),
             (4096, 120, 48, 2),
-        ] {
-            let split = TaskSplit::new(rows, row_block, panels, threads);
+            (128, 120, 1813, 2),
+            (1024, 192, 1813, 2),
+        ];
+        let tile_sizes = [TILE_ROWS, AVX512_TILE_ROWS];
+        for (&(rows, row_block, panels, threads), tile_rows) in
+            cases.iter().flat_map(|case| tile_sizes.map(|t| (case, t)))
+        {
+            let split = TaskSplit::new(rows, tile_rows, row_block, panels, threads);
             let mut seen = vec![0u8; rows * panels];
             let (mut rows_per_task, mut panels_per_task) = (Vec::new(), Vec::new());
             for task in 0..split.tasks() {
                 let (task_rows, task_panels) = split.task(task);
-                assert!(task_rows.start.is_multiple_of(TILE_ROWS));
+                assert!(task_rows.start.is_multiple_of(tile_rows));
                 rows_per_task.push(task_rows.len());
                 panels_per_task.push(task_panels.len());
                 for r in task_rows {
@@ -761,7 +820,9 @@ mod tests {
                     }
                 }
             }
-            let case = format!("{rows} rows, blocks of {row_block}, {panels} panels");
+            let case = format!(
+                "{rows} rows, tiles of {tile_rows}, blocks of {row_block}, {panels} panels"
+            );
             assert!(
                 seen.iter().all(|&n| n == 1),
                 "{case}: not covered exactly once"
@@ -770,7 +831,7 @@ mod tests {
             assert!(spread(&panels_per_task) <= 1, "{case}: uneven panel groups");
             // Row blocks differ by at most a tile, and the last may be a partial tile.
             assert!(
-                spread(&rows_per_task) < 2 * TILE_ROWS,
+                spread(&rows_per_task) < 2 * tile_rows,
                 "{case}: uneven row blocks"
             );
             if panels >= threads {
@@ -784,11 +845,18 @@ mod tests {
     }
 
     #[test]
-    fn unpacking_returns_the_weight_bit_for_bit() {
+    fn unpacking_and_gathering_return_the_weight_bit_for_bit() {
         for (n, k) in [(37, 19), (5, 0)] {
             let w = values(n * k, 3);
             let packed = PackedWeight::pack(&w, n, k);
             assert_eq!(packed.unpack(), w);
+            // Rows in any order, repeated, from the last (padded) panel too.
+            let ids = [n as u32 - 1, 0, 17 % n as u32, n as u32 - 1];
+            let expected: Vec<f32> = ids
+                .iter()
+                .flat_map(|&id| w[id as usize * k..][..k].to_vec())
+                .collect();
+            assert_eq!(packed.gather_rows(&ids), expected);
             assert_eq!((packed.out_features(), packed.in_features()), (n, k));
         }
     }

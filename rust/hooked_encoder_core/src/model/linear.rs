@@ -38,6 +38,17 @@ impl Linear {
         }
     }
 
+    /// A layer whose weight is `packed` (shared, e.g. with the word embeddings it is tied to).
+    pub(super) fn from_packed(packed: Arc<PackedWeight>, bias: Tensor) -> Self {
+        Self {
+            weight: LinearWeight::Packed {
+                packed,
+                unpacked: Arc::default(),
+            },
+            bias,
+        }
+    }
+
     /// The same layer with its weight stored packed, if it is a float32 CPU tensor and this
     /// CPU is one where packing was measured to pay ([`packed_matmul::pays_on_this_cpu`]).
     ///
@@ -48,21 +59,18 @@ impl Linear {
         let LinearWeight::Dense(weight) = &self.weight else {
             return Ok(self);
         };
-        if !(weight.device().is_cpu()
-            && weight.dtype() == DType::F32
-            && packed_matmul::pays_on_this_cpu())
-        {
+        if !Self::packing_pays(weight) {
             return Ok(self);
         }
-        let (n, k) = weight.dims2()?;
-        let packed = PackedWeight::pack(cpu::view(&weight.contiguous()?)?.slice(), n, k);
-        Ok(Self {
-            weight: LinearWeight::Packed {
-                packed: Arc::new(packed),
-                unpacked: Arc::default(),
-            },
-            bias: self.bias,
-        })
+        Ok(Self::from_packed(Arc::new(pack(weight)?), self.bias))
+    }
+
+    /// Whether packing `weight` pays: a float32 CPU tensor on a CPU where packing was measured
+    /// to pay ([`packed_matmul::pays_on_this_cpu`]).
+    pub(super) fn packing_pays(weight: &Tensor) -> bool {
+        weight.device().is_cpu()
+            && weight.dtype() == DType::F32
+            && packed_matmul::pays_on_this_cpu()
     }
 
     /// The layer on `device` in `dtype` (a packed weight that stays a float32 CPU weight is
@@ -107,6 +115,16 @@ impl Linear {
             }
             LinearWeight::Dense(weight) => Ok(weight.clone()),
         }
+    }
+
+    /// Whether the layer's weight is `tensor` itself (not a copy): a tied weight.
+    pub(super) fn has_dense_weight(&self, tensor: &Tensor) -> bool {
+        matches!(&self.weight, LinearWeight::Dense(weight) if weight.id() == tensor.id())
+    }
+
+    /// Whether the layer's weight is `packed` itself (not a copy): a tied weight.
+    pub(super) fn has_packed_weight(&self, packed: &Arc<PackedWeight>) -> bool {
+        matches!(&self.weight, LinearWeight::Packed { packed: own, .. } if Arc::ptr_eq(own, packed))
     }
 
     /// Output features.
@@ -193,4 +211,14 @@ impl Linear {
         *in_dims.last_mut().unwrap_or(&mut 0) = weight.dim(1)?;
         Ok(dx.reshape(in_dims)?)
     }
+}
+
+/// `weight` (`[out, in]`, float32 on the CPU) packed for [`PackedWeight::matmul`].
+pub(super) fn pack(weight: &Tensor) -> Result<PackedWeight> {
+    let (n, k) = weight.dims2()?;
+    Ok(PackedWeight::pack(
+        cpu::view(&weight.contiguous()?)?.slice(),
+        n,
+        k,
+    ))
 }

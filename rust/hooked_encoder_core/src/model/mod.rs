@@ -32,6 +32,7 @@ use attention::{head_weights, missing_head_weights, HeadWeights, Mask, Qkv};
 use backward::missing_saved;
 pub use backward::Tape;
 use block::{at_position, Block};
+use embed::WordEmbeddings;
 use heads::{Discriminator, MlmHead};
 use layer_norm::LayerNorm;
 use linear::Linear;
@@ -104,7 +105,7 @@ pub struct HookedBert {
     /// What the weights and activations are stored in: float32 (the default, and the only
     /// dtype of the fused CPU kernels), or float16/bfloat16 (portable ops; see [`Self::to`]).
     dtype: DType,
-    word_embeddings: Tensor,
+    word_embeddings: WordEmbeddings,
     /// Absent with rotary positions (ModernBERT).
     position_embeddings: Option<Tensor>,
     /// Absent when the model has no token types (`n_token_types` 0: DistilBERT).
@@ -312,8 +313,16 @@ impl HookedBert {
         cfg.validate()?;
         let mut loader = Loader::new(source, cfg.family, device)?;
         let (d, a, m, e) = (cfg.d_model, cfg.d_attn(), cfg.d_mlp, cfg.embed_width());
-        let word_embeddings =
-            loader.encoder("embeddings.word_embeddings.weight", &[cfg.d_vocab, e])?;
+        // Hugging Face ties the MLM decoder to the word embeddings and then often omits it on
+        // save. A tied table is packed for the decoder here, before the blocks load, so that
+        // the unpacked table it replaces is freed before load's peak memory (see
+        // [`WordEmbeddings::tied`]).
+        let has_mlm_head = loader.has_head("cls.predictions.transform.dense.weight");
+        let has_own_decoder = loader.has_head("cls.predictions.decoder.weight");
+        let word_embeddings = WordEmbeddings::tied(
+            loader.encoder("embeddings.word_embeddings.weight", &[cfg.d_vocab, e])?,
+            has_mlm_head && !has_own_decoder,
+        )?;
         let position_embeddings = (cfg.position_rows() > 0)
             .then(|| {
                 loader.encoder(
@@ -385,27 +394,22 @@ impl HookedBert {
             .then(|| loader.layer_norm("final_norm", d, false))
             .transpose()?;
 
-        let mlm_head = if loader.has_head("cls.predictions.transform.dense.weight") {
+        let mlm_head = if has_mlm_head {
             // The head maps the residual stream back to the embeddings' width to unembed.
             let dense = loader.linear("cls.predictions.transform.dense", e, d, true)?;
             let ln = loader.layer_norm("cls.predictions.transform.LayerNorm", e, true)?;
-            // Hugging Face ties the decoder to the word embeddings and often omits it on save.
-            let weight = if loader.has_head("cls.predictions.decoder.weight") {
-                let name = loader.name("cls.predictions.decoder.weight", true);
-                loader.first_of(&[name], &[cfg.d_vocab, e])?
-            } else {
-                word_embeddings.clone()
-            };
             let bias_names = ["cls.predictions.decoder.bias", "cls.predictions.bias"];
             let bias = loader.bias(bias_names[0], &bias_names[1..], cfg.d_vocab, true)?;
             // Both bias names hold the same tied parameter when both are present.
             let used = bias_names.map(|name| loader.name(name, true));
             loader.used.extend(used);
-            Some(MlmHead {
-                dense,
-                ln,
-                decoder: Linear::new(weight, bias),
-            })
+            let decoder = if has_own_decoder {
+                let name = loader.name("cls.predictions.decoder.weight", true);
+                Linear::new(loader.first_of(&[name], &[cfg.d_vocab, e])?, bias)
+            } else {
+                word_embeddings.as_decoder(bias)
+            };
+            Some(MlmHead { dense, ln, decoder })
         } else {
             None
         };
@@ -476,9 +480,10 @@ impl HookedBert {
             Ok(())
         };
         let e = "bert.embeddings";
+        let word_embeddings = self.word_embeddings.table()?;
         let mut tensors = vec![(
             format!("{e}.word_embeddings.weight"),
-            self.word_embeddings.clone(),
+            word_embeddings.clone(),
         )];
         if let Some(table) = &self.position_embeddings {
             tensors.push((format!("{e}.position_embeddings.weight"), table.clone()));
@@ -533,7 +538,16 @@ impl HookedBert {
         if let Some(head) = &self.mlm_head {
             linear("cls.predictions.transform.dense".into(), &head.dense)?;
             tensors.extend(norm("cls.predictions.transform", &head.ln));
-            linear("cls.predictions.decoder".into(), &head.decoder)?;
+            if self.word_embeddings.is_tied_to(&head.decoder) {
+                // One table under both names, as the checkpoint had it.
+                tensors.push(("cls.predictions.decoder.weight".into(), word_embeddings));
+                tensors.push((
+                    "cls.predictions.decoder.bias".into(),
+                    head.decoder.bias.clone(),
+                ));
+            } else {
+                linear("cls.predictions.decoder".into(), &head.decoder)?;
+            }
         }
         if let Some(pooler) = &self.pooler {
             linear("bert.pooler.dense".into(), pooler)?;
@@ -612,7 +626,7 @@ impl HookedBert {
             cfg: self.cfg.clone(),
             device: device.clone(),
             dtype,
-            word_embeddings: t(&self.word_embeddings)?,
+            word_embeddings: self.word_embeddings.to(device, dtype)?,
             position_embeddings: self.position_embeddings.as_ref().map(t).transpose()?,
             token_type_embeddings: self.token_type_embeddings.as_ref().map(t).transpose()?,
             embed_ln: norm(&self.embed_ln)?,
@@ -637,9 +651,14 @@ impl HookedBert {
         .with_packed_weights()
     }
 
-    /// The model with the encoder blocks' weights packed for the CPU matmul kernel where they
-    /// are float32 CPU tensors (see `Linear::packed`); elsewhere unchanged.
+    /// The model with the encoder blocks' weights and the MLM decoder packed for the CPU matmul
+    /// kernel where they are float32 CPU tensors (see `Linear::packed`); elsewhere unchanged.
+    /// A decoder tied to the word embeddings is packed with them (see [`WordEmbeddings::tied`]);
+    /// one of its own is packed here.
     fn with_packed_weights(mut self) -> Result<Self> {
+        if let Some(head) = &mut self.mlm_head {
+            head.decoder = head.decoder.clone().packed()?;
+        }
         for block in &mut self.blocks {
             for layer in [
                 &mut block.qkv,

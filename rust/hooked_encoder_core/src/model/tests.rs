@@ -439,6 +439,57 @@ fn named_weights_rebuild_the_same_model() {
 }
 
 #[test]
+fn a_tied_decoder_shares_one_table_with_the_embeddings_and_an_untied_one_does_not() {
+    let original = model(config(1));
+    let decoder = |m: &HookedBert| m.mlm_head.as_ref().unwrap().decoder.clone();
+    assert!(original.word_embeddings.is_tied_to(&decoder(&original)));
+    // Where packing pays, the lookup reads the decoder's packed weight: one copy of the table.
+    assert_eq!(
+        matches!(original.word_embeddings, WordEmbeddings::Packed(_)),
+        crate::packed_matmul::pays_on_this_cpu()
+    );
+    let copy = original.to(&Device::Cpu, DType::F32).unwrap();
+    assert!(copy.word_embeddings.is_tied_to(&decoder(&copy)));
+    let named: std::collections::HashMap<String, Tensor> =
+        original.named_weights().unwrap().into_iter().collect();
+    let table = &named["bert.embeddings.word_embeddings.weight"];
+    assert_eq!(
+        max_abs_diff(table, &named["cls.predictions.decoder.weight"]),
+        0.0
+    );
+
+    // A decoder of its own (twice the table): the lookup still reads the table, and the
+    // logits are 2 (logits - bias) + bias.
+    let mut weights = WeightMap::new();
+    for (name, tensor) in &named {
+        weights.insert(name.clone(), tensor.clone());
+    }
+    weights.insert(
+        "cls.predictions.decoder.weight".to_string(),
+        (table * 2.0).unwrap(),
+    );
+    let (untied, _) = HookedBert::load(config(1), &weights, &Device::Cpu).unwrap();
+    assert!(!untied.word_embeddings.is_tied_to(&decoder(&untied)));
+    let (logits, records) = record_all(&original, &input());
+    let (untied_logits, untied_records) = record_all(&untied, &input());
+    assert_eq!(
+        max_abs_diff(
+            &get(&records, HookPoint::Embed),
+            &get(&untied_records, HookPoint::Embed)
+        ),
+        0.0
+    );
+    let bias = &decoder(&original).bias;
+    let expected = ((logits.broadcast_sub(bias).unwrap() * 2.0).unwrap())
+        .broadcast_add(bias)
+        .unwrap();
+    assert!(
+        max_abs_diff(&untied_logits, &expected)
+            < 1e-3 * (1.0 + values(&logits).iter().fold(0f32, |m, v| m.max(v.abs())))
+    );
+}
+
+#[test]
 fn next_sentence_prediction_pools_the_first_token() {
     let model = model(config(1));
     let (_, r) = record_all(&model, &input());
