@@ -16,15 +16,18 @@
 //!
 //! With few rows the product is bound by reading the weights from memory (bert-base's blocks
 //! hold 340 MB of them): the first tile of every panel slice waits on memory while the other
-//! tiles find the slice in cache. So the first tile also prefetches the slice after next, one
+//! tiles find the slice in cache. So the first tile also prefetches the next slice into L2, one
 //! cache line per step of `k`, and the memory stream overlaps the arithmetic.
 //! Other CPUs run a portable kernel on the same layout.
 //!
 //! The constants were chosen by A/B runs alternated call by call in one process (the speed of
 //! the shared machines they ran on swings by 10-40% between processes), bert-base's forward,
 //! 2 threads. AMD EPYC Zen 3 (AVX2): prefetching sped 1x16 up by 11%, 1x128 by 3%, 8x128 by
-//! 2% (two slices ahead, or into L2, measured the same there; two ahead is 2.5% faster at
-//! 1x16 on Zen 4 and is what runs); one `k` block instead of 256-step blocks without the copy,
+//! 2% (two slices ahead, or into L2, measured the same there). On Zen 4, prefetching into L2
+//! rather than L1 made 1x16 0.85x the time with the AVX-512 kernel and 0.89x with the AVX2
+//! one, 1x128 0.96-0.97x, 8x128 0.98-1.0x (into L1 the prefetches of a whole slice outrun the
+//! core's few L1 miss buffers), and then the next slice beat the one after by 2-3% at 1x16;
+//! one `k` block instead of 256-step blocks without the copy,
 //! 1x128 by 4%; row blocks of 24 instead of 120 with it, 8x128 by about 5%. AMD EPYC Zen 4
 //! (AVX-512): see [`Kernel::Avx512`].
 
@@ -331,10 +334,9 @@ impl PackedWeight {
                 for p in panels.clone() {
                     let panel = &self.panels[p * PANEL * k + k0 * PANEL..][..steps * PANEL];
                     let columns = PANEL.min(n - p * PANEL);
-                    // The same `k` block two panels on: this task's slice after next, or
-                    // (near its last panel) another task's, which is harmless. (Two ahead
-                    // rather than one: 1x16 2.5% faster on Zen 4, level on Zen 3.)
-                    let slice_after_next = self.panels.get((p + 2) * PANEL * k + k0 * PANEL..);
+                    // The same `k` block one panel on: this task's next slice, or (at its
+                    // last panel) another task's, which is harmless.
+                    let next_slice = self.panels.get((p + 1) * PANEL * k + k0 * PANEL..);
                     for (tile, first) in rows.clone().step_by(tile_rows).enumerate() {
                         let (x, row_stride, step_stride) = if copy_x {
                             (&block[tile * tile_rows * steps..], 1, tile_rows)
@@ -352,7 +354,7 @@ impl PackedWeight {
                             out: out_ptr.at(first * n + p * PANEL),
                             ldo: n,
                             accumulate: k0 > 0,
-                            prefetch: slice_after_next.filter(|_| tile == 0).map(<[f32]>::as_ptr),
+                            prefetch: next_slice.filter(|_| tile == 0).map(<[f32]>::as_ptr),
                         };
                         // SAFETY: this task alone writes rows `rows` x panels `panels` of
                         // `out`; `kernel` is one this CPU can run (`Kernel::runs_here`).
@@ -417,7 +419,8 @@ struct Tile<'a> {
     ldo: usize,
     /// Add to the output (a later `k` block) instead of overwriting it.
     accumulate: bool,
-    /// Where to prefetch one cache line per step (`steps` lines of 16 floats), if anywhere.
+    /// Where to prefetch one cache line per step (`steps` lines of 16 floats) into L2, if
+    /// anywhere.
     prefetch: Option<*const f32>,
 }
 
@@ -596,7 +599,7 @@ mod avx2 {
             unsafe {
                 if let Some(next) = tile.prefetch {
                     // A hint: no fault and no effect on results whatever the address.
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(step * PANEL).cast());
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(step * PANEL).cast());
                 }
                 let w0 = _mm256_loadu_ps(w.add(step * PANEL));
                 let w1 = _mm256_loadu_ps(w.add(step * PANEL + 8));
@@ -672,7 +675,7 @@ mod avx512 {
             unsafe {
                 if let Some(next) = tile.prefetch {
                     // A hint: no fault and no effect on results whatever the address.
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(step * PANEL).cast());
+                    _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(step * PANEL).cast());
                 }
                 let weights = _mm512_loadu_ps(w.add(step * PANEL));
                 for (a, acc) in acc.iter_mut().enumerate() {
