@@ -23,13 +23,12 @@
 //! The constants were chosen by A/B runs alternated call by call in one process (the speed of
 //! the shared machines they ran on swings by 10-40% between processes), bert-base's forward,
 //! 2 threads. AMD EPYC Zen 3 (AVX2): prefetching sped 1x16 up by 11%, 1x128 by 3%, 8x128 by
-//! 2% (two slices ahead, or into L2, measured the same there). On Zen 4, prefetching into L2
-//! rather than L1 made 1x16 0.85x the time with the AVX-512 kernel and 0.89x with the AVX2
-//! one, 1x128 0.96-0.97x, 8x128 0.98-1.0x (into L1 the prefetches of a whole slice outrun the
-//! core's few L1 miss buffers), and then the next slice beat the one after by 2-3% at 1x16;
-//! one `k` block instead of 256-step blocks without the copy,
-//! 1x128 by 4%; row blocks of 24 instead of 120 with it, 8x128 by about 5%. AMD EPYC Zen 4
-//! (AVX-512): see [`Kernel::Avx512`].
+//! 2% (two slices ahead, or into L2, measured the same there); one `k` block instead of
+//! 256-step blocks without the copy, 1x128 by 4%; row blocks of 24 instead of 120 with it,
+//! 8x128 by about 5%. AMD EPYC Zen 4 (AVX-512): prefetching into L2 rather than L1 made 1x16
+//! 0.85x the time with the AVX-512 kernel and 0.89x with the AVX2 one, 1x128 0.96-0.97x, 8x128
+//! 0.98-1.0x (into L1 the prefetches of a whole slice outrun the core's few L1 miss buffers),
+//! and then the next slice beat the one after by 2-3% at 1x16; see also [`Kernel::Avx512`].
 
 use std::ops::Range;
 
@@ -297,8 +296,8 @@ impl PackedWeight {
         let (tile_kernel, tile_rows) = (kernel.tile_kernel(), kernel.tile_rows());
         let out_ptr = SharedOut(out.as_mut_ptr());
         // With many rows, each task's rows of `x` for one `k` block are copied tile by tile,
-        // each `[steps, 6]`, so that the microkernel's broadcasts read one sequential stream;
-        // with few, the copy costs more than the strided reads it saves.
+        // each `[steps, tile_rows]`, so that the microkernel's broadcasts read one sequential
+        // stream; with few, the copy costs more than the strided reads it saves.
         let Blocking {
             row_block,
             k_block,
