@@ -212,36 +212,33 @@ impl PackedWeight {
 
     /// The weight in its original `[n, k]` layout.
     pub fn unpack(&self) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        let mut w = vec![0.0f32; n * k];
-        w.par_chunks_mut(k.max(1))
+        let mut w = vec![0.0f32; self.n * self.k];
+        w.par_chunks_mut(self.k.max(1))
             .enumerate()
-            .for_each(|(row, out)| {
-                let panel = &self.panels[(row / PANEL) * PANEL * k..][..PANEL * k];
-                for (step, value) in out.iter_mut().enumerate() {
-                    *value = panel[step * PANEL + row % PANEL];
-                }
-            });
+            .for_each(|(row, out)| self.copy_row(row, out));
         w
     }
 
     /// Rows `ids` of the weight, `[ids.len(), k]`: an embedding lookup in a table tied to an
-    /// unembedding that is stored only packed (row `j` is column `j % 16` of panel `j / 16`,
-    /// `k` floats 16 apart: one cache line per float, so rows are gathered in parallel).
+    /// unembedding that is stored only packed (rows are gathered in parallel: see
+    /// [`Self::copy_row`]).
     pub fn gather_rows(&self, ids: &[u32]) -> Vec<f32> {
-        let k = self.k;
-        let mut out = vec![0.0f32; ids.len() * k];
-        out.par_chunks_mut(k.max(1))
+        let mut out = vec![0.0f32; ids.len() * self.k];
+        out.par_chunks_mut(self.k.max(1))
             .zip(ids)
-            .for_each(|(row, &id)| {
-                let id = id as usize;
-                assert!(id < self.n, "row {id} of a weight with {} rows", self.n);
-                let panel = &self.panels[(id / PANEL) * PANEL * k..][..PANEL * k];
-                for (value, step) in row.iter_mut().zip(panel.chunks_exact(PANEL)) {
-                    *value = step[id % PANEL];
-                }
-            });
+            .for_each(|(row, &id)| self.copy_row(id as usize, row));
         out
+    }
+
+    /// Row `row` of the weight (`k` floats) into `out`. It is column `row % 16` of panel
+    /// `row / 16`: `k` floats 16 apart, one cache line each.
+    fn copy_row(&self, row: usize, out: &mut [f32]) {
+        assert!(row < self.n, "row {row} of a weight with {} rows", self.n);
+        let k = self.k;
+        let panel = &self.panels[(row / PANEL) * PANEL * k..][..PANEL * k];
+        for (value, step) in out.iter_mut().zip(panel.chunks_exact(PANEL)) {
+            *value = step[row % PANEL];
+        }
     }
 
     /// `x Wᵀ` for `x` of `m` rows (`[m, k]`, row-major): `[m, n]`.

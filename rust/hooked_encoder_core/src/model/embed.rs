@@ -55,10 +55,7 @@ impl WordEmbeddings {
     pub(super) fn table(&self) -> Result<Tensor> {
         match self {
             Self::Table(table) => Ok(table.clone()),
-            Self::Packed(packed) => cpu::tensor(
-                packed.unpack(),
-                &[packed.out_features(), packed.in_features()],
-            ),
+            Self::Packed(packed) => linear::unpack(packed),
         }
     }
 
@@ -86,14 +83,10 @@ impl HookedBert {
     pub(super) fn embed(&self, input: &ForwardInput<'_>, hooks: &mut dyn Hooks) -> Result<Tensor> {
         // The embeddings' width: d_model, or ELECTRA's narrower d_embed (projected below).
         let (b, p, d) = (input.batch, input.pos, self.cfg.embed_width());
-        let ids = |values: &[i64]| -> Result<Tensor> {
-            let values: Vec<u32> = values.iter().map(|v| *v as u32).collect();
-            Ok(Tensor::from_vec(values, b * p, &self.device)?)
-        };
-        let tokens = input.tokens.iter().map(|&v| v as u32).collect();
+        let ids = |values: &[i64]| -> Vec<u32> { values.iter().map(|&v| v as u32).collect() };
         let embed = self
             .word_embeddings
-            .lookup(tokens, &self.device)?
+            .lookup(ids(input.tokens), &self.device)?
             .reshape((b, p, d))?;
         let embed = hook(hooks, HookPoint::Embed, embed)?;
         let mut sum = match &self.position_embeddings {
@@ -120,7 +113,9 @@ impl HookedBert {
         };
         if let Some(table) = &self.token_type_embeddings {
             let token_type_embed = match input.token_type_ids {
-                Some(types) => table.index_select(&ids(types)?, 0)?.reshape((b, p, d))?,
+                Some(types) => table
+                    .index_select(&Tensor::from_vec(ids(types), b * p, &self.device)?, 0)?
+                    .reshape((b, p, d))?,
                 None => table
                     .narrow(0, 0, 1)?
                     .unsqueeze(0)?

@@ -96,10 +96,7 @@ impl Linear {
             LinearWeight::Dense(weight) => Ok(weight.clone()),
             LinearWeight::Packed { packed, unpacked } => match unpacked.get() {
                 Some(weight) => Ok(weight.clone()),
-                None => cpu::tensor(
-                    packed.unpack(),
-                    &[packed.out_features(), packed.in_features()],
-                ),
+                None => unpack(packed),
             },
         }
     }
@@ -221,4 +218,12 @@ pub(super) fn pack(weight: &Tensor) -> Result<PackedWeight> {
         n,
         k,
     ))
+}
+
+/// A packed weight back in its `[out, in]` layout, as a new tensor.
+pub(super) fn unpack(packed: &PackedWeight) -> Result<Tensor> {
+    cpu::tensor(
+        packed.unpack(),
+        &[packed.out_features(), packed.in_features()],
+    )
 }
