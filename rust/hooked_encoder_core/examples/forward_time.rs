@@ -17,6 +17,11 @@ use std::time::Instant;
 use candle_core::Device;
 use hooked_encoder_core::{BertConfig, ForwardInput, HookedBert, NoHooks, Output, WeightMap};
 
+// The Python extension's allocator: with glibc's, every large activation is a fresh `mmap`
+// whose pages fault one by one, and the times would not be the package's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> hooked_encoder_core::Result<()> {
     let args: Vec<usize> = std::env::args()
         .skip(1)

@@ -7,9 +7,9 @@
 //! (Ctrl-C raises `KeyboardInterrupt`), the pass is asked to stop at the next block boundary
 //! (`Hooks::interrupted`) and that very exception is returned.
 //!
-//! The worker is one thread for the life of the process, not one per call: glibc gives each
-//! thread its own malloc arena, and a fresh thread per call took its activations from fresh
-//! arena memory (about three times as many page faults per `run_with_cache`).
+//! The worker is one thread for the life of the process, not one per call: the allocator gives
+//! each thread memory of its own, and a fresh thread per call took its activations from fresh
+//! memory (with glibc's arenas, about three times as many page faults per `run_with_cache`).
 
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};

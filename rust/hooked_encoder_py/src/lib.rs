@@ -36,7 +36,6 @@ mod _core {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        crate::memory::keep_freed_memory();
         crate::threads::configure_global_pool();
         m.add("__version__", env!("CARGO_PKG_VERSION"))
     }

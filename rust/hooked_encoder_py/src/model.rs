@@ -150,6 +150,7 @@ impl Model {
                 HookedBert::load(cfg, &files, &device)
             })
             .map_err(to_py_err)?;
+        crate::memory::release_freed();
         Ok((model.into(), unused))
     }
 
@@ -164,6 +165,7 @@ impl Model {
                 HookedBert::load(cfg, &weights, &device).map(|(m, _)| m)
             })
             .map_err(to_py_err)?;
+        crate::memory::release_freed();
         Ok(model.into())
     }
 
@@ -188,6 +190,8 @@ impl Model {
         let (model, unused) = py
             .detach(|| HookedBert::load(cfg, &weights, &device))
             .map_err(to_py_err)?;
+        drop(weights);
+        crate::memory::release_freed();
         Ok((model.into(), unused))
     }
 
@@ -218,6 +222,7 @@ impl Model {
                 HookedBert::load(cfg, &weights, &device)
             })
             .map_err(to_py_err)?;
+        crate::memory::release_freed();
         Ok((model.into(), unused))
     }
 
