@@ -178,7 +178,17 @@ fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     (mean, (var + eps).sqrt())
 }
 
-/// TransformerLens's LayerNorm in one pass over the rows: `(x - mean) / scale * w + b`.
+/// TransformerLens's LayerNorm of one row, in place: `(x - mean) / scale * w + b`.
+#[inline(always)]
+fn layer_norm_row(row: &mut [f32], weight: &[f32], bias: &[f32], eps: f32) {
+    let (mean, scale) = row_stats(row, eps);
+    let inv = 1.0 / scale;
+    for ((x, w), b) in row.iter_mut().zip(weight).zip(bias) {
+        *x = ((*x - mean) * inv).mul_add(*w, *b);
+    }
+}
+
+/// TransformerLens's LayerNorm of rows of `weight.len()`, each normalised in the output row.
 pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
     let d = weight.len();
     let mut out = vec![0f32; x.len()];
@@ -187,11 +197,35 @@ pub fn layer_norm(x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32>
         .zip(x.par_chunks(d * rows))
         .for_each(|(out, x)| {
             for (o, row) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                let (mean, scale) = row_stats(row, eps);
-                let inv = 1.0 / scale;
-                for (((o, x), w), b) in o.iter_mut().zip(row).zip(weight).zip(bias) {
-                    *o = ((x - mean) * inv).mul_add(*w, *b);
-                }
+                o.copy_from_slice(row);
+                layer_norm_row(o, weight, bias, eps);
+            }
+        });
+    out
+}
+
+/// `layer_norm(a + b)` in one pass: each row's sum is formed in its output row and normalised
+/// there, so the sum never makes a buffer of its own (BERT's post-LN residual adds, unhooked).
+pub fn add_layer_norm(a: &[f32], b: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> Vec<f32> {
+    let d = weight.len();
+    assert_eq!(
+        a.len(),
+        b.len(),
+        "add_layer_norm: the two inputs differ in length"
+    );
+    let mut out = vec![0f32; a.len()];
+    let rows = rows_per_task(d);
+    out.par_chunks_mut(d * rows)
+        .zip(a.par_chunks(d * rows).zip(b.par_chunks(d * rows)))
+        .for_each(|(out, (a, b))| {
+            for (o, (a, b)) in out
+                .chunks_exact_mut(d)
+                .zip(a.chunks_exact(d).zip(b.chunks_exact(d)))
+            {
+                o.iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(o, (a, b))| *o = a + b);
+                layer_norm_row(o, weight, bias, eps);
             }
         });
     out
@@ -869,6 +903,34 @@ pub(crate) mod tests {
         // while the variance is 1e-6. Two passes are limited only by the f32 mean.
         assert!((scale[0] - 1e-3).abs() < 5e-5, "{}", scale[0]);
         assert!(normalized.iter().all(|v| (v.abs() - 1.0).abs() < 0.1));
+    }
+
+    #[test]
+    fn add_layer_norm_equals_the_norm_of_the_sum() {
+        // Rows of 27 (a tail past the 8-lane chunks), enough rows for several parallel tasks.
+        let d = 27;
+        let values = |seed: usize| -> Vec<f32> {
+            (0..d * 1500)
+                .map(|i| ((i * 7919 + seed) % 211) as f32 / 13.0 - 8.0)
+                .collect()
+        };
+        let (a, b) = (values(1), values(5));
+        let weight: Vec<f32> = (0..d).map(|i| 0.5 + i as f32 / 9.0).collect();
+        let bias: Vec<f32> = (0..d).map(|i| i as f32 / 7.0 - 1.0).collect();
+        let fused = add_layer_norm(&a, &b, &weight, &bias, 1e-12);
+        // The same float operations in the same order, so equal to the bit, not only close.
+        assert_eq!(fused, layer_norm(&add(&a, &b), &weight, &bias, 1e-12));
+        // And a LayerNorm: each row of the normalised sum has mean ~0 and variance ~1.
+        let ones = vec![1.0; d];
+        let normalized = add_layer_norm(&a, &b, &ones, &vec![0.0; d], 1e-12);
+        for row in normalized.chunks_exact(d) {
+            let mean = row.iter().sum::<f32>() / d as f32;
+            let var = row.iter().map(|x| (x - mean) * (x - mean)).sum::<f32>() / d as f32;
+            assert!(
+                mean.abs() < 1e-5 && (var - 1.0).abs() < 1e-4,
+                "{mean} {var}"
+            );
+        }
     }
 
     /// Deterministic fused q, k, v rows for `s`, `[batch * pos, 3 * heads * d_head]`, in

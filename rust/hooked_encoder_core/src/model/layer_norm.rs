@@ -80,8 +80,8 @@ impl HookedBert {
 
     /// `layer_norm(residual + x)` with the sum passed through `sum_points` first (the residual
     /// stream's hook points between the add and the norm), the norm's own points being its
-    /// scale and normalized values. On a GPU, when none of those points is wanted, the add and
-    /// the norm run as one kernel.
+    /// scale and normalized values. When none of those points is wanted, the add and the norm
+    /// run as one kernel (CPU or GPU).
     pub(super) fn add_layer_norm(
         &self,
         residual: &Tensor,
@@ -95,6 +95,18 @@ impl HookedBert {
             .iter()
             .chain(sum_points)
             .any(|point| wants(hooks, *point));
+        if !hooked && self.uses_cpu_kernels() && residual.dims() == x.dims() {
+            let (residual, x) = (residual.contiguous()?, x.contiguous()?);
+            let (weight, bias) = (cpu::view(&ln.weight)?, cpu::view(&ln.bias)?);
+            let out = kernels::add_layer_norm(
+                cpu::view(&residual)?.slice(),
+                cpu::view(&x)?.slice(),
+                weight.slice(),
+                bias.slice(),
+                self.cfg.eps as f32,
+            );
+            return cpu::tensor(out, x.dims());
+        }
         if !hooked && cuda::kernels_on(x) && residual.dims() == x.dims() {
             let fused = cuda::layer_norm(residual, Some(x), &ln.weight, &ln.bias, self.cfg.eps)?;
             if let Some(out) = fused {
