@@ -24,6 +24,8 @@ mod _core {
     #[pymodule_export]
     use crate::errors::{CheckpointError, HookedEncoderError};
     #[pymodule_export]
+    use crate::memory::allocator_purge_delay_ms;
+    #[pymodule_export]
     use crate::model::{GradTape, Model};
     #[pymodule_export]
     use crate::threads::{get_num_threads, set_num_threads};
@@ -36,6 +38,7 @@ mod _core {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        crate::memory::keep_freed_memory();
         crate::threads::configure_global_pool();
         m.add("__version__", env!("CARGO_PKG_VERSION"))
     }
