@@ -71,6 +71,28 @@ def assert_half_parity(ours: np.ndarray, hf_half: np.ndarray, hf32: np.ndarray, 
     assert np.abs(ours - hf32).max() <= 2 * hf_error + EPSILON[dtype] * scale
 
 
+def run_fresh_interpreter(script: str, env_changes: dict[str, str], *args: str, clear=()):
+    """Runs `script` in a fresh Python, in this environment less the variables whose names start
+    with one of `clear` and with `env_changes` applied, and returns the JSON it printed last: for
+    what the package reads from the environment at import."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(tuple(clear))}
+    env.update(env_changes)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def randomize(model):
     """Randomises every parameter of a freshly built HF BERT (from torch's current seed) and
     puts it in eval mode. Hugging Face initialises biases to 0 and LayerNorms to 1; random ones

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 
 import pytest
+
+from conftest import run_fresh_interpreter
 
 # Runs in a fresh interpreter: mimalloc reads its environment when the extension loads.
 SCRIPT = r"""
@@ -32,17 +31,7 @@ print(json.dumps(report))
 
 
 def run_fresh(env_changes: dict[str, str], *args: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MIMALLOC_")}
-    env.update(env_changes)
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_fresh_interpreter(SCRIPT, env_changes, *args, clear=("MIMALLOC_",))
 
 
 def test_freed_memory_is_kept_ten_seconds_unless_the_user_set_mimallocs_delay():

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 
+from conftest import run_fresh_interpreter
 from hooked_encoder import HookedEncoder
 
 
@@ -85,22 +86,9 @@ print(json.dumps(pool))
 
 def pool_affinities(env_changes: dict[str, str], *args: str) -> list[list[int]]:
     """Each pool thread's allowed CPUs, in a fresh interpreter with `env_changes` applied."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("RAYON_NUM_THREADS",)}
-    env.update(env_changes)
-    done = subprocess.run(
-        [sys.executable, "-c", POOL_AFFINITY_SCRIPT, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return run_fresh_interpreter(
+        POOL_AFFINITY_SCRIPT, env_changes, *args, clear=("RAYON_NUM_THREADS",)
     )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_a_pool_with_one_thread_per_allowed_cpu_pins_each_thread_to_its_own_cpu():
