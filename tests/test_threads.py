@@ -103,14 +103,60 @@ def test_a_pool_with_one_thread_per_allowed_cpu_pins_each_thread_to_its_own_cpu(
     if len(allowed) < 2:
         pytest.skip("needs at least two CPUs to tell pinned threads from free ones")
     n = str(len(allowed))
-    # The global pool (at import) and a set_num_threads pool, each of one thread per CPU.
+    # The pool started at import, and one from set_num_threads, each of one thread per CPU (the
+    # import pool, of one thread more, is gone by then).
     assert sorted(pool_affinities({"RAYON_NUM_THREADS": n})) == [[cpu] for cpu in allowed]
     more = str(len(allowed) + 1)
-    both = pool_affinities({"RAYON_NUM_THREADS": more}, n)
-    pinned = sorted(cpus for cpus in both if len(cpus) == 1)
-    assert pinned == [[cpu] for cpu in allowed]
-    # One thread more than CPUs: the global pool's threads stay free to run anywhere.
-    assert sum(cpus == allowed for cpus in both) == len(allowed) + 1
+    assert sorted(pool_affinities({"RAYON_NUM_THREADS": more}, n)) == [[cpu] for cpu in allowed]
+    # One thread more than CPUs: the threads stay free to run anywhere.
+    unpinned = pool_affinities({"RAYON_NUM_THREADS": more})
+    assert len(unpinned) == len(allowed) + 1 and all(cpus == allowed for cpus in unpinned)
     # Opted out: nothing is pinned.
     opted_out = pool_affinities({"RAYON_NUM_THREADS": n, "HOOKED_ENCODER_PIN_THREADS": "0"})
     assert len(opted_out) == len(allowed) and all(cpus == allowed for cpus in opted_out)
+
+
+FORK_SCRIPT = """
+import json, multiprocessing, sys
+import numpy as np
+from hooked_encoder import HookedEncoder
+
+def child(queue):
+    # Built and run in the child: loading packs weights on the pool, as a forward does.
+    model = HookedEncoder(
+        {"d_model": 64, "d_head": 16, "n_layers": 2, "n_ctx": 32, "d_vocab": 50, "seed": 0}
+    )
+    queue.put(model(np.arange(32).reshape(2, 16) % 50).tolist())
+
+if __name__ == "__main__":
+    parent = HookedEncoder(
+        {"d_model": 64, "d_head": 16, "n_layers": 2, "n_ctx": 32, "d_vocab": 50, "seed": 0}
+    )
+    expected = parent(np.arange(32).reshape(2, 16) % 50)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    process.join(60)
+    if process.exitcode is None:
+        process.kill()
+    got = np.asarray(queue.get(timeout=5)) if process.exitcode == 0 else None
+    print(json.dumps({
+        "exitcode": process.exitcode,
+        "equal": got is not None and np.array_equal(got, expected),
+        "parent_still_works": np.array_equal(parent(np.arange(32).reshape(2, 16) % 50), expected),
+    }))
+"""
+
+
+def test_a_process_forked_after_import_gets_a_pool_of_its_own():
+    import sys
+
+    import pytest
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("fork is the Linux start method")
+    # Before the pool was restarted in the child, the child's first model waited forever for
+    # threads that had stayed in the parent.
+    report = run_fresh_interpreter(FORK_SCRIPT, {})
+    assert report == {"exitcode": 0, "equal": True, "parent_still_works": True}

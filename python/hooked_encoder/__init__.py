@@ -7,6 +7,8 @@ pass in Rust (Candle).
     >>> cache["pattern", 0].shape  # [batch, head, query, key]
 """
 
+import os as _os
+
 # First: refuse a CPU the compiled core cannot run on, before loading it.
 from . import (
     _cpu,  # noqa: F401
@@ -23,9 +25,13 @@ except ImportError as _error:
 
     _cuda_libs.preload()
     try:
-        from . import _core  # noqa: F401
+        from . import _core
     except ImportError as _still_missing:
         raise ImportError(_cuda_libs.missing_library_message(_still_missing)) from _error
+
+# A forked child gets a new thread pool: the parent's threads do not come along.
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_core.restart_after_fork)
 
 from . import interventions
 from ._core import (

@@ -29,31 +29,44 @@ const POLL: Duration = Duration::from_millis(20);
 type Job = Box<dyn FnOnce() + Send>;
 type Outcome = (hooked_encoder_core::Result<Tensor>, PyHooks);
 
-/// The worker's job queue (started on first use).
+/// The worker's job queue (the worker is started on first use).
+static QUEUE: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
+
+/// Starts a worker thread and returns its queue; if no thread can be started, a queue whose
+/// receiver is gone, so that every send fails and callers say so.
+fn start_worker() -> Sender<Job> {
+    let (sender, jobs) = mpsc::channel::<Job>();
+    let spawned = std::thread::Builder::new()
+        .name("hooked-encoder-main".into())
+        .spawn(move || {
+            for job in jobs {
+                // A panicking job drops its reply channel (the caller sees that); the worker
+                // lives on for the next one.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+            }
+        });
+    match spawned {
+        Ok(_) => sender,
+        Err(_) => mpsc::channel::<Job>().0,
+    }
+}
+
 fn worker() -> PyResult<Sender<Job>> {
-    static QUEUE: OnceLock<Mutex<Sender<Job>>> = OnceLock::new();
-    let queue = QUEUE.get_or_init(|| {
-        let (sender, jobs) = mpsc::channel::<Job>();
-        let spawned = std::thread::Builder::new()
-            .name("hooked-encoder-main".into())
-            .spawn(move || {
-                for job in jobs {
-                    // A panicking job drops its reply channel (the caller sees that); the
-                    // worker lives on for the next one.
-                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
-                }
-            });
-        if spawned.is_err() {
-            // Leave a sender whose receiver is gone: every send fails, and callers say so.
-            let (sender, _) = mpsc::channel::<Job>();
-            return Mutex::new(sender);
-        }
-        Mutex::new(sender)
-    });
-    queue
+    QUEUE
+        .get_or_init(|| Mutex::new(start_worker()))
         .lock()
         .map(|sender| sender.clone())
         .map_err(|_| PanicException::new_err("the hooked_encoder worker thread is unusable"))
+}
+
+/// In the child of a `fork()`, where the worker thread does not exist: a new one, if the parent
+/// had started one.
+pub fn restart_after_fork() {
+    if let Some(queue) = QUEUE.get() {
+        if let Ok(mut sender) = queue.lock() {
+            *sender = start_worker();
+        }
+    }
 }
 
 /// Runs `work(model, hooks)` on the worker thread while this (main) thread watches for signals;

@@ -28,7 +28,7 @@ mod _core {
     #[pymodule_export]
     use crate::model::{GradTape, Model};
     #[pymodule_export]
-    use crate::threads::{get_num_threads, set_num_threads};
+    use crate::threads::{get_num_threads, restart_after_fork, set_num_threads};
 
     /// Whether this build can run models on NVIDIA GPUs (the `cuda` Cargo feature).
     #[pyfunction]
@@ -39,7 +39,7 @@ mod _core {
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
         crate::memory::keep_freed_memory();
-        crate::threads::configure_global_pool();
+        crate::threads::start_pool();
         m.add("__version__", env!("CARGO_PKG_VERSION"))
     }
 }

@@ -146,8 +146,10 @@ impl Model {
         let device = parse_device(device)?;
         let (model, unused) = py
             .detach(|| {
-                let files = WeightFiles::open(&paths)?;
-                HookedBert::load(cfg, &files, &device)
+                crate::threads::install(|| {
+                    let files = WeightFiles::open(&paths)?;
+                    HookedBert::load(cfg, &files, &device)
+                })
             })
             .map_err(to_py_err)?;
         crate::memory::release_freed();
@@ -161,8 +163,10 @@ impl Model {
         let device = parse_device(device)?;
         let model = py
             .detach(|| {
-                let weights = WeightMap::random(&cfg, seed, &device)?;
-                HookedBert::load(cfg, &weights, &device).map(|(m, _)| m)
+                crate::threads::install(|| {
+                    let weights = WeightMap::random(&cfg, seed, &device)?;
+                    HookedBert::load(cfg, &weights, &device).map(|(m, _)| m)
+                })
             })
             .map_err(to_py_err)?;
         crate::memory::release_freed();
@@ -188,7 +192,7 @@ impl Model {
             );
         }
         let (model, unused) = py
-            .detach(|| HookedBert::load(cfg, &weights, &device))
+            .detach(|| crate::threads::install(|| HookedBert::load(cfg, &weights, &device)))
             .map_err(to_py_err)?;
         drop(weights);
         crate::memory::release_freed();
@@ -209,17 +213,19 @@ impl Model {
         let device = parse_device(device)?;
         let (model, unused) = py
             .detach(|| {
-                let tensors =
-                    candle_core::safetensors::load_buffer(data, &device).map_err(|e| {
-                        hooked_encoder_core::Error::Checkpoint(format!(
-                            "not a valid safetensors blob: {e}"
-                        ))
-                    })?;
-                let mut weights = WeightMap::new();
-                for (name, tensor) in tensors {
-                    weights.insert(name, tensor.to_dtype(candle_core::DType::F32)?);
-                }
-                HookedBert::load(cfg, &weights, &device)
+                crate::threads::install(|| {
+                    let tensors =
+                        candle_core::safetensors::load_buffer(data, &device).map_err(|e| {
+                            hooked_encoder_core::Error::Checkpoint(format!(
+                                "not a valid safetensors blob: {e}"
+                            ))
+                        })?;
+                    let mut weights = WeightMap::new();
+                    for (name, tensor) in tensors {
+                        weights.insert(name, tensor.to_dtype(candle_core::DType::F32)?);
+                    }
+                    HookedBert::load(cfg, &weights, &device)
+                })
             })
             .map_err(to_py_err)?;
         crate::memory::release_freed();
@@ -505,7 +511,7 @@ impl Model {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype)?;
         let model = py
-            .detach(|| self.inner.to(&device, dtype))
+            .detach(|| crate::threads::install(|| self.inner.to(&device, dtype)))
             .map_err(to_py_err)?;
         Ok(model.into())
     }

@@ -1,9 +1,15 @@
 //! The thread pool the model computes on.
 //!
-//! By default that is rayon's global pool (one thread per core, or `RAYON_NUM_THREADS`), set up
-//! when the module is imported (see [`configure_global_pool`]). `set_num_threads(n)` swaps in a
-//! pool of `n` threads for later forward passes; Candle's matmuls and our kernels both run inside
-//! it, because rayon work started within `install` stays in the installing pool.
+//! A pool of our own (one thread per core, or `RAYON_NUM_THREADS`), started when the module is
+//! imported ([`start_pool`]); rayon's global pool is never used, and every computing entry of the
+//! binding runs inside [`install`], so Candle's matmuls and our kernels both run in our pool
+//! (rayon work started within `install` stays in the installing pool). `set_num_threads(n)`
+//! swaps in a pool of `n` threads for later calls.
+//!
+//! A pool's threads do not survive `fork()`: a child forked from a process that had imported the
+//! package would hand its work to threads that do not exist and wait forever. So the package
+//! registers [`restart_after_fork`] with `os.register_at_fork`, which gives the child a new pool
+//! of as many threads (rayon's global pool could not be replaced; hence none of it).
 //!
 //! When a pool has one thread per CPU the process may run on, each thread is pinned to its own
 //! CPU. Unpinned, after the process has been idle for a while (a server between requests, or a
@@ -40,15 +46,43 @@ fn builder() -> ThreadPoolBuilder {
     ThreadPoolBuilder::new().thread_name(|i| format!("hooked-pool-{i}"))
 }
 
-/// Sets up rayon's global pool (called at import, before anything else in this module uses
-/// rayon), with rayon's own number of threads. If something already did, that pool stays as
-/// it is.
-pub fn configure_global_pool() {
-    if builder().build_global().is_ok() {
-        if let Some(cpus) = pinning::cpus_for(rayon::current_num_threads()) {
-            rayon::broadcast(|thread| pinning::pin_current_thread(cpus[thread.index()]));
+/// A pool of `threads` threads (0: `RAYON_NUM_THREADS`, else one per CPU), pinned as the
+/// module documentation says.
+fn start(threads: usize) -> Result<ThreadPool, rayon::ThreadPoolBuildError> {
+    let pool = builder().num_threads(threads).build()?;
+    if let Some(cpus) = pinning::cpus_for(pool.current_num_threads()) {
+        pool.broadcast(|thread| pinning::pin_current_thread(cpus[thread.index()]));
+    }
+    Ok(pool)
+}
+
+/// Makes `pool` the one later calls run on; returns the one it replaces.
+fn replace(pool: ThreadPool) -> Option<Arc<ThreadPool>> {
+    POOL.lock()
+        .ok()
+        .and_then(|mut slot| slot.replace(Arc::new(pool)))
+}
+
+/// Starts the pool (called at import). If no thread can be started, calls run on rayon's
+/// global pool instead, which starts its own when first used.
+pub fn start_pool() {
+    if let Ok(pool) = start(0) {
+        replace(pool);
+    }
+}
+
+/// In the child of a `fork()`: the pool's threads stayed behind in the parent, so start a new
+/// pool of as many threads. The old one is leaked, not dropped: its threads cannot be told to
+/// stop, and its memory is the parent's copy.
+#[pyfunction]
+pub fn restart_after_fork() {
+    let threads = get_num_threads();
+    if let Ok(pool) = start(threads) {
+        if let Some(old) = replace(pool) {
+            std::mem::forget(old);
         }
     }
+    crate::interrupt::restart_after_fork();
 }
 
 /// Sets how many threads later forward passes use (at least 1).
@@ -59,16 +93,9 @@ pub fn set_num_threads(n: usize) -> PyResult<()> {
             "the number of threads must be at least 1",
         ));
     }
-    let pool = builder()
-        .num_threads(n)
-        .build()
-        .map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))?;
-    if let Some(cpus) = pinning::cpus_for(n) {
-        pool.broadcast(|thread| pinning::pin_current_thread(cpus[thread.index()]));
-    }
-    if let Ok(mut slot) = POOL.lock() {
-        *slot = Some(Arc::new(pool));
-    }
+    let pool =
+        start(n).map_err(|e| PyValueError::new_err(format!("cannot start {n} threads: {e}")))?;
+    replace(pool);
     Ok(())
 }
 
