@@ -242,11 +242,14 @@ impl Model {
         py: Python<'py>,
         checkpoint: bool,
     ) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
-        let weights = if checkpoint {
-            self.inner.checkpoint_weights()
-        } else {
-            self.inner.named_weights()
-        };
+        // Unpacking packed weights runs on the pool, as every computation of ours does.
+        let weights = crate::threads::install(|| {
+            if checkpoint {
+                self.inner.checkpoint_weights()
+            } else {
+                self.inner.named_weights()
+            }
+        });
         weights
             .map_err(to_py_err)?
             .into_iter()
