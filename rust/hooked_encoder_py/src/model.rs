@@ -131,6 +131,18 @@ impl Model {
     }
 }
 
+/// Runs a model load (see `threads::compute`), then gives back the memory it freed: the
+/// checkpoint's bytes, as large as the model, which the allocator would otherwise keep until
+/// the model's first call (see `memory::release_freed`).
+fn load<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce() -> hooked_encoder_core::Result<T> + Send,
+) -> PyResult<T> {
+    let loaded = crate::threads::compute(py, work);
+    crate::memory::release_freed();
+    loaded.map_err(to_py_err)
+}
+
 #[pymethods]
 impl Model {
     /// Loads Hugging Face BERT safetensors files. Returns the model and the names of the
@@ -144,15 +156,10 @@ impl Model {
     ) -> PyResult<(Self, Vec<String>)> {
         let cfg = parse_config(config_json)?;
         let device = parse_device(device)?;
-        let (model, unused) = py
-            .detach(|| {
-                crate::threads::install(|| {
-                    let files = WeightFiles::open(&paths)?;
-                    HookedBert::load(cfg, &files, &device)
-                })
-            })
-            .map_err(to_py_err)?;
-        crate::memory::release_freed();
+        let (model, unused) = load(py, || {
+            let files = WeightFiles::open(&paths)?;
+            HookedBert::load(cfg, &files, &device)
+        })?;
         Ok((model.into(), unused))
     }
 
@@ -161,15 +168,10 @@ impl Model {
     fn random(py: Python<'_>, config_json: &str, seed: u64, device: &str) -> PyResult<Self> {
         let cfg = parse_config(config_json)?;
         let device = parse_device(device)?;
-        let model = py
-            .detach(|| {
-                crate::threads::install(|| {
-                    let weights = WeightMap::random(&cfg, seed, &device)?;
-                    HookedBert::load(cfg, &weights, &device).map(|(m, _)| m)
-                })
-            })
-            .map_err(to_py_err)?;
-        crate::memory::release_freed();
+        let model = load(py, || {
+            let weights = WeightMap::random(&cfg, seed, &device)?;
+            HookedBert::load(cfg, &weights, &device).map(|(m, _)| m)
+        })?;
         Ok(model.into())
     }
 
@@ -191,11 +193,8 @@ impl Model {
                 tensor_from_numpy(array, &device).map_err(|e| to_py_err(e.into()))?,
             );
         }
-        let (model, unused) = py
-            .detach(|| crate::threads::install(|| HookedBert::load(cfg, &weights, &device)))
-            .map_err(to_py_err)?;
-        drop(weights);
-        crate::memory::release_freed();
+        // `move`: the copies are freed inside, before `load` gives freed memory back.
+        let (model, unused) = load(py, move || HookedBert::load(cfg, &weights, &device))?;
         Ok((model.into(), unused))
     }
 
@@ -211,24 +210,16 @@ impl Model {
     ) -> PyResult<(Self, Vec<String>)> {
         let cfg = parse_config(config_json)?;
         let device = parse_device(device)?;
-        let (model, unused) = py
-            .detach(|| {
-                crate::threads::install(|| {
-                    let tensors =
-                        candle_core::safetensors::load_buffer(data, &device).map_err(|e| {
-                            hooked_encoder_core::Error::Checkpoint(format!(
-                                "not a valid safetensors blob: {e}"
-                            ))
-                        })?;
-                    let mut weights = WeightMap::new();
-                    for (name, tensor) in tensors {
-                        weights.insert(name, tensor.to_dtype(candle_core::DType::F32)?);
-                    }
-                    HookedBert::load(cfg, &weights, &device)
-                })
-            })
-            .map_err(to_py_err)?;
-        crate::memory::release_freed();
+        let (model, unused) = load(py, || {
+            let tensors = candle_core::safetensors::load_buffer(data, &device).map_err(|e| {
+                hooked_encoder_core::Error::Checkpoint(format!("not a valid safetensors blob: {e}"))
+            })?;
+            let mut weights = WeightMap::new();
+            for (name, tensor) in tensors {
+                weights.insert(name, tensor.to_dtype(candle_core::DType::F32)?);
+            }
+            HookedBert::load(cfg, &weights, &device)
+        })?;
         Ok((model.into(), unused))
     }
 
@@ -242,8 +233,8 @@ impl Model {
         py: Python<'py>,
         checkpoint: bool,
     ) -> PyResult<Vec<(String, Bound<'py, PyAny>)>> {
-        // Unpacking packed weights runs on the pool, as every computation of ours does.
-        let weights = crate::threads::install(|| {
+        // Unpacking packed weights is a computation like any other (`threads::compute`).
+        let weights = crate::threads::compute(py, || {
             if checkpoint {
                 self.inner.checkpoint_weights()
             } else {
@@ -513,9 +504,8 @@ impl Model {
     fn to(&self, py: Python<'_>, device: &str, dtype: &str) -> PyResult<Self> {
         let device = parse_device(device)?;
         let dtype = parse_dtype(dtype)?;
-        let model = py
-            .detach(|| crate::threads::install(|| self.inner.to(&device, dtype)))
-            .map_err(to_py_err)?;
+        let model =
+            crate::threads::compute(py, || self.inner.to(&device, dtype)).map_err(to_py_err)?;
         Ok(model.into())
     }
 }
@@ -586,7 +576,7 @@ impl Model {
         let (output, mut hooks) = if watch && on_main_thread(py)? {
             crate::interrupt::run_watching_signals(py, model, hooks, work)?
         } else {
-            let output = py.detach(|| crate::threads::install(|| work(&model, &mut hooks)));
+            let output = crate::threads::compute(py, || work(&model, &mut hooks));
             (output, hooks)
         };
         let output = output.map_err(to_py_err)?;

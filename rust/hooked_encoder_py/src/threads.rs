@@ -41,6 +41,11 @@ pub fn install<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     }
 }
 
+/// Runs `work` without the GIL, on the pool: how every computation of the binding runs.
+pub fn compute<R: Send>(py: Python<'_>, work: impl FnOnce() -> R + Send) -> R {
+    py.detach(|| install(work))
+}
+
 /// Rayon's builder with our thread names (`hooked-pool-N`: Linux keeps 15 characters).
 fn builder() -> ThreadPoolBuilder {
     ThreadPoolBuilder::new().thread_name(|i| format!("hooked-pool-{i}"))
