@@ -5,7 +5,9 @@
 //! what the forward pass needs into single passes, split rows across the rayon pool, and keep
 //! inner loops branch-free so that LLVM vectorises them (the wheel targets x86-64-v3, so AVX2 and
 //! FMA). `exp` and `erf` are polynomial approximations with errors near f32 rounding; the parity
-//! tests against PyTorch hold at TransformerLens's tolerance.
+//! tests against PyTorch hold at TransformerLens's tolerance. GELU and softmax's `exp` run on
+//! SIMD vectors written out in `vector_math` (where vectorising the scalar code left them
+//! latency-bound), with the same bits as the scalar functions here.
 
 use std::ops::Range;
 
@@ -13,6 +15,10 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use crate::Activation;
+
+mod vector_math;
+
+use vector_math::Addend;
 
 /// Rows per parallel task: enough work (about 16K elements) to amortise scheduling.
 fn rows_per_task(row_len: usize) -> usize {
@@ -27,21 +33,17 @@ fn rows_per_task(row_len: usize) -> usize {
 /// mantissa bits) rather than by `n as i32`: Rust's saturating float-to-int cast has no vector
 /// instruction on x86, so LLVM scalarised every loop over `exp` lane by lane (GELU and the
 /// softmax spent more time in that cast than in the polynomial; `perf annotate`, Zen 4).
+/// `vector_math` repeats these steps on SIMD vectors and must give the same bits: change both.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUNDING: f32 = 12_582_912.0;
     let clamped = x.clamp(-87.3, 88.3);
-    let n = (clamped * LOG2E).round();
-    let r = clamped - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4_f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 0.166_666_65);
-    p = p.mul_add(r, 0.5);
+    let n = (clamped * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, clamped));
+    let mut p = EXP_POLY[0];
+    for &coefficient in &EXP_POLY[1..] {
+        p = p.mul_add(r, coefficient);
+    }
     let y = p.mul_add(r * r, r) + 1.0;
     // `n` is an integer in [-126, 127]: the low bits of `n + 1.5 * 2^23` are `n` itself.
     let biased = (n + ROUNDING)
@@ -58,20 +60,42 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
+/// `ln 2` in two parts, so that `x - n ln 2` loses nothing for `|n| <= 127`.
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+/// `exp`'s polynomial on `[-ln 2 / 2, ln 2 / 2]`, highest degree first.
+const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    0.166_666_65,
+    0.5,
+];
+
 /// The error function to about 1.5e-7 absolute (Abramowitz & Stegun 7.1.26, the approximation
-/// PyTorch's vectorised CPU `erf` uses).
+/// PyTorch's vectorised CPU `erf` uses). `vector_math` repeats these steps (as [`exp`]'s).
 #[inline(always)]
 fn erf(x: f32) -> f32 {
     let a = x.abs();
-    let t = 1.0 / 0.327_591_1_f32.mul_add(a, 1.0);
-    let mut p = 1.061_405_4_f32;
-    p = p.mul_add(t, -1.453_152_1);
-    p = p.mul_add(t, 1.421_413_7);
-    p = p.mul_add(t, -0.284_496_74);
-    p = p.mul_add(t, 0.254_829_6);
-    let y = 1.0 - p * t * exp(-a * a);
+    let t = 1.0 / ERF_P.mul_add(a, 1.0);
+    let mut p = ERF_POLY[0];
+    for &coefficient in &ERF_POLY[1..] {
+        p = p.mul_add(t, coefficient);
+    }
+    let y = (-(p * t)).mul_add(exp(-a * a), 1.0);
     y.copysign(x)
 }
+
+/// [`erf`]'s `p` and polynomial in `t = 1 / (1 + p |x|)`, highest degree first.
+const ERF_P: f32 = 0.327_591_1;
+const ERF_POLY: [f32; 5] = [
+    1.061_405_4,
+    -1.453_152_1,
+    1.421_413_7,
+    -0.284_496_74,
+    0.254_829_6,
+];
 
 /// Applies an activation function to one value.
 #[inline(always)]
@@ -94,10 +118,20 @@ fn activate(act: Activation, x: f32) -> f32 {
 pub fn bias_act_row(row: &mut [f32], bias: &[f32], act: Option<Activation>) {
     match act {
         None => row.iter_mut().zip(bias).for_each(|(x, b)| *x += b),
+        Some(Activation::Gelu) => vector_math::gelu_row(row, Addend::Each(bias)),
         Some(act) => row
             .iter_mut()
             .zip(bias)
             .for_each(|(x, b)| *x = activate(act, *x + b)),
+    }
+}
+
+/// The activation of every element of `row`, in place.
+#[inline(always)]
+fn act_row(row: &mut [f32], act: Activation) {
+    match act {
+        Activation::Gelu => vector_math::gelu_row(row, Addend::Nothing),
+        act => row.iter_mut().for_each(|x| *x = activate(act, *x)),
     }
 }
 
@@ -115,7 +149,7 @@ pub fn bias_act_inplace(data: &mut [f32], bias: &[f32], act: Option<Activation>)
 pub fn activation(src: &[f32], act: Activation) -> Vec<f32> {
     let mut out = src.to_vec();
     out.par_chunks_mut(16_384)
-        .for_each(|chunk| chunk.iter_mut().for_each(|x| *x = activate(act, *x)));
+        .for_each(|chunk| act_row(chunk, act));
     out
 }
 
@@ -278,7 +312,7 @@ fn softmax_row(row: &mut [f32]) {
     let max = max(row);
     // Two loops, not one that also sums: a serial float sum cannot be reordered, so LLVM would
     // not vectorise the exponentials beside it (3x slower on rows of 24; `sum` uses 8 lanes).
-    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    vector_math::exp_row(row, Addend::All(-max));
     let total = sum(row);
     if max == f32::NEG_INFINITY || !total.is_finite() || total == 0.0 {
         row.fill(0.0);
@@ -621,9 +655,9 @@ pub fn gated_activation(src: &[f32], d: usize, act: Activation) -> Vec<f32> {
         .for_each(|(out, src)| {
             for (o, row) in out.chunks_exact_mut(d).zip(src.chunks_exact(2 * d)) {
                 let (pre, linear) = row.split_at(d);
-                for ((o, x), g) in o.iter_mut().zip(pre).zip(linear) {
-                    *o = activate(act, *x) * g;
-                }
+                o.copy_from_slice(pre);
+                act_row(o, act);
+                o.iter_mut().zip(linear).for_each(|(o, g)| *o *= g);
             }
         });
     out
