@@ -9,6 +9,13 @@ pass in Rust (Candle).
 
 import os as _os
 
+# Candle runs elementwise ops on tensors of 64K floats and more on a thread pool of its own,
+# beside ours: threads that are not pinned, spin for a while after each op (taking a core
+# from ours), and do not exist in a forked child, whose first such op then waits for them
+# forever. With one thread Candle starts no pool and runs those ops on the calling thread, one
+# of ours. Candle reads this once, when it first needs the pool: so here, before it can.
+_os.environ["CANDLE_NUM_THREADS"] = "1"
+
 # First: refuse a CPU the compiled core cannot run on, before loading it.
 from . import (
     _cpu,  # noqa: F401
