@@ -23,6 +23,10 @@ use hooked_encoder_core::{BertConfig, ForwardInput, HookedBert, NoHooks, Output,
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> hooked_encoder_core::Result<()> {
+    // As the Python package does at import: no Candle elementwise pool beside rayon's (its
+    // worker spins after each op, taking a core from the forward being timed).
+    // SAFETY: no other thread exists yet to read the environment meanwhile.
+    unsafe { std::env::set_var("CANDLE_NUM_THREADS", "1") };
     let args: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
