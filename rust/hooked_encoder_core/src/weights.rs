@@ -5,10 +5,11 @@
 //! decoder weights on top of this.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::BufferedSafetensors;
 use candle_core::{DType, Device, Tensor};
+use safetensors::tensor::{Metadata, SafeTensorError, TensorView};
 
 use crate::{BertConfig, Error, Result};
 
@@ -28,51 +29,161 @@ pub trait TensorSource {
 
 /// One or more safetensors files (a sharded checkpoint is several).
 ///
-/// The files are read into memory rather than memory-mapped: a mapped file that another process
-/// truncates while we read it would kill this process with SIGBUS, and a checkpoint is read once.
+/// Opening reads and checks each file's header; a tensor's bytes are read from the file when it
+/// is loaded, so loading holds one tensor's bytes at a time beside the model rather than the
+/// whole checkpoint (bert-base: 440 MB). The files are read, not memory-mapped: a mapped file
+/// that another process truncates while we read it would kill this process with SIGBUS, where a
+/// short read is an error that names the file.
 pub struct WeightFiles {
-    files: Vec<(PathBuf, BufferedSafetensors)>,
+    files: Vec<CheckpointFile>,
     /// Tensor name -> index into `files`.
     routing: HashMap<String, usize>,
 }
 
+/// One safetensors file: its open handle and its parsed, checked header.
+struct CheckpointFile {
+    path: PathBuf,
+    file: File,
+    /// Where the data section starts (after the 8-byte length and the JSON header).
+    data_start: u64,
+    header: Metadata,
+}
+
+impl CheckpointFile {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| {
+            Error::Checkpoint(format!("cannot read weights file {}: {e}", path.display()))
+        })?;
+        let (data_start, header) = read_header(&file).map_err(|e| {
+            Error::Checkpoint(format!(
+                "{} is not a valid safetensors file: {e}",
+                path.display()
+            ))
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            data_start,
+            header,
+        })
+    }
+
+    /// Reads tensor `name` from the file and converts it to a float32 tensor on `device`.
+    fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let bad = |what: String| {
+            Error::Checkpoint(format!(
+                "tensor {name:?} in {}: {what}",
+                self.path.display()
+            ))
+        };
+        let info = self
+            .header
+            .info(name)
+            .ok_or_else(|| bad("not in the file's header".into()))?;
+        let (start, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - start];
+        read_at(&self.file, &mut bytes, self.data_start + start as u64)
+            .map_err(|e| bad(format!("cannot read its bytes: {e}")))?;
+        let view = TensorView::new(info.dtype, info.shape.clone(), &bytes)
+            .map_err(|e| bad(e.to_string()))?;
+        use candle_core::safetensors::Load;
+        let tensor = view.load(device).map_err(|e| bad(strip_candle_noise(&e)))?;
+        if !tensor.dtype().is_float() {
+            return Err(bad(format!(
+                "has dtype {:?}, expected a floating-point type",
+                info.dtype
+            )));
+        }
+        // Candle counts storage-only formats (F4, F6_*, F8_E8M0) as floats but cannot convert
+        // them; that is the checkpoint's problem, so say which tensor and file.
+        tensor.to_dtype(DType::F32).map_err(|e| {
+            bad(format!(
+                "cannot convert {:?} to float32: {}",
+                info.dtype,
+                strip_candle_noise(&e)
+            ))
+        })
+    }
+}
+
 impl WeightFiles {
-    /// Reads and validates the headers of `paths`.
+    /// Opens `paths` and reads and checks their headers.
     pub fn open<P: AsRef<Path>>(paths: &[P]) -> Result<Self> {
         if paths.is_empty() {
             return Err(Error::Checkpoint("no weights files given".into()));
         }
-        let mut files = Vec::with_capacity(paths.len());
+        let mut files: Vec<CheckpointFile> = Vec::with_capacity(paths.len());
         let mut routing = HashMap::new();
         for (index, path) in paths.iter().enumerate() {
-            let path = path.as_ref();
-            let bytes = std::fs::read(path).map_err(|e| {
-                Error::Checkpoint(format!("cannot read weights file {}: {e}", path.display()))
-            })?;
-            let st = BufferedSafetensors::new(bytes).map_err(|e| {
-                Error::Checkpoint(format!(
-                    "{} is not a valid safetensors file: {}",
-                    path.display(),
-                    strip_candle_noise(&e)
-                ))
-            })?;
-            for (name, _) in st.tensors() {
+            let file = CheckpointFile::open(path.as_ref())?;
+            for name in file.header.tensors().into_keys() {
                 if let Some(previous) = routing.insert(name.clone(), index) {
                     return Err(Error::Checkpoint(format!(
                         "tensor {name:?} appears in both {} and {}",
-                        files_path(&files, previous),
-                        path.display()
+                        files[previous].path.display(),
+                        file.path.display()
                     )));
                 }
             }
-            files.push((path.to_path_buf(), st));
+            files.push(file);
         }
         Ok(Self { files, routing })
     }
 }
 
-fn files_path(files: &[(PathBuf, BufferedSafetensors)], index: usize) -> String {
-    files[index].0.display().to_string()
+/// A safetensors file's header and where its data starts, with the checks and errors of
+/// `safetensors::SafeTensors::read_metadata` (which needs the whole file in memory).
+fn read_header(file: &File) -> std::result::Result<(u64, Metadata), SafeTensorError> {
+    /// safetensors' limit on the JSON header.
+    const MAX_HEADER_LEN: u64 = 100_000_000;
+    let file_len = file.metadata()?.len();
+    let mut length = [0u8; 8];
+    if file_len < 8 {
+        return Err(SafeTensorError::HeaderTooSmall);
+    }
+    read_at(file, &mut length, 0)?;
+    let header_len = u64::from_le_bytes(length);
+    if header_len > MAX_HEADER_LEN {
+        return Err(SafeTensorError::HeaderTooLarge);
+    }
+    let data_start = 8 + header_len;
+    if data_start > file_len {
+        return Err(SafeTensorError::InvalidHeaderLength);
+    }
+    let mut header = vec![0u8; header_len as usize];
+    read_at(file, &mut header, 8)?;
+    let text = std::str::from_utf8(&header).map_err(SafeTensorError::InvalidHeader)?;
+    // Parsing also checks that the tensors' byte ranges tile the data section and that each
+    // holds its shape's elements.
+    let header: Metadata =
+        serde_json::from_str(text).map_err(SafeTensorError::InvalidHeaderDeserialization)?;
+    if data_start + header.data_len() as u64 != file_len {
+        return Err(SafeTensorError::MetadataIncompleteBuffer);
+    }
+    Ok((data_start, header))
+}
+
+/// Fills `buf` from `file` at `offset`, without moving a shared file position (tensors may be
+/// loaded from several threads).
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    return std::os::unix::fs::FileExt::read_exact_at(file, buf, offset);
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < buf.len() {
+            let read = std::os::windows::fs::FileExt::seek_read(
+                file,
+                &mut buf[done..],
+                offset + done as u64,
+            )?;
+            if read == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += read;
+        }
+        Ok(())
+    }
 }
 
 /// Candle errors carry a backtrace note and a path prefix; keep only the message.
@@ -93,8 +204,8 @@ impl TensorSource for WeightFiles {
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        let (_, st) = &self.files[*self.routing.get(name)?];
-        st.get(name).ok().map(|view| view.shape().to_vec())
+        let file = &self.files[*self.routing.get(name)?];
+        file.header.info(name).map(|info| info.shape.clone())
     }
 
     fn load_f32(&self, name: &str, device: &Device) -> Result<Tensor> {
@@ -102,34 +213,14 @@ impl TensorSource for WeightFiles {
             .routing
             .get(name)
             .ok_or_else(|| Error::Checkpoint(format!("missing tensor {name:?}")))?;
-        let (path, st) = &self.files[index];
-        let bad = |what: String| {
-            Error::Checkpoint(format!("tensor {name:?} in {}: {what}", path.display()))
-        };
-        let view = st.get(name).map_err(|e| bad(strip_candle_noise(&e)))?;
-        let dtype = view.dtype();
-        use candle_core::safetensors::Load;
-        let tensor = view.load(device).map_err(|e| bad(strip_candle_noise(&e)))?;
-        if !tensor.dtype().is_float() {
-            return Err(bad(format!(
-                "has dtype {dtype:?}, expected a floating-point type"
-            )));
-        }
-        // Candle counts storage-only formats (F4, F6_*, F8_E8M0) as floats but cannot convert
-        // them; that is the checkpoint's problem, so say which tensor and file.
-        tensor.to_dtype(DType::F32).map_err(|e| {
-            bad(format!(
-                "cannot convert {dtype:?} to float32: {}",
-                strip_candle_noise(&e)
-            ))
-        })
+        self.files[index].load_f32(name, device)
     }
 
     fn describe(&self) -> String {
         let paths: Vec<String> = self
             .files
             .iter()
-            .map(|(p, _)| p.display().to_string())
+            .map(|file| file.path.display().to_string())
             .collect();
         paths.join(", ")
     }
@@ -356,6 +447,75 @@ mod tests {
             err.contains("garbage.safetensors") && err.contains("not a valid"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A scratch directory of this test's own.
+    fn scratch(test: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("hooked_encoder_{test}_{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn tensors_are_read_one_by_one_in_any_float_type() {
+        let dir = scratch("read");
+        let path = dir.join("model.safetensors");
+        let values: Vec<f32> = (0..24).map(|i| i as f32 * 0.25 - 3.0).collect();
+        let f32s = Tensor::from_vec(values.clone(), (4, 6), &Device::Cpu).unwrap();
+        let tensors = HashMap::from([
+            ("a.weight".to_string(), f32s.clone()),
+            ("b.bf16".to_string(), f32s.to_dtype(DType::BF16).unwrap()),
+            (
+                "c.f16".to_string(),
+                f32s.to_dtype(DType::F16).unwrap().reshape(24).unwrap(),
+            ),
+        ]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        let files = WeightFiles::open(&[&path]).unwrap();
+        assert_eq!(files.names(), ["a.weight", "b.bf16", "c.f16"]);
+        assert_eq!(files.shape("c.f16"), Some(vec![24]));
+        for name in files.names() {
+            let loaded = files.load_f32(&name, &Device::Cpu).unwrap();
+            assert_eq!(loaded.dtype(), DType::F32);
+            // Every value here is exact in half precision.
+            assert_eq!(
+                loaded.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                values,
+                "{name}"
+            );
+        }
+        let err = files.load_f32("d", &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("missing tensor \"d\""), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_short_file_is_refused_at_open_and_one_cut_later_at_the_tensor() {
+        let dir = scratch("short");
+        let path = dir.join("model.safetensors");
+        let tensor = Tensor::zeros((64, 64), DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("w".to_string(), tensor)]), &path).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        // Opened while whole, then cut by someone else: the load fails, naming tensor and file.
+        let files = WeightFiles::open(&[&path]).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
+        let err = files.load_f32("w", &Device::Cpu).err().unwrap().to_string();
+        assert!(
+            err.contains("\"w\"") && err.contains("model.safetensors"),
+            "{err}"
+        );
+        // Opened when short: refused, as safetensors refuses it.
+        let err = WeightFiles::open(&[&path]).err().unwrap().to_string();
+        assert!(
+            err.contains("not a valid safetensors file: incomplete metadata"),
+            "{err}"
+        );
+        // A header length past the end of the file.
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        let err = WeightFiles::open(&[&path]).err().unwrap().to_string();
+        assert!(err.contains("invalid header length"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
