@@ -45,8 +45,8 @@ pub fn keep_freed_memory() {
 }
 
 /// Gives freed memory back to the kernel now. Without this a model loaded and then left alone
-/// would keep the checkpoint's bytes (read whole, as large as the model) resident until its
-/// first call (see [`PURGE_DELAY_MS`]).
+/// would keep what its load freed (tensors' bytes as read, unpacked copies of the weights it
+/// packs) resident until its first call (see [`PURGE_DELAY_MS`]).
 pub fn release_freed() {
     // SAFETY: `mi_collect` only walks mimalloc's own structures; `force` also purges memory
     // whose delay has not run out.

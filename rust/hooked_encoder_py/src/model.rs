@@ -131,9 +131,9 @@ impl Model {
     }
 }
 
-/// Runs a model load (see `threads::compute`), then gives back the memory it freed: the
-/// checkpoint's bytes, as large as the model, which the allocator would otherwise keep until
-/// the model's first call (see `memory::release_freed`).
+/// Runs a model load (see `threads::compute`), then gives back the memory it freed (tensors'
+/// bytes as read, the unpacked copies of the weights it packs), which the allocator would
+/// otherwise keep until the model's first call (see `memory::release_freed`).
 fn load<T: Send>(
     py: Python<'_>,
     work: impl FnOnce() -> hooked_encoder_core::Result<T> + Send,
