@@ -700,20 +700,13 @@ pub fn rotary_inplace(
 /// A gated MLP's activation, `act(x[:, ..d]) * x[:, d..]` for rows of `2 d` (the activated half
 /// first, as ModernBERT's `Wi` stacks them), into a new `[rows, d]` buffer.
 pub fn gated_activation(src: &[f32], d: usize, act: Activation) -> Vec<f32> {
-    let rows = src.len() / (2 * d);
-    let mut out = vec![0f32; rows * d];
-    let per_task = rows_per_task(2 * d);
-    out.par_chunks_mut(d * per_task)
-        .zip(src.par_chunks(2 * d * per_task))
-        .for_each(|(out, src)| {
-            for (o, row) in out.chunks_exact_mut(d).zip(src.chunks_exact(2 * d)) {
-                let (pre, linear) = row.split_at(d);
-                o.copy_from_slice(pre);
-                act_row(o, act);
-                o.iter_mut().zip(linear).for_each(|(o, g)| *o *= g);
-            }
-        });
-    out
+    rows_filled(src.len() / (2 * d), d, |r, out| {
+        let (pre, linear) = src[2 * d * r..][..2 * d].split_at(d);
+        let row = init_row(out, pre.iter().copied());
+        act_row(row, act);
+        row.iter_mut().zip(linear).for_each(|(o, g)| *o *= g);
+        row
+    })
 }
 
 /// The most rows [`few_rows_matmul`] is meant for: beyond this, `gemm`'s packed kernels win.
