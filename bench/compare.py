@@ -576,6 +576,11 @@ def worker(spec: dict) -> dict:
             torch_imported="torch" in sys.modules,
             peak_reset=_reset_peak(),
         )
+        if spec["system"] == "ours":
+            import hooked_encoder
+
+            # Which hand-written kernels ran (HOOKED_ENCODER_MAX_SIMD may cap them).
+            result["cpu_kernels"] = hooked_encoder.cpu_kernels()
         phase = "run"
         if "torch" in sys.modules:
             import torch
@@ -1011,6 +1016,13 @@ def markdown_table(report: dict) -> str:
 def header_lines(report: dict) -> list[str]:
     meta = report["meta"]
     versions = ", ".join(f"{name} {version}" for name, version in meta["versions"].items())
+    kernels = sorted(
+        {
+            cell["cpu_kernels"]
+            for cell in report["cells"].get("ours", {}).values()
+            if "cpu_kernels" in cell
+        }
+    )
     return [
         f"# hooked_encoder vs peers: {meta['model_shape']} ({meta['model']}), "
         f"seeded random weights (seed {meta['seed']})",
@@ -1018,8 +1030,8 @@ def header_lines(report: dict) -> list[str]:
         f"{meta['date']} | threads: {meta['threads']} | CPU: {meta['cpu']} "
         f"({meta['cpu_count']} logical CPUs, AVX2 {meta.get('avx2', '?')}, AVX-512 "
         f"{meta.get('avx512', '?')}, load average {meta['load_average_at_start']} at start, "
-        f"{meta.get('load_average_at_end')} at the end) | {versions} | python {meta['python']} "
-        f"| commit {meta['commit']}",
+        f"{meta.get('load_average_at_end')} at the end) | our kernels: {', '.join(kernels) or '?'} "
+        f"| {versions} | python {meta['python']} | commit {meta['commit']}",
         "",
     ]
 

@@ -9,6 +9,7 @@
 //! Arguments: batch, positions, repeats, and `encoder` to stop after the last block (Hugging
 //! Face's `last_hidden_state`) instead of computing the logits. Prints the median and the
 //! minimum in milliseconds.
+//! `HOOKED_ENCODER_MAX_SIMD=avx2` (or `portable`) times narrower kernels than this CPU's widest.
 //! `GEMM_RHS_PACKING_THRESHOLD=n` sets `gemm`'s threshold for packing the weights (on x86 it
 //! packs a `W^T` operand only above `n * 16` rows; its default `n` is 128), for experiments.
 
@@ -76,7 +77,8 @@ fn main() -> hooked_encoder_core::Result<()> {
         "present"
     };
     println!(
-        "{batch}x{pos} {output:?}, hooks {hookless}: median {:.1} ms, min {:.1} ms over {repeats} runs",
+        "{batch}x{pos} {output:?}, hooks {hookless}, {} kernels: median {:.1} ms, min {:.1} ms over {repeats} runs",
+        hooked_encoder_core::simd::Simd::selected().name(),
         times[times.len() / 2],
         times[0]
     );

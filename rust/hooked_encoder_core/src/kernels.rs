@@ -15,6 +15,7 @@ use std::ops::Range;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::simd::Simd;
 use crate::Activation;
 
 mod vector_math;
@@ -721,21 +722,20 @@ pub const FEW_ROWS: usize = 48;
 /// 4 weight rows of accumulators at a time (16 AVX2 registers), so reading and computing
 /// overlap. Splits the weight rows across the rayon pool.
 pub fn few_rows_matmul(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    few_rows_matmul_with(x, m, w, n, k, true)
+    few_rows_matmul_with(x, m, w, n, k, Simd::selected())
 }
 
-/// [`few_rows_matmul`], with the AVX2 kernel allowed (`simd`) or not (the portable loop that
-/// other CPUs run, tested on this one too).
+/// [`few_rows_matmul`] with the kernel of `level` (the tests run every level this CPU has).
 fn few_rows_matmul_with(
     x: &[f32],
     m: usize,
     w: &[f32],
     n: usize,
     k: usize,
-    simd: bool,
+    level: Simd,
 ) -> Vec<f32> {
     debug_assert!(x.len() == m * k && w.len() == n * k);
-    let columns = few_rows_kernel(simd);
+    let columns = few_rows_kernel(level);
     let mut out = vec![0.0f32; m * n];
     let shared = SharedOut(out.as_mut_ptr());
     const COLUMNS_PER_TASK: usize = 64;
@@ -758,22 +758,14 @@ fn few_rows_matmul_with(
 type ColumnsKernel =
     unsafe fn(&[f32], usize, &[f32], usize, std::ops::Range<usize>, usize, SharedOut);
 
-/// Whether this CPU runs our AVX2 kernels: AVX2 and FMA (never off x86-64).
-pub(crate) fn has_avx2_fma() -> bool {
+/// The AVX2 kernel at `level` AVX2 and wider (there is no AVX-512 one) where the CPU has AVX2
+/// and FMA, else the portable loop.
+fn few_rows_kernel(level: Simd) -> ColumnsKernel {
     #[cfg(target_arch = "x86_64")]
-    return std::arch::is_x86_feature_detected!("avx2")
-        && std::arch::is_x86_feature_detected!("fma");
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// The AVX2 kernel where allowed and the CPU has AVX2 and FMA, else the portable loop.
-fn few_rows_kernel(simd: bool) -> ColumnsKernel {
-    #[cfg(target_arch = "x86_64")]
-    if simd && has_avx2_fma() {
+    if level >= Simd::Avx2 && Simd::Avx2.runs_here() {
         return avx2::columns;
     }
-    let _ = simd;
+    let _ = level;
     portable_columns
 }
 
@@ -1207,6 +1199,8 @@ mod few_rows_measurement {
 
 #[cfg(test)]
 mod few_rows_tests {
+    use crate::simd::Simd;
+
     #[test]
     fn few_rows_matmul_equals_the_definition_on_every_edge() {
         // Row counts that are not multiples of the 3-row tiles, column counts that are not
@@ -1225,8 +1219,8 @@ mod few_rows_tests {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 53 % 23) as f32 - 11.0) / 5.0)
                 .collect();
-            for simd in [true, false] {
-                let out = super::few_rows_matmul_with(&x, m, &w, n, k, simd);
+            for level in Simd::ALL.into_iter().filter(|level| level.runs_here()) {
+                let out = super::few_rows_matmul_with(&x, m, &w, n, k, level);
                 for r in 0..m {
                     for j in 0..n {
                         let exact: f64 = (0..k)
@@ -1234,7 +1228,7 @@ mod few_rows_tests {
                             .sum();
                         let got = out[r * n + j] as f64;
                         let close = (got - exact).abs() <= 1e-5 * (1.0 + exact.abs());
-                        assert!(close, "{m}x{n}x{k}, simd {simd}");
+                        assert!(close, "{m}x{n}x{k}, {level:?}");
                     }
                 }
             }

@@ -24,6 +24,7 @@ mod kernels;
 mod model;
 #[doc(hidden)]
 pub mod packed_matmul;
+pub mod simd;
 mod weights;
 
 pub use config::{Activation, AttentionDir, AttnType, BertConfig};

@@ -34,7 +34,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::kernels::{self, has_avx2_fma, SharedOut};
+use crate::kernels::{self, SharedOut};
+use crate::simd::Simd;
 use crate::Activation;
 
 /// Output columns per packed panel: two AVX2 vectors.
@@ -485,24 +486,29 @@ enum Kernel {
 }
 
 impl Kernel {
-    /// The fastest kernel this CPU runs.
+    /// The kernel of [`Simd::selected`]: the fastest this CPU runs, unless capped.
     fn best() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        for kernel in [Self::Avx512, Self::Avx2] {
-            if kernel.runs_here() {
-                return kernel;
-            }
+        Self::of(Simd::selected())
+    }
+
+    /// The kernel of `level` (AVX-512 and AVX2 have their own; the portable one otherwise).
+    fn of(level: Simd) -> Self {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => Self::Avx512,
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => Self::Avx2,
+            _ => Self::Portable,
         }
-        Self::Portable
     }
 
     fn runs_here(self) -> bool {
         match self {
             Self::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            Self::Avx2 => has_avx2_fma(),
+            Self::Avx2 => Simd::Avx2.runs_here(),
             #[cfg(target_arch = "x86_64")]
-            Self::Avx512 => std::arch::is_x86_feature_detected!("avx512f"),
+            Self::Avx512 => Simd::Avx512.runs_here(),
         }
     }
 
@@ -722,11 +728,11 @@ mod tests {
 
     /// The portable kernel and every SIMD one this CPU has: all are checked wherever tests run.
     fn every_kernel_this_cpu_runs() -> Vec<Kernel> {
-        let mut kernels = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        kernels.extend([Kernel::Avx2, Kernel::Avx512]);
-        kernels.retain(|kernel| kernel.runs_here());
-        kernels
+        Simd::ALL
+            .into_iter()
+            .filter(|level| level.runs_here())
+            .map(Kernel::of)
+            .collect()
     }
 
     fn reference(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f64> {

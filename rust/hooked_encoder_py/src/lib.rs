@@ -36,8 +36,18 @@ mod _core {
         candle_core::utils::cuda_is_available()
     }
 
+    /// The hand-written CPU kernels this process runs: `"avx512"`, `"avx2"` or `"portable"`
+    /// (the widest this CPU has, at most `HOOKED_ENCODER_MAX_SIMD`).
+    #[pyfunction]
+    fn cpu_kernels() -> &'static str {
+        hooked_encoder_core::simd::Simd::selected().name()
+    }
+
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        // A cap that names no level would otherwise be ignored in silence.
+        hooked_encoder_core::simd::max_from_env()
+            .map_err(pyo3::exceptions::PyValueError::new_err)?;
         crate::memory::keep_freed_memory();
         crate::threads::start_pool();
         m.add("__version__", env!("CARGO_PKG_VERSION"))

@@ -25,8 +25,7 @@
 use std::arch::x86_64::*;
 
 use super::activate;
-#[cfg(target_arch = "x86_64")]
-use super::has_avx2_fma;
+use crate::simd::Simd;
 use crate::Activation;
 
 /// What is added to each float of a row before the function is applied.
@@ -87,7 +86,7 @@ impl RowFn for Exp {
     }
 }
 
-/// `F` of `row + addend`, in place, on the widest vectors this CPU has.
+/// `F` of `row + addend`, in place, on the vectors of [`Simd::selected`].
 fn map_row<F: RowFn>(row: &mut [f32], addend: Addend<'_>) {
     if let Addend::Each(values) = addend {
         assert_eq!(
@@ -98,17 +97,15 @@ fn map_row<F: RowFn>(row: &mut [f32], addend: Addend<'_>) {
             row.len()
         );
     }
-    // SAFETY: each kernel runs only where the CPU has its features; `addend` was checked.
-    #[cfg(target_arch = "x86_64")]
-    unsafe {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            return avx512::map_row::<F>(row, addend);
-        }
-        if has_avx2_fma() {
-            return avx2::map_row::<F>(row, addend);
-        }
+    match Simd::selected() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the selected level is one this CPU has; `addend` was checked.
+        Simd::Avx512 => unsafe { avx512::map_row::<F>(row, addend) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Simd::Avx2 => unsafe { avx2::map_row::<F>(row, addend) },
+        _ => map_scalars::<F>(row, addend),
     }
-    map_scalars::<F>(row, addend);
 }
 
 /// [`map_row`] one float at a time: other CPUs, and the floats a row's vectors leave over.
@@ -525,11 +522,8 @@ mod tests {
         let values: Vec<f32> = (0..x.len()).map(|i| (i as f32 * 0.37).sin()).collect();
         #[cfg(target_arch = "x86_64")]
         let kernels: Vec<unsafe fn(&mut [f32], Addend<'_>)> = [
-            (
-                std::arch::is_x86_feature_detected!("avx512f"),
-                avx512::map_row::<F> as _,
-            ),
-            (has_avx2_fma(), avx2::map_row::<F> as _),
+            (Simd::Avx512.runs_here(), avx512::map_row::<F> as _),
+            (Simd::Avx2.runs_here(), avx2::map_row::<F> as _),
         ]
         .into_iter()
         .filter_map(|(runs, kernel)| runs.then_some(kernel))
