@@ -576,11 +576,16 @@ def worker(spec: dict) -> dict:
             torch_imported="torch" in sys.modules,
             peak_reset=_reset_peak(),
         )
+        # Which instruction set the system's own kernels used: HOOKED_ENCODER_MAX_SIMD caps
+        # ours, ATEN_CPU_CAPABILITY PyTorch's (ONNX Runtime has no such switch).
         if spec["system"] == "ours":
             import hooked_encoder
 
-            # Which hand-written kernels ran (HOOKED_ENCODER_MAX_SIMD may cap them).
             result["cpu_kernels"] = hooked_encoder.cpu_kernels()
+        elif "torch" in sys.modules:
+            import torch
+
+            result["cpu_kernels"] = torch.backends.cpu.get_cpu_capability()
         phase = "run"
         if "torch" in sys.modules:
             import torch
@@ -1013,15 +1018,24 @@ def markdown_table(report: dict) -> str:
     return "\n".join(rows)
 
 
+ISA_CAP_VARIABLES = (
+    "HOOKED_ENCODER_MAX_SIMD",
+    "ATEN_CPU_CAPABILITY",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "ONEDNN_MAX_CPU_ISA",
+)
+
+
 def header_lines(report: dict) -> list[str]:
     meta = report["meta"]
     versions = ", ".join(f"{name} {version}" for name, version in meta["versions"].items())
-    kernels = sorted(
-        {
-            cell["cpu_kernels"]
-            for cell in report["cells"].get("ours", {}).values()
-            if "cpu_kernels" in cell
-        }
+    kernels = {
+        system: sorted({cell["cpu_kernels"] for cell in cells.values() if "cpu_kernels" in cell})
+        for system, cells in report["cells"].items()
+    }
+    caps = "".join(f", {name}={value}" for name, value in meta.get("isa_caps", {}).items())
+    kernels_used = ", ".join(
+        f"{system} {'/'.join(levels)}" for system, levels in kernels.items() if levels
     )
     return [
         f"# hooked_encoder vs peers: {meta['model_shape']} ({meta['model']}), "
@@ -1030,7 +1044,7 @@ def header_lines(report: dict) -> list[str]:
         f"{meta['date']} | threads: {meta['threads']} | CPU: {meta['cpu']} "
         f"({meta['cpu_count']} logical CPUs, AVX2 {meta.get('avx2', '?')}, AVX-512 "
         f"{meta.get('avx512', '?')}, load average {meta['load_average_at_start']} at start, "
-        f"{meta.get('load_average_at_end')} at the end) | our kernels: {', '.join(kernels) or '?'} "
+        f"{meta.get('load_average_at_end')} at the end) | kernels: {kernels_used or '?'}{caps} "
         f"| {versions} | python {meta['python']} | commit {meta['commit']}",
         "",
     ]
@@ -1228,6 +1242,10 @@ def main(argv: list[str] | None = None) -> int:
             "cpu_count": os.cpu_count(),
             "avx2": "yes" if "avx2" in flags else "no",
             "avx512": "yes" if "avx512f" in flags else "no",
+            # Variables that cap an instruction set (ours, PyTorch, MKL, oneDNN), as set.
+            "isa_caps": {
+                name: os.environ[name] for name in ISA_CAP_VARIABLES if name in os.environ
+            },
             "load_average_at_start": load_average(),
             "python": platform.python_version(),
             "commit": git_commit(),
