@@ -78,3 +78,16 @@ def test_a_cap_that_names_no_level_fails_the_import_and_says_which_values_exist(
     assert run_fresh_interpreter(
         UNKNOWN_LEVEL_SCRIPT, {"HOOKED_ENCODER_MAX_SIMD": " Portable "}
     ) == {"kernels": "portable"}
+
+
+def test_the_level_is_fixed_at_import():
+    script = """
+import json, os
+import hooked_encoder
+os.environ["HOOKED_ENCODER_MAX_SIMD"] = "portable"
+print(json.dumps({"kernels": hooked_encoder.cpu_kernels()}))
+"""
+    # The forward has not run yet: the level was chosen at import, not at its first use.
+    assert run_fresh_interpreter(script, {}, clear=("HOOKED_ENCODER_MAX_SIMD",)) == {
+        "kernels": hooked_encoder.cpu_kernels()
+    }

@@ -537,9 +537,9 @@ impl Kernel {
         assert!(rows.len() <= tile_rows && packed.len() >= steps.len() * tile_rows);
         assert!(rows.is_empty() || (rows.end - 1) * k + steps.end <= x.len());
         #[cfg(target_arch = "x86_64")]
-        if self == Self::Avx2 && rows.len() == TILE_ROWS {
-            // SAFETY: the CPU runs this kernel (`matmul_with` asserts it), and the asserts
-            // above bound every read and write.
+        if self == Self::Avx2 && rows.len() == TILE_ROWS && self.runs_here() {
+            // SAFETY: the CPU has AVX2 (checked: a cached flag), and the asserts above bound
+            // every read and write.
             unsafe {
                 avx2::copy_x(
                     x.as_ptr().add(rows.start * k + steps.start),

@@ -45,9 +45,12 @@ mod _core {
 
     #[pymodule_init]
     fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
-        // A cap that names no level would otherwise be ignored in silence.
+        // The kernel level is fixed here, at import, as the README says (a cap set in
+        // `os.environ` later changes nothing), and a cap that names no level is refused rather
+        // than ignored in silence.
         hooked_encoder_core::simd::max_from_env()
             .map_err(pyo3::exceptions::PyValueError::new_err)?;
+        hooked_encoder_core::simd::Simd::selected();
         crate::memory::keep_freed_memory();
         crate::threads::start_pool();
         m.add("__version__", env!("CARGO_PKG_VERSION"))
