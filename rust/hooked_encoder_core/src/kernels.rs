@@ -338,16 +338,21 @@ pub fn layer_norm_parts(x: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
 
 /// `normalized * w + b`, rows of `w.len()`.
 pub fn affine(normalized: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
-    let mut out = normalized.to_vec();
     let d = weight.len();
-    out.par_chunks_mut(d * rows_per_task(d)).for_each(|chunk| {
-        for row in chunk.chunks_exact_mut(d) {
-            for ((x, w), b) in row.iter_mut().zip(weight).zip(bias) {
-                *x = x.mul_add(*w, *b);
-            }
-        }
-    });
-    out
+    assert!(
+        normalized.len().is_multiple_of(d.max(1)),
+        "affine: rows of {d}"
+    );
+    rows_filled(normalized.len() / d.max(1), d, |r, out| {
+        let row = &normalized[r * d..][..d];
+        init_row(
+            out,
+            row.iter()
+                .zip(weight)
+                .zip(bias)
+                .map(|((x, w), b)| x.mul_add(*w, *b)),
+        )
+    })
 }
 
 /// Softmax of one row in place. A row whose maximum is `-inf` (every key masked) or that holds
