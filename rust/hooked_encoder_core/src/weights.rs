@@ -435,8 +435,7 @@ mod tests {
 
     #[test]
     fn unreadable_and_corrupt_files_are_checkpoint_errors() {
-        let dir = std::env::temp_dir().join(format!("hooked_encoder_w_{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = scratch("w");
         let missing = dir.join("missing.safetensors");
         let err = WeightFiles::open(&[&missing]).err().unwrap().to_string();
         assert!(err.contains("missing.safetensors"), "{err}");
