@@ -136,7 +136,7 @@ pub fn bias_act_row(row: &mut [f32], bias: &[f32], act: Option<Activation>) {
 
 /// The activation of every element of `row`, in place.
 #[inline(always)]
-fn act_row(row: &mut [f32], act: Activation) {
+pub(crate) fn act_row(row: &mut [f32], act: Activation) {
     match act {
         Activation::Gelu => vector_math::gelu_row(row, Addend::Nothing),
         act => row.iter_mut().for_each(|x| *x = activate(act, *x)),
