@@ -18,7 +18,8 @@
 //! hold 340 MB of them): the first tile of every panel slice waits on memory while the other
 //! tiles find the slice in cache. So the first tile also prefetches the next slice into L2, one
 //! cache line per step of `k`, and the memory stream overlaps the arithmetic.
-//! Other CPUs run a portable kernel on the same layout.
+//! Other CPUs run a portable kernel on the same layout. [`small_product`] runs the same
+//! microkernels on attention's per-head products, packing their right-hand operand per call.
 //!
 //! The constants were chosen by A/B runs alternated call by call in one process (the speed of
 //! the shared machines they ran on swings by 10-40% between processes), bert-base's forward,
@@ -371,6 +372,126 @@ impl PackedWeight {
     }
 }
 
+/// A matrix read where it lies: element `(i, j)` is `data[i * row_stride + j * column_stride]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Strided<'a> {
+    pub data: &'a [f32],
+    pub row_stride: usize,
+    pub column_stride: usize,
+}
+
+impl Strided<'_> {
+    /// Panics unless the matrix holds `rows` x `columns` elements.
+    fn assert_holds(&self, rows: usize, columns: usize) {
+        assert!(
+            rows == 0
+                || columns == 0
+                || (rows - 1) * self.row_stride + (columns - 1) * self.column_stride
+                    < self.data.len(),
+            "a strided matrix of {} floats does not hold [{rows}, {columns}]",
+            self.data.len()
+        );
+    }
+}
+
+/// `out = x · b` (`x`: `[m, k]`, `b`: `[k, n]`) on the calling thread, with the microkernel of
+/// [`Simd::selected`]: attention's per-head products (`q · kᵀ` and `pattern · v`), which are
+/// many, small, and each with its own `b`, so `b` is packed here (into `scratch`, `k` x `n`
+/// floats: 1/m of the product's work) and the product is not split across threads. Row `r` of
+/// the output is written (not added to) at `out + r * ldo`, `n` floats.
+///
+/// # Safety
+/// `out` must be valid for writes of `m` rows of `n` floats, `ldo` apart, that no one else
+/// reads or writes meanwhile.
+pub(crate) unsafe fn small_product(
+    x: Strided<'_>,
+    b: Strided<'_>,
+    (m, k, n): (usize, usize, usize),
+    out: *mut f32,
+    ldo: usize,
+    scratch: &mut Vec<f32>,
+) {
+    // SAFETY: passed on from the caller.
+    unsafe { small_product_with(x, b, (m, k, n), out, ldo, scratch, Kernel::best()) }
+}
+
+/// [`small_product`] with a given kernel (the tests run every one this CPU can).
+///
+/// # Safety
+/// As [`small_product`].
+unsafe fn small_product_with(
+    x: Strided<'_>,
+    b: Strided<'_>,
+    (m, k, n): (usize, usize, usize),
+    out: *mut f32,
+    ldo: usize,
+    scratch: &mut Vec<f32>,
+    kernel: Kernel,
+) {
+    assert!(kernel.runs_here() && k > 0);
+    x.assert_holds(m, k);
+    b.assert_holds(k, n);
+    // A last panel narrower than 16 keeps whatever its other lanes held: the kernels compute
+    // them but store only the tile's columns.
+    let len = n.div_ceil(PANEL) * k * PANEL;
+    if scratch.len() < len {
+        scratch.resize(len, 0.0);
+    }
+    let packed = &mut scratch[..len];
+    for (p, panel) in packed.chunks_exact_mut(k * PANEL).enumerate() {
+        let columns = p * PANEL..(p * PANEL + PANEL).min(n);
+        #[cfg(target_arch = "x86_64")]
+        if b.row_stride == 1 && kernel != Kernel::Portable {
+            // SAFETY: `kernel` runs here (asserted), so the CPU has AVX2; `b` holds `k` x `n`
+            // (asserted), so these columns' `k` steps are readable.
+            unsafe {
+                avx2::pack_transposed(
+                    b.data.as_ptr().add(columns.start * b.column_stride),
+                    b.column_stride,
+                    columns.len(),
+                    k,
+                    panel,
+                )
+            };
+            continue;
+        }
+        for (step, row) in panel.chunks_exact_mut(PANEL).enumerate() {
+            let first = step * b.row_stride;
+            if b.column_stride == 1 && columns.len() == PANEL {
+                // (A constant length: a few vector moves, not a call to `memmove`.)
+                row.copy_from_slice(&b.data[first + columns.start..][..PANEL]);
+            } else {
+                for (value, c) in row.iter_mut().zip(columns.clone()) {
+                    *value = b.data[first + c * b.column_stride];
+                }
+            }
+        }
+    }
+    let (tile_kernel, tile_rows) = (kernel.tile_kernel(), kernel.tile_rows());
+    for (p, panel) in scratch[..len].chunks_exact(k * PANEL).enumerate() {
+        for first in (0..m).step_by(tile_rows) {
+            let tile = Tile {
+                x: &x.data[first * x.row_stride..],
+                row_stride: x.row_stride,
+                step_stride: x.column_stride,
+                panel,
+                steps: k,
+                rows: tile_rows.min(m - first),
+                columns: PANEL.min(n - p * PANEL),
+                // (`wrapping_add`: a pointer into the caller's buffer, which it vouches for.)
+                out: out.wrapping_add(first * ldo + p * PANEL),
+                ldo,
+                accumulate: false,
+                bias: None,
+                prefetch: None,
+            };
+            // SAFETY: the tile's rows of `x` and its panel are in bounds (asserted above and
+            // in the kernel), its part of `out` is the caller's, and the CPU runs the kernel.
+            unsafe { tile_kernel(&tile) };
+        }
+    }
+}
+
 /// What is done to the product: add a bias (in the microkernel, see [`Tile::bias`]), then an
 /// activation (see [`Epilogue::apply`]).
 #[derive(Clone, Copy, Default)]
@@ -651,31 +772,15 @@ mod avx2 {
         // stores write floats `s * 6 .. (s + 8) * 6` of `packed` (the last one masked).
         unsafe {
             while s + 8 <= steps {
-                let row = |a: usize| _mm256_loadu_ps(first.add(a * k + s));
-                let zero = _mm256_setzero_ps();
-                let (r0, r1, r2, r3, r4, r5) = (row(0), row(1), row(2), row(3), row(4), row(5));
-                let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
-                let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
-                let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
-                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-                let u4 = _mm256_shuffle_ps::<0x44>(t4, zero);
-                let u5 = _mm256_shuffle_ps::<0xEE>(t4, zero);
-                let u6 = _mm256_shuffle_ps::<0x44>(t5, zero);
-                let u7 = _mm256_shuffle_ps::<0xEE>(t5, zero);
+                let row = |a: usize| {
+                    if a < TILE_ROWS {
+                        _mm256_loadu_ps(first.add(a * k + s))
+                    } else {
+                        _mm256_setzero_ps()
+                    }
+                };
                 // Column j: step s + j of rows 0..6, then two zeros.
-                let columns = [
-                    _mm256_permute2f128_ps::<0x20>(u0, u4),
-                    _mm256_permute2f128_ps::<0x20>(u1, u5),
-                    _mm256_permute2f128_ps::<0x20>(u2, u6),
-                    _mm256_permute2f128_ps::<0x20>(u3, u7),
-                    _mm256_permute2f128_ps::<0x31>(u0, u4),
-                    _mm256_permute2f128_ps::<0x31>(u1, u5),
-                    _mm256_permute2f128_ps::<0x31>(u2, u6),
-                    _mm256_permute2f128_ps::<0x31>(u3, u7),
-                ];
+                let columns = transpose(std::array::from_fn(row));
                 for (j, column) in columns.into_iter().enumerate().take(7) {
                     _mm256_storeu_ps(out.add((s + j) * TILE_ROWS), column);
                 }
@@ -685,6 +790,85 @@ mod avx2 {
             for s in s..steps {
                 for a in 0..TILE_ROWS {
                     *out.add(s * TILE_ROWS + a) = *first.add(a * k + s);
+                }
+            }
+        }
+    }
+
+    /// The 8 x 8 block `rows` transposed: lane `j` of result `i` is lane `i` of `rows[j]`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn transpose(rows: [__m256; 8]) -> [__m256; 8] {
+        let [r0, r1, r2, r3, r4, r5, r6, r7] = rows;
+        let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+        let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+        let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+        let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
+
+    /// Packs the transpose of `columns` rows of `first` (`first[c * stride + s]`, `c <
+    /// columns <= 16`, `s < steps`) as one panel, `panel[s * 16 + c]`, 8 x 8 blocks at a time
+    /// through [`transpose`]; a panel's lanes past `columns` get zeros.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `first` must be readable for `(columns - 1) * stride + steps`
+    /// floats and `panel` hold `16 * steps`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn pack_transposed(
+        first: *const f32,
+        stride: usize,
+        columns: usize,
+        steps: usize,
+        panel: &mut [f32],
+    ) {
+        debug_assert!(columns <= PANEL && panel.len() >= PANEL * steps);
+        let out = panel.as_mut_ptr();
+        for half in 0..PANEL / 8 {
+            let keys = columns.saturating_sub(half * 8).min(8);
+            let mut s = 0;
+            // SAFETY: rows `half * 8 + c` for `c < keys` are among the `columns` readable
+            // ones, steps `s..s + 8` within `steps`; the stores write lanes `half * 8..+8` of
+            // steps `s..s + 8` of the panel.
+            unsafe {
+                while s + 8 <= steps {
+                    let row = |c: usize| {
+                        if c < keys {
+                            _mm256_loadu_ps(first.add((half * 8 + c) * stride + s))
+                        } else {
+                            _mm256_setzero_ps()
+                        }
+                    };
+                    for (j, lanes) in transpose(std::array::from_fn(row)).into_iter().enumerate() {
+                        _mm256_storeu_ps(out.add((s + j) * PANEL + half * 8), lanes);
+                    }
+                    s += 8;
+                }
+                for s in s..steps {
+                    for c in 0..8 {
+                        *out.add(s * PANEL + half * 8 + c) = if c < keys {
+                            *first.add((half * 8 + c) * stride + s)
+                        } else {
+                            0.0
+                        };
+                    }
                 }
             }
         }
@@ -910,6 +1094,76 @@ mod tests {
                             epilogue.bias.is_some(),
                             epilogue.act
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn small_products_match_a_float64_reference_and_write_only_their_rows() {
+        // (m, k, n): one element; partial tiles and panels; attention's shapes.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (7, 5, 17),
+            (37, 32, 37),
+            (9, 130, 20),
+            (128, 64, 128),
+        ] {
+            // `x` with rows 3 floats longer than `k`; `b` both as rows (`pattern · v`) and as
+            // the transpose of rows (`q · kᵀ`), 2 floats longer than needed.
+            let x = values(m * (k + 3), 11);
+            let b_rows = values(k * (n + 2), 12);
+            let b_columns = values(n * (k + 2), 13);
+            let x = Strided {
+                data: &x,
+                row_stride: k + 3,
+                column_stride: 1,
+            };
+            let as_rows = Strided {
+                data: &b_rows,
+                row_stride: n + 2,
+                column_stride: 1,
+            };
+            let as_columns = Strided {
+                data: &b_columns,
+                row_stride: 1,
+                column_stride: k + 2,
+            };
+            let at = |a: Strided<'_>, i: usize, j: usize| {
+                a.data[i * a.row_stride + j * a.column_stride] as f64
+            };
+            // A scratch buffer used before, larger, holding stale values.
+            let mut scratch = vec![f32::NAN; 3 * k * PANEL];
+            for kernel in every_kernel_this_cpu_runs() {
+                for b in [as_rows, as_columns] {
+                    let ldo = n + 5;
+                    let mut out = vec![f32::NAN; m * ldo];
+                    // SAFETY: `out` holds `m` rows of `n` floats, `ldo` apart.
+                    unsafe {
+                        small_product_with(
+                            x,
+                            b,
+                            (m, k, n),
+                            out.as_mut_ptr(),
+                            ldo,
+                            &mut scratch,
+                            kernel,
+                        )
+                    };
+                    for (r, row) in out.chunks_exact(ldo).enumerate() {
+                        for (c, &got) in row.iter().enumerate() {
+                            if c >= n {
+                                assert!(got.is_nan(), "wrote past the row ({kernel:?})");
+                                continue;
+                            }
+                            let expected: f64 = (0..k).map(|s| at(x, r, s) * at(b, s, c)).sum();
+                            assert!(
+                                (got as f64 - expected).abs() <= 1e-5 * (k as f64).sqrt() * 4.0,
+                                "[{m}, {k}] x [{k}, {n}] at ({r}, {c}), {kernel:?}: {got} vs \
+                                 {expected}"
+                            );
+                        }
                     }
                 }
             }
