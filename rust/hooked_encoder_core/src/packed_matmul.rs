@@ -374,10 +374,10 @@ impl PackedWeight {
 
 /// A matrix read where it lies: element `(i, j)` is `data[i * row_stride + j * column_stride]`.
 #[derive(Clone, Copy, Debug)]
-pub struct Strided<'a> {
-    pub data: &'a [f32],
-    pub row_stride: usize,
-    pub column_stride: usize,
+pub(crate) struct Strided<'a> {
+    pub(crate) data: &'a [f32],
+    pub(crate) row_stride: usize,
+    pub(crate) column_stride: usize,
 }
 
 impl Strided<'_> {

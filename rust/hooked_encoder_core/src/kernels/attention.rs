@@ -39,6 +39,21 @@ impl Products {
     }
 }
 
+/// One task's [`Products`], with its buffer for the packed operand (reused from head to head).
+struct TaskProducts {
+    products: Products,
+    packed: Vec<f32>,
+}
+
+impl TaskProducts {
+    fn new(products: Products) -> Self {
+        Self {
+            products,
+            packed: Vec::new(),
+        }
+    }
+}
+
 /// The shape of a multi-head attention computation.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -103,17 +118,15 @@ struct Tile {
 }
 
 /// `scores = q[b, queries, h] · k[b, keys, h]ᵀ * scale`, then the bias and key mask, into `out`
-/// (`[queries, keys]`, row-major). `scratch` holds the packed keys.
-#[allow(clippy::too_many_arguments)]
+/// (`[queries, keys]`, row-major).
 fn tile_scores(
-    q: Heads<'_>,
-    k: Heads<'_>,
+    [q, k]: [Heads<'_>; 2],
     s: AttentionShape,
     tile: &Tile,
     scale: f32,
     mask: KeyMask<'_>,
     out: &mut [f32],
-    (products, scratch): (Products, &mut Vec<f32>),
+    task: &mut TaskProducts,
 ) {
     let (p, (b, h)) = (s.pos, (tile.b, tile.h));
     let (rows, width) = (tile.queries.len(), tile.keys.len());
@@ -130,7 +143,7 @@ fn tile_scores(
             && needed(k, k_start, width) <= k.data.len()
             && out.len() == rows * width
     );
-    match products {
+    match task.products {
         // SAFETY: `out` is this caller's, rows * width contiguous; the reads are checked.
         Products::Packed => unsafe {
             small_product(
@@ -148,7 +161,7 @@ fn tile_scores(
                 (rows, s.d_head, width),
                 out.as_mut_ptr(),
                 width,
-                scratch,
+                &mut task.packed,
             )
         },
         // SAFETY: the assert above bounds every element gemm reads (`rows` query and `width`
@@ -207,14 +220,14 @@ fn tile_scores(
 /// written into `z` (`[batch, pos, heads, d_head]`), which may be uninitialised there (with
 /// `gemm` the tile's rows are zeroed first, in cache, just before it overwrites them: `gemm`
 /// copies a partial tile's destination before it overwrites it, and that must not read
-/// uninitialised memory). `scratch` holds the packed values.
+/// uninitialised memory).
 fn tile_z(
     pattern: &[f32],
     v: Heads<'_>,
     s: AttentionShape,
     tile: &Tile,
     z: SharedOut,
-    (products, scratch): (Products, &mut Vec<f32>),
+    task: &mut TaskProducts,
 ) {
     let (p, (b, h)) = (s.pos, (tile.b, tile.h));
     let (rows, width) = (tile.queries.len(), tile.keys.len());
@@ -231,7 +244,7 @@ fn tile_z(
     // SAFETY (both): reads are bounded by the assert; the writes go to rows (b, queries) and
     // columns h * d_head .. (h + 1) * d_head of z, which no other task touches, and the caller
     // allocated z as [batch, pos, heads, d_head].
-    if products == Products::Packed {
+    if task.products == Products::Packed {
         unsafe {
             small_product(
                 Strided {
@@ -247,7 +260,7 @@ fn tile_z(
                 (rows, width, s.d_head),
                 z.at(first),
                 ldz,
-                scratch,
+                &mut task.packed,
             )
         };
         return;
@@ -311,13 +324,10 @@ fn scores_with(
 ) -> Vec<f32> {
     let p = s.pos;
     let mut scores = vec![0f32; s.batch * s.heads * p * p];
-    scores
-        .par_chunks_mut(p * p)
-        .enumerate()
-        .for_each_init(Vec::new, |scratch, (bh, out)| {
-            let tile = whole_head(bh, s);
-            tile_scores(q, k, s, &tile, scale, mask, out, (products, scratch))
-        });
+    scores.par_chunks_mut(p * p).enumerate().for_each_init(
+        || TaskProducts::new(products),
+        |task, (bh, out)| tile_scores([q, k], s, &whole_head(bh, s), scale, mask, out, task),
+    );
     scores
 }
 
@@ -331,12 +341,10 @@ fn z_with(pattern: &[f32], v: Heads<'_>, s: AttentionShape, products: Products) 
     let len = s.batch * p * s.heads * s.d_head;
     let mut z: Vec<f32> = Vec::with_capacity(len);
     let out = SharedOut(z.as_mut_ptr());
-    pattern
-        .par_chunks(p * p)
-        .enumerate()
-        .for_each_init(Vec::new, |scratch, (bh, pattern)| {
-            tile_z(pattern, v, s, &whole_head(bh, s), out, (products, scratch))
-        });
+    pattern.par_chunks(p * p).enumerate().for_each_init(
+        || TaskProducts::new(products),
+        |task, (bh, pattern)| tile_z(pattern, v, s, &whole_head(bh, s), out, task),
+    );
     // SAFETY: one tile per (batch row, head), each writing all its queries' `d_head` columns.
     unsafe { z.set_len(len) };
     z
@@ -377,8 +385,8 @@ fn fused_with(
     (0..s.batch * s.heads * blocks)
         .into_par_iter()
         .for_each_init(
-            || (vec![0f32; query_rows * p], Vec::new()),
-            |(scores, packed), task| {
+            || (vec![0f32; query_rows * p], TaskProducts::new(products)),
+            |(scores, task_products), task| {
                 let (bh, block) = (task / blocks, task % blocks);
                 let queries = block * query_rows..((block + 1) * query_rows).min(p);
                 let keys = mask.key_range(&queries, p);
@@ -389,11 +397,11 @@ fn fused_with(
                     keys,
                 };
                 let scores = &mut scores[..tile.queries.len() * tile.keys.len()];
-                tile_scores(q, k, s, &tile, scale, mask, scores, (products, packed));
+                tile_scores([q, k], s, &tile, scale, mask, scores, task_products);
                 scores
                     .chunks_exact_mut(tile.keys.len())
                     .for_each(softmax_row);
-                tile_z(scores, v, s, &tile, out, (products, packed));
+                tile_z(scores, v, s, &tile, out, task_products);
             },
         );
     // SAFETY: the tasks cover every (batch row, head, query block), and `tile_z` writes all
