@@ -51,7 +51,7 @@ const TILE_ROWS: usize = 6;
 /// in the same L1 set, which has 8 ways).
 const AVX512_TILE_ROWS: usize = 8;
 /// Above this many rows, each task copies its rows of `x` into the microkernel's order, except
-/// with the AVX-512 kernel. (Measured on bert-base's forward, Zen 3: copying slowed 1x16 and
+/// with the AVX-512 kernel or a weight too big for L3 (see [`Blocking::new`]). (Measured on bert-base's forward, Zen 3: copying slowed 1x16 and
 /// 1x128 by about 8%, and sped 8x128 up by about 5%.)
 const COPY_X_ROWS: usize = 256;
 /// Weights above this many floats (32 MiB) are taken not to stay in L3 between row blocks.
@@ -71,25 +71,26 @@ struct Blocking {
 
 impl Blocking {
     fn new(m: usize, n: usize, k: usize, kernel: Kernel) -> Self {
-        if m > COPY_X_ROWS && kernel.copies_x() {
+        if m > COPY_X_ROWS && kernel.copies_x() && n * k <= CACHED_WEIGHT_FLOATS {
             // Short row blocks (24 KiB of copied inputs per `k` block) measured faster than
             // blocks of 120 rows, though every row block re-reads the weight (from L2 or L3).
-            // A weight too big for L3 (a vocabulary's unembedding) is re-read from memory
-            // instead: bert-base's decoder (89 MB) at 1024 rows took 446 ms in blocks of 24
-            // rows, 328 in blocks of 192 (`gemm`: 364; AVX2 kernel on Zen 4, 2 threads).
             Self {
-                row_block: if n * k > CACHED_WEIGHT_FLOATS {
-                    192
-                } else {
-                    24
-                },
+                row_block: 24,
                 k_block: 256,
                 copy_x: true,
             }
         } else {
-            // `x` is read in place, so a `k` block costs nothing to set up but each block
-            // stores and reloads the output tile: one block of all of `k`. Rows in blocks of
-            // 120 (two blocks of 64 or 66 at 128 rows), whose inputs stay in L2.
+            // A weight too big for L3 (a vocabulary's unembedding) is read in place too: with
+            // the copy, short row blocks re-read it from memory and `k` blocks store and reload
+            // an output too big for L2 (bert-base's decoder, 89 MB, at 1024 rows: 446 ms in
+            // blocks of 24 rows, 328 in blocks of 192, `gemm` 364; AVX2 kernel on Zen 4, 2
+            // threads). Read in place in one `k` block, the logits at 8x128 and 32x128 took
+            // 0.976-0.981x and 0.969-0.986x the time of blocks of 192 (Zen 4 held to AVX2,
+            // alternated call by call in one process; a Zen 3 has not run it).
+            //
+            // Read in place, a `k` block costs nothing to set up but each block stores and
+            // reloads the output tile: one block of all of `k`. Rows in blocks of 120 (two
+            // blocks of 64 or 66 at 128 rows), whose inputs stay in L2.
             Self {
                 row_block: 120,
                 k_block: k.max(1),
