@@ -51,8 +51,9 @@ const TILE_ROWS: usize = 6;
 /// in the same L1 set, which has 8 ways).
 const AVX512_TILE_ROWS: usize = 8;
 /// Above this many rows, each task copies its rows of `x` into the microkernel's order, except
-/// with the AVX-512 kernel or a weight too big for L3 (see [`Blocking::new`]). (Measured on bert-base's forward, Zen 3: copying slowed 1x16 and
-/// 1x128 by about 8%, and sped 8x128 up by about 5%.)
+/// with the AVX-512 kernel or a weight too big for L3 (see [`Blocking::new`]). (Measured on
+/// bert-base's forward, Zen 3: copying slowed 1x16 and 1x128 by about 8%, and sped 8x128 up by
+/// about 5%.)
 const COPY_X_ROWS: usize = 256;
 /// Weights above this many floats (32 MiB) are taken not to stay in L3 between row blocks.
 const CACHED_WEIGHT_FLOATS: usize = 8 << 20;
@@ -512,9 +513,7 @@ impl Epilogue<'_> {
     /// # Safety
     /// `out` is the product's buffer; these rows and columns are this caller's alone, written.
     unsafe fn apply(&self, out: SharedOut, n: usize, rows: Range<usize>, columns: Range<usize>) {
-        let (Some(_), Some(act)) = (self.bias, self.act) else {
-            return;
-        };
+        let Some(act) = self.act else { return };
         for row in rows {
             // SAFETY: the caller's contract.
             let row = unsafe {
