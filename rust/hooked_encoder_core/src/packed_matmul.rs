@@ -334,6 +334,11 @@ impl PackedWeight {
                     // The same `k` block one panel on: this task's next slice, or (at its
                     // last panel) another task's, which is harmless.
                     let next_slice = self.panels.get((p + 1) * PANEL * k + k0 * PANEL..);
+                    // The panel's columns of the bias, added once the last `k` block is summed.
+                    let bias = epilogue
+                        .bias
+                        .filter(|_| k0 + steps == k)
+                        .map(|bias| &bias[p * PANEL..][..columns]);
                     for (tile, first) in rows.clone().step_by(tile_rows).enumerate() {
                         let (x, row_stride, step_stride) = if copy_x {
                             (&block[tile * tile_rows * steps..], 1, tile_rows)
@@ -351,10 +356,7 @@ impl PackedWeight {
                             out: out_ptr.at(first * n + p * PANEL),
                             ldo: n,
                             accumulate: k0 > 0,
-                            bias: epilogue
-                                .bias
-                                .filter(|_| k0 + steps == k)
-                                .map(|bias| &bias[p * PANEL..][..columns]),
+                            bias,
                             prefetch: next_slice.filter(|_| tile == 0).map(<[f32]>::as_ptr),
                         };
                         // SAFETY: this task alone writes rows `rows` x panels `panels` of
